@@ -1,0 +1,146 @@
+"""Command line: ``guardproxy make-test-model`` and ``guardproxy check``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from guardproxy.guard.model import DEFAULT_GUARD_MODEL, GuardModelError
+
+
+def _make_test_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from guardproxy.guard.testing import (
+        RESPONSE_CATEGORIES,
+        TriggerSpec,
+        make_random_checkpoint,
+        make_trigger_checkpoint,
+    )
+
+    if args.random:
+        if args.unsafe or args.controversial:
+            print("error: --random takes no trigger words", file=sys.stderr)
+            return 2
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+        out = make_random_checkpoint(args.out, preset=args.preset, seed=args.seed, dtype=dtype)
+    else:
+        if not args.unsafe and not args.controversial:
+            print("error: give --unsafe/--controversial words, or --random", file=sys.stderr)
+            return 2
+        if args.category not in RESPONSE_CATEGORIES:
+            print(f"error: --category must be one of: {', '.join(RESPONSE_CATEGORIES)}", file=sys.stderr)
+            return 2
+        spec = TriggerSpec(unsafe=args.unsafe, controversial=args.controversial, category=args.category)
+        out = make_trigger_checkpoint(args.out, spec)
+    print(f"wrote {out}")
+    return 0
+
+
+_COLORS = {"Safe": "", "Controversial": "\x1b[33m", "Unsafe": "\x1b[1;31m"}
+
+
+def _load_conversation(args: argparse.Namespace) -> tuple[list[Any], str | None]:
+    if args.file:
+        data = json.loads(Path(args.file).read_text(encoding="utf-8"))
+        messages = data.get("messages", data) if isinstance(data, dict) else data
+        if not isinstance(messages, list):
+            raise ValueError(f"{args.file}: expected a list of messages or {{'messages': [...]}}")
+        response = args.response
+        last = messages[-1] if messages else None
+        if response is None and isinstance(last, dict) and last.get("role") == "assistant":
+            response = last.get("content") or ""
+            messages = messages[:-1]
+        return messages, response
+    if args.text is None:
+        raise ValueError("give a prompt text or --file")
+    return [{"role": "user", "content": args.text}], args.response
+
+
+async def _check(args: argparse.Namespace) -> int:
+    from guardproxy.guard.engine import GuardEngine
+    from guardproxy.guard.model import load_guard_model
+    from guardproxy.guard.template import ChatTemplate
+    from guardproxy.guard.tokenizer import GuardTokenizer
+
+    messages, response = _load_conversation(args)
+    model = load_guard_model(args.guard_model, device=args.device)
+    from guardproxy.guard.model import resolve_checkpoint
+
+    tokenizer = GuardTokenizer.from_checkpoint(resolve_checkpoint(args.guard_model))
+    template = ChatTemplate(tokenizer)
+    color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    async with GuardEngine(model) as engine:
+        prompt = template.render_prompt(messages, max_tokens=engine.max_prompt_tokens)
+        async with await engine.open_prompt(prompt) as stream:
+            pv = await stream.prompt_verdict()
+            tokens = template.response_ids(response) if response else []
+            verdicts = await stream.judge(tokens) if tokens else []
+    if args.json:
+        out: dict[str, Any] = {"prompt": pv.to_dict(), "response": []}
+        for tid, v in zip(tokens, verdicts, strict=True):
+            out["response"].append({"token": tokenizer.decode([tid]), "id": tid, **v.to_dict()})
+        print(json.dumps(out, ensure_ascii=False, indent=2))
+        return 0
+    print(
+        f"prompt: {pv.risk}" + (f" ({pv.category})" if pv.category else "") + f"  p={max(pv.risk_probs):.3f}"
+    )
+    if tokens:
+        print("response:")
+        for tid, v in zip(tokens, verdicts, strict=True):
+            text = tokenizer.decode([tid])
+            label = v.risk + (f"/{v.category}" if v.category else "")
+            if color:
+                print(f"  {_COLORS.get(v.risk, '')}{text!r:<24}\x1b[0m {label}  p={max(v.risk_probs):.3f}")
+            else:
+                print(f"  {text!r:<24} {label}  p={max(v.risk_probs):.3f}")
+        worst = next((v for v in verdicts if v.risk == "Unsafe"), None) or next(
+            (v for v in verdicts if v.risk != "Safe"), None
+        )
+        print(f"response verdict: {worst.risk if worst else 'Safe'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="guardproxy", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("make-test-model", help="write a Qwen3Guard-Stream checkpoint for tests and CI")
+    m.add_argument("out", help="output directory")
+    m.add_argument("--unsafe", nargs="+", default=[], metavar="WORD", help="words judged Unsafe")
+    m.add_argument(
+        "--controversial", nargs="+", default=[], metavar="WORD", help="words judged Controversial"
+    )
+    m.add_argument("--category", default="Violent", help="category of the trigger words")
+    m.add_argument("--random", action="store_true", help="random weights instead of trigger words")
+    m.add_argument("--preset", choices=["tiny", "0.6b"], default="tiny", help="shape of a --random model")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="saved dtype (--random)"
+    )
+    m.set_defaults(func=_make_test_model)
+
+    c = sub.add_parser("check", help="moderate a prompt (and a response) offline, token by token")
+    c.add_argument("text", nargs="?", help="the user prompt")
+    c.add_argument("--response", help="an assistant response to judge token by token")
+    c.add_argument("--file", help="a JSON conversation: a list of messages, or {'messages': [...]}")
+    c.add_argument("--guard-model", default=DEFAULT_GUARD_MODEL, help="hub id or local checkpoint directory")
+    c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    c.add_argument("--json", action="store_true", help="print verdicts as JSON")
+    c.set_defaults(func=lambda a: asyncio.run(_check(a)))
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (GuardModelError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

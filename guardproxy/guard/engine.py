@@ -1,0 +1,328 @@
+"""The guard engine: many concurrent guard streams, judged by continuous batching.
+
+``GuardEngine`` is the asyncio side. A single loop task asks the scheduler for the next step, runs it
+on the model in a dedicated worker thread (the event loop never blocks on a forward pass), and resolves
+the futures of the feeds whose tokens were judged. Opening a stream waits in a bounded FIFO queue when
+the engine is full, and raises ``EngineOverloaded`` when the queue is full or the wait times out.
+
+    async with GuardEngine(model, limits) as engine:
+        stream = await engine.open_prompt(template.render_prompt(messages))
+        prompt_verdict = await stream.prompt_verdict()
+        verdicts = await stream.judge(response_token_ids)
+        stream.close()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+
+from guardproxy.guard.model import Qwen3GuardStream
+from guardproxy.guard.runner import ModelRunner
+from guardproxy.guard.scheduler import (
+    EngineError,
+    EngineLimits,
+    EngineOverloaded,
+    RawProbs,
+    Scheduler,
+    StreamClosed,
+    Ticket,
+)
+from guardproxy.guard.template import GuardPrompt
+from guardproxy.guard.verdict import HeadLabels, Verdict
+
+log = logging.getLogger(__name__)
+
+
+def _quiet(fut: asyncio.Future[Any]) -> None:
+    # A caller that closes a stream without awaiting its futures has chosen not to care about their
+    # errors: mark them retrieved so asyncio does not log "exception was never retrieved".
+    if not fut.cancelled():
+        fut.exception()
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    active_streams: int
+    queued_streams: int
+    cached_tokens: int
+    reserved_tokens: int
+    steps: int
+    slides: int
+    last_step_tokens: int
+    last_step_s: float
+
+
+class GuardStream:
+    """One conversation's guard state. Feed response tokens in order; each gets a verdict."""
+
+    def __init__(self, engine: GuardEngine, sid: int, prompt: asyncio.Future[list[RawProbs]] | None) -> None:
+        self._engine = engine
+        self.sid = sid
+        self._prompt = prompt
+        self.closed = False
+
+    async def prompt_verdict(self) -> Verdict:
+        if self._prompt is None:
+            raise EngineError("this stream was opened without a prompt verdict position")
+        raw = await asyncio.shield(self._prompt)
+        return self._engine._verdict(raw[0], self._engine.labels.query)
+
+    def feed(self, ids: Sequence[int]) -> asyncio.Future[list[Verdict]]:
+        """Queue tokens to judge; the future resolves with one verdict per token, in order."""
+        return self._engine._feed(self, ids, judge=True)
+
+    async def judge(self, ids: Sequence[int]) -> list[Verdict]:
+        return await self.feed(ids)
+
+    def feed_context(self, ids: Sequence[int]) -> None:
+        """Queue tokens the guard must read but whose verdicts are not wanted (markup, scaffold)."""
+        self._engine._feed(self, ids, judge=False)
+
+    def close(self) -> None:
+        """Free the stream's memory (now, or after the step using it). Idempotent."""
+        if not self.closed:
+            self.closed = True
+            self._engine._close(self)
+
+    async def __aenter__(self) -> GuardStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GuardEngine:
+    def __init__(
+        self, model: Qwen3GuardStream, limits: EngineLimits | None = None, *, threads: int | None = None
+    ) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.model = model
+        self.labels = model.labels
+        max_positions = int(model.config.max_position_embeddings)
+        limits = limits or EngineLimits(max_positions=max_positions)
+        if limits.max_positions > max_positions:
+            raise ValueError(f"engine.max_positions {limits.max_positions} > the model's {max_positions}")
+        self.limits = limits
+        self.runner = ModelRunner(model)
+        self.scheduler = Scheduler(limits, self.runner)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-engine")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+        self._last_step = (0, 0.0)
+        self._promised = (0, 0)  # (KV positions, streams) admitted from the queue, not yet added
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.limits.max_prompt_tokens
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._wake = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="guard-engine-loop")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for sid in list(self.scheduler.streams):
+            self._resolve(self.scheduler.close(sid))
+        while self._waiters:
+            _, fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(EngineOverloaded("guard engine stopped"))
+        # Wait for a step that may still be running in the worker before tearing it down.
+        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+
+    async def __aenter__(self) -> GuardEngine:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            active_streams=len(s.streams),
+            queued_streams=len(self._waiters),
+            cached_tokens=s.cached_tokens(),
+            reserved_tokens=s.reserved,
+            steps=s.steps,
+            slides=s.slides,
+            last_step_tokens=self._last_step[0],
+            last_step_s=self._last_step[1],
+        )
+
+    # -- streams -------------------------------------------------------------------------------------
+
+    async def open(
+        self, prompt_ids: Sequence[int], verdict_index: int | None, anchor_start: int = 0
+    ) -> GuardStream:
+        """Start a stream with its prompt (prefilled in chunks by the next steps).
+
+        Waits for room in FIFO order; raises ``EngineOverloaded`` when the queue is full or the wait
+        exceeds ``queue_timeout_s``, ``PromptTooLong`` when the prompt can never fit."""
+        if self._task is None:
+            raise EngineError("guard engine is not started")
+        cost = self.scheduler.cost(len(prompt_ids))
+        if self._waiters or not self.scheduler.can_admit(cost, *self._promised):
+            await self._wait_for_room(cost)
+            self._promised = (self._promised[0] - cost, self._promised[1] - 1)
+        sid = self.scheduler.add_stream(prompt_ids, verdict_index, anchor_start)
+        self._admit_waiters()
+        state = self.scheduler.streams[sid]
+        fut: asyncio.Future[list[RawProbs]] | None = None
+        if state.prompt_ticket is not None:
+            fut = asyncio.get_running_loop().create_future()
+            fut.add_done_callback(_quiet)
+            state.prompt_ticket.waiter = fut
+        self._kick()
+        return GuardStream(self, sid, fut)
+
+    async def open_prompt(self, prompt: GuardPrompt) -> GuardStream:
+        """Open with a rendered conversation and feed the assistant scaffold after it."""
+        stream = await self.open(prompt.ids, prompt.verdict_index, prompt.anchor_start)
+        stream.feed_context(prompt.scaffold)
+        return stream
+
+    async def _wait_for_room(self, cost: int) -> None:
+        """Queue until ``_admit_waiters`` promises room (returns with the promise held) or give up."""
+        if len(self._waiters) >= self.limits.max_queue:
+            raise EngineOverloaded(
+                f"guard engine is full ({len(self.scheduler.streams)} streams, {len(self._waiters)} queued)",
+                retry_after=self._retry_after(),
+            )
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (cost, fut)
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), self.limits.queue_timeout_s)
+        except TimeoutError:
+            if fut.done() and not fut.cancelled():
+                return  # admitted in the same instant: take the room
+            fut.cancel()
+            raise EngineOverloaded(
+                f"waited {self.limits.queue_timeout_s:g}s for room in the guard engine",
+                retry_after=self._retry_after(),
+            ) from None
+        except BaseException:
+            if fut.done() and not fut.cancelled():  # promised, but the opener went away: give it back
+                self._promised = (self._promised[0] - cost, self._promised[1] - 1)
+            fut.cancel()
+            raise
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+            self._admit_waiters()  # whoever was behind us may fit now
+
+    def _retry_after(self) -> float:
+        # A rough hint: a few steps' worth of time, at least a second.
+        return max(1.0, round(self._last_step[1] * 4, 1))
+
+    def _admit_waiters(self) -> None:
+        # FIFO: the head of the queue goes first and nobody overtakes it. Room handed to an opener
+        # that has not run yet is counted in ``_promised`` so it is never handed out twice.
+        while self._waiters:
+            cost, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if not self.scheduler.can_admit(cost, *self._promised):
+                return
+            self._waiters.popleft()
+            self._promised = (self._promised[0] + cost, self._promised[1] + 1)
+            fut.set_result(None)
+
+    def _feed(self, stream: GuardStream, ids: Sequence[int], *, judge: bool) -> asyncio.Future[list[Verdict]]:
+        loop = asyncio.get_running_loop()
+        out: asyncio.Future[list[Verdict]] = loop.create_future()
+        out.add_done_callback(_quiet)
+        if stream.closed:
+            out.set_exception(StreamClosed(f"guard stream {stream.sid} is closed"))
+            return out
+        try:
+            ticket = self.scheduler.feed(stream.sid, ids, judge=judge)
+        except EngineError as exc:
+            out.set_exception(exc)
+            return out
+        if ticket is None or ticket.done:
+            out.set_result([])
+        else:
+            ticket.waiter = (out, self.labels.response)
+        self._kick()
+        return out
+
+    def _close(self, stream: GuardStream) -> None:
+        self._resolve(self.scheduler.close(stream.sid))
+        self._admit_waiters()
+
+    def _verdict(self, raw: RawProbs, labels: HeadLabels) -> Verdict:
+        return Verdict(risk_probs=raw[0], category_probs=raw[1], labels=labels)
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _resolve(self, tickets: Sequence[Ticket]) -> None:
+        for t in tickets:
+            waiter: Any = t.waiter
+            if waiter is None:
+                continue
+            if isinstance(waiter, tuple):  # a response feed: (future, labels)
+                fut, labels = waiter
+                if fut.done():
+                    continue
+                if t.error is not None:
+                    fut.set_exception(t.error)
+                else:
+                    fut.set_result([self._verdict(r, labels) for r in t.results])
+            elif not waiter.done():  # the prompt verdict
+                if t.error is not None:
+                    waiter.set_exception(t.error)
+                else:
+                    waiter.set_result(t.results)
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            started = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.runner.execute, plan.items)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the engine survives a failed step; its streams do not
+                log.exception("guard step failed (%d streams, %d tokens)", len(plan.items), plan.tokens)
+                done = self.scheduler.fail(plan, exc)
+            else:
+                done = self.scheduler.complete(plan, outputs)
+            self._last_step = (plan.tokens, time.perf_counter() - started)
+            self._resolve(done)
+            self._admit_waiters()

@@ -1,0 +1,410 @@
+"""The guard engine's scheduler: a plain synchronous object, no torch, no asyncio.
+
+It owns every stream's state (pending tokens, KV handle, what has been judged) and, each step, packs
+the pending work of all streams into one plan under a token budget and a stream budget. The runner
+executes a plan; ``complete`` maps its outputs back to the tickets that wait for them. Tests drive it by
+hand with a fake allocator and hand-made outputs.
+
+Memory rule: a stream reserves KV for ``prompt + response_reserve`` positions at admission and grows in
+``response_reserve`` steps from the shared pool (``max_cached_tokens``). When it cannot grow (pool empty,
+or the guard's ``max_positions`` reached) it slides: the cache is dropped and re-filled with its *head*
+(the last user turn of the prompt, at most ``anchor_tokens``, plus the assistant scaffold) and the last
+``window_tokens`` judged tokens, then judging goes on. So a response of any length keeps being judged,
+with the newest context, and the cache never exceeds its reservation.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+# What each pending token is: prompt/head context, the prompt-verdict position, a judged response token,
+# or context after the head (fed unjudged after judging began, or replayed by a slide).
+NO_OUTPUT, QUERY, RESPONSE, CONTEXT = 0, 1, 2, 3
+_TAIL_KINDS = (RESPONSE, CONTEXT)
+
+RawProbs = tuple[tuple[float, ...], tuple[float, ...]]  # (risk probs, category probs)
+
+
+class EngineError(RuntimeError):
+    """Base of the guard engine's errors."""
+
+
+class EngineOverloaded(EngineError):
+    """No room for another stream now; the proxy answers 429 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PromptTooLong(EngineError):
+    """A prompt that can never fit (render it with ``max_tokens=engine.max_prompt_tokens``)."""
+
+
+class StreamClosed(EngineError):
+    pass
+
+
+class GuardFailure(EngineError):
+    """The model failed while judging this stream's tokens; the stream is dead, the engine is not."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_streams: int = 256
+    max_cached_tokens: int = 65536
+    max_batch_tokens: int = 2048
+    max_batch_streams: int = 64
+    prefill_chunk: int = 512
+    max_positions: int = 8192
+    response_reserve: int = 512
+    anchor_tokens: int = 2048
+    window_tokens: int = 2048
+    max_queue: int = 1024
+    queue_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_streams",
+            "max_batch_tokens",
+            "max_batch_streams",
+            "prefill_chunk",
+            "response_reserve",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"engine.{name} must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError("engine.max_queue must be >= 0")
+        if self.anchor_tokens + self.response_reserve > self.max_positions // 2:
+            raise ValueError("engine.anchor_tokens + engine.response_reserve must be <= max_positions / 2")
+        if self.max_cached_tokens < self.response_reserve * 2:
+            raise ValueError("engine.max_cached_tokens must hold at least two response reserves")
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return min(self.max_positions, self.max_cached_tokens) - self.response_reserve
+
+
+class Allocator(Protocol):
+    """Owns KV memory. Handles are opaque to the scheduler."""
+
+    def allocate(self, capacity: int) -> Any: ...
+
+    def grow(self, handle: Any, used: int, capacity: int) -> Any: ...
+
+
+@dataclass(eq=False)
+class Ticket:
+    """Waits for ``need`` outputs of one feed. ``waiter`` is the caller's (an asyncio future)."""
+
+    need: int
+    waiter: Any = None
+    results: list[RawProbs] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.error is not None or len(self.results) >= self.need
+
+
+@dataclass(eq=False)
+class StreamState:
+    sid: int
+    kv: Any
+    capacity: int
+    head: list[int]  # kept on a slide: prompt anchor + context fed before the first judged token
+    window: int
+    cached: int = 0
+    pend_ids: list[int] = field(default_factory=list)
+    pend_kind: list[int] = field(default_factory=list)
+    pend_since: int = 0  # arrival order of the oldest pending token (fairness)
+    prompt_ticket: Ticket | None = None
+    tickets: deque[Ticket] = field(default_factory=deque)
+    tail: deque[int] = field(default_factory=deque)  # tokens after the head, newest last (bounded)
+    judging: bool = False
+    closed: bool = False
+    failed: BaseException | None = None
+    slides: int = 0
+    judged: int = 0
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One stream's slice of a step: ``ids`` at positions ``start..start+len(ids)``."""
+
+    sid: int
+    kv: Any
+    start: int
+    ids: list[int]
+    kinds: list[int]
+
+
+@dataclass(frozen=True)
+class ItemOutput:
+    query: list[RawProbs]
+    response: list[RawProbs]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    items: list[WorkItem]
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(i.ids) for i in self.items)
+
+
+def _round_up(n: int, to: int = 16) -> int:
+    return -(-n // to) * to
+
+
+def fair_shares(demands: Sequence[int], budget: int) -> list[int]:
+    """Max-min fair split of ``budget`` over ``demands`` (in order: earlier entries win ties)."""
+    shares = [0] * len(demands)
+    order = sorted(range(len(demands)), key=lambda i: demands[i])
+    left, remaining = budget, len(demands)
+    for i in order:
+        give = min(demands[i], left // remaining) if remaining else 0
+        shares[i] = give
+        left -= give
+        remaining -= 1
+    # Integer division can leave a few tokens: hand them out in priority order.
+    for i in range(len(demands)):
+        if left <= 0:
+            break
+        extra = min(demands[i] - shares[i], left)
+        shares[i] += extra
+        left -= extra
+    return shares
+
+
+class Scheduler:
+    def __init__(self, limits: EngineLimits, allocator: Allocator) -> None:
+        self.limits = limits
+        self.allocator = allocator
+        self.streams: dict[int, StreamState] = {}
+        self.reserved = 0  # KV positions allocated to live streams
+        self._ids = itertools.count(1)
+        self._arrivals = itertools.count()
+        self._inflight: set[int] = set()
+        self.steps = 0
+        self.slides = 0
+
+    # -- admission -----------------------------------------------------------------------------------
+
+    def cost(self, prompt_len: int) -> int:
+        if prompt_len < 1:
+            raise PromptTooLong("the guard prompt is empty")
+        if prompt_len > self.limits.max_prompt_tokens:
+            raise PromptTooLong(
+                f"guard prompt of {prompt_len} tokens exceeds the engine's {self.limits.max_prompt_tokens}"
+            )
+        return min(self.limits.max_positions, _round_up(prompt_len + self.limits.response_reserve))
+
+    def can_admit(self, cost: int, promised_cost: int = 0, promised_streams: int = 0) -> bool:
+        """Whether a stream of ``cost`` fits, beside admissions promised but not yet added."""
+        return (
+            len(self.streams) + promised_streams < self.limits.max_streams
+            and self.reserved + promised_cost + cost <= self.limits.max_cached_tokens
+        )
+
+    def add_stream(self, prompt_ids: Sequence[int], verdict_index: int | None, anchor_start: int = 0) -> int:
+        cost = self.cost(len(prompt_ids))
+        if not self.can_admit(cost):
+            raise EngineOverloaded("guard engine is full")
+        if verdict_index is not None and not 0 <= verdict_index < len(prompt_ids):
+            raise ValueError("verdict_index outside the prompt")
+        sid = next(self._ids)
+        kv = self.allocator.allocate(cost)
+        anchor = list(prompt_ids[anchor_start:])[-self.limits.anchor_tokens :]
+        s = StreamState(sid=sid, kv=kv, capacity=cost, head=anchor, window=self.limits.window_tokens)
+        self.reserved += cost
+        self.streams[sid] = s
+        kinds = [NO_OUTPUT] * len(prompt_ids)
+        if verdict_index is not None:
+            kinds[verdict_index] = QUERY
+            s.prompt_ticket = Ticket(need=1)
+        self._enqueue(s, list(prompt_ids), kinds)
+        return sid
+
+    # -- feeding -------------------------------------------------------------------------------------
+
+    def _live(self, sid: int) -> StreamState:
+        s = self.streams.get(sid)
+        if s is None or s.closed:
+            raise StreamClosed(f"guard stream {sid} is closed")
+        if s.failed is not None:
+            raise GuardFailure(f"guard stream {sid} failed: {s.failed}")
+        return s
+
+    def _enqueue(self, s: StreamState, ids: list[int], kinds: list[int]) -> None:
+        if not s.pend_ids:
+            s.pend_since = next(self._arrivals)
+        s.pend_ids += ids
+        s.pend_kind += kinds
+
+    def feed(self, sid: int, ids: Sequence[int], *, judge: bool = True) -> Ticket | None:
+        """Queue tokens after everything fed so far. With ``judge``, a ticket waits for a verdict each."""
+        s = self._live(sid)
+        ids = list(ids)
+        if not ids:
+            return Ticket(need=0) if judge else None
+        if judge:
+            s.judging = True
+            ticket = Ticket(need=len(ids))
+            s.tickets.append(ticket)
+            self._enqueue(s, ids, [RESPONSE] * len(ids))
+            return ticket
+        if not s.judging:
+            s.head += ids  # context before the response (the scaffold) is part of what a slide keeps
+            self._enqueue(s, ids, [NO_OUTPUT] * len(ids))
+        else:
+            self._enqueue(s, ids, [CONTEXT] * len(ids))
+        return None
+
+    def close(self, sid: int) -> list[Ticket]:
+        """Forget a stream; its unfinished tickets are returned failed. Memory is freed now, or after
+        the step that is using it."""
+        s = self.streams.get(sid)
+        if s is None or s.closed:
+            return []
+        s.closed = True
+        dropped = self._fail_tickets(s, StreamClosed(f"guard stream {sid} was closed"))
+        if sid not in self._inflight:
+            self._free(s)
+        return dropped
+
+    def _free(self, s: StreamState) -> None:
+        self.reserved -= s.capacity
+        s.kv = None
+        del self.streams[s.sid]
+
+    def _fail_tickets(self, s: StreamState, exc: BaseException) -> list[Ticket]:
+        out = []
+        pending = [s.prompt_ticket, *s.tickets] if s.prompt_ticket else list(s.tickets)
+        for t in pending:
+            if not t.done:
+                t.error = exc
+                out.append(t)
+        s.prompt_ticket = None
+        s.tickets.clear()
+        s.pend_ids, s.pend_kind = [], []
+        return out
+
+    # -- stepping ------------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return any(s.pend_ids and not s.closed and s.failed is None for s in self.streams.values())
+
+    def schedule(self) -> StepPlan | None:
+        """Pack the next step. Must not be called while a plan is in flight."""
+        assert not self._inflight, "schedule() while a step is in flight"
+        lim = self.limits
+        ready = sorted(
+            (s for s in self.streams.values() if s.pend_ids and not s.closed and s.failed is None),
+            key=lambda s: s.pend_since,
+        )[: lim.max_batch_streams]
+        if not ready:
+            return None
+        shares = fair_shares([min(len(s.pend_ids), lim.prefill_chunk) for s in ready], lim.max_batch_tokens)
+        items = []
+        for s, n in zip(ready, shares, strict=True):
+            if n <= 0:
+                continue
+            n = self._make_room(s, n)
+            ids, kinds = s.pend_ids[:n], s.pend_kind[:n]
+            del s.pend_ids[:n], s.pend_kind[:n]
+            if s.pend_ids:
+                s.pend_since = next(self._arrivals)  # back of the line for the rest
+            items.append(WorkItem(sid=s.sid, kv=s.kv, start=s.cached, ids=ids, kinds=kinds))
+            s.cached += n
+            s.tail.extend(i for i, k in zip(ids, kinds, strict=True) if k in _TAIL_KINDS)
+            while len(s.tail) > s.window:
+                s.tail.popleft()
+            self._inflight.add(s.sid)
+        self.steps += 1
+        return StepPlan(items)
+
+    def _make_room(self, s: StreamState, n: int) -> int:
+        """Ensure ``n`` more positions fit in the stream's KV: grow from the pool, else slide."""
+        lim = self.limits
+        if s.cached + n <= s.capacity:
+            return n
+        want = min(lim.max_positions, _round_up(max(s.cached + n, s.capacity + lim.response_reserve)))
+        extra = want - s.capacity
+        if want > s.capacity and self.reserved + extra <= lim.max_cached_tokens:
+            s.kv = self.allocator.grow(s.kv, s.cached, want)
+            s.capacity = want
+            self.reserved += extra
+            return min(n, s.capacity - s.cached)
+        # No room to grow: re-judge on a window. The replayed context takes at most half of what the
+        # head leaves free, so every slide makes room for at least (capacity - head) / 2 new tokens.
+        self._slide(s)
+        return min(n, s.capacity - s.cached)
+
+    def _slide(self, s: StreamState) -> None:
+        if len(s.head) > s.capacity // 2:  # unjudged context fed before the response can be long
+            s.head = s.head[-(s.capacity // 2) :]
+        keep = min(s.window, (s.capacity - len(s.head)) // 2, len(s.tail))
+        context = s.head + list(s.tail)[len(s.tail) - keep :]
+        s.cached = 0
+        s.slides += 1
+        self.slides += 1
+        s.pend_ids = context + s.pend_ids
+        s.pend_kind = [NO_OUTPUT] * len(s.head) + [CONTEXT] * keep + s.pend_kind
+        s.tail.clear()
+
+    def complete(self, plan: StepPlan, outputs: Sequence[ItemOutput]) -> list[Ticket]:
+        """Deliver a step's outputs; returns the tickets that are now done."""
+        done: list[Ticket] = []
+        for item, out in zip(plan.items, outputs, strict=True):
+            s = self.streams[item.sid]
+            if s.closed:
+                continue
+            if out.query and s.prompt_ticket is not None:
+                s.prompt_ticket.results.append(out.query[-1])
+                done.append(s.prompt_ticket)
+                s.prompt_ticket = None
+            for probs in out.response:
+                ticket = s.tickets[0]
+                ticket.results.append(probs)
+                s.judged += 1
+                if ticket.done:
+                    done.append(s.tickets.popleft())
+        self._end_step()
+        return done
+
+    def fail(self, plan: StepPlan, exc: BaseException) -> list[Ticket]:
+        """The step raised: every stream in it is dead (its cache may be half-written); others go on."""
+        failed: list[Ticket] = []
+        for item in plan.items:
+            s = self.streams[item.sid]
+            if s.closed:
+                continue
+            s.failed = exc
+            failed += self._fail_tickets(s, GuardFailure(f"guard model failed: {exc!r}"))
+        self._end_step()
+        return failed
+
+    def _end_step(self) -> None:
+        for sid in self._inflight:
+            s = self.streams.get(sid)
+            if s is not None and s.closed:
+                self._free(s)
+        self._inflight.clear()
+
+    # -- introspection -------------------------------------------------------------------------------
+
+    def cached_tokens(self) -> int:
+        return sum(s.cached for s in self.streams.values())
+
+    def for_each_ticket(self, fn: Callable[[Ticket], None]) -> None:
+        for s in self.streams.values():
+            if s.prompt_ticket:
+                fn(s.prompt_ticket)
+            for t in s.tickets:
+                fn(t)

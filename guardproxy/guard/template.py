@@ -1,0 +1,265 @@
+"""Conversation -> guard token ids, following the Qwen3 chat template (thinking off), built structurally.
+
+Each turn is a list of segments: markup ids (``<|im_start|>``, ``<think>``...) and text. Adjacent text is
+joined and encoded as plain text, exactly as the tokenizer's own template would encode the text between
+two markup tokens, so ordinary conversations get the same ids as ``apply_chat_template``. Unlike the
+Jinja template, a message containing the string ``<|im_end|>`` stays ordinary characters.
+
+Where the verdicts are read:
+- the prompt verdict is the query heads at the ``<|im_end|>`` closing the last user-side turn (a user
+  message, or a group of tool results, which the template renders as a user turn);
+- the response follows the assistant scaffold ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``, fed
+  to the guard but never reported.
+
+Context overflow (the guard has ``max_position_embeddings`` positions, 8192 for the released models):
+``render_prompt(max_tokens=N)`` drops whole turns from the oldest on (system included) until the prompt
+fits; the last user-side turn and the turns after it are never dropped. If they alone do not fit, the
+last user-side turn keeps its header and the END of its content (the newest text), cut at a token.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from guardproxy.guard.tokenizer import (
+    IM_END,
+    IM_START,
+    THINK,
+    THINK_END,
+    TOOL_CALL,
+    TOOL_CALL_END,
+    TOOL_RESPONSE,
+    TOOL_RESPONSE_END,
+    GuardTokenizer,
+)
+
+Segment = str | int  # text, or a markup id
+
+
+class ConversationError(ValueError):
+    """The messages cannot be rendered; the message names the offending field (``messages[2].content``)."""
+
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TOOL_ROLES = {"tool", "function"}
+
+
+def _text_of(content: Any, where: str) -> str:
+    """OpenAI content (string, null, or a list of parts) flattened to the text the guard reads."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ConversationError(f"{where} must be a string, null or a list of content parts")
+    texts = []
+    for i, part in enumerate(content):
+        if isinstance(part, str):
+            texts.append(part)
+            continue
+        if not isinstance(part, Mapping):
+            raise ConversationError(f"{where}[{i}] must be an object")
+        kind = part.get("type")
+        if kind == "text" or (kind is None and "text" in part):
+            value = part.get("text")
+        elif kind == "refusal":
+            value = part.get("refusal")
+        else:
+            # Images, audio, files: nothing the text guard can read.
+            continue
+        if not isinstance(value, str):
+            raise ConversationError(f"{where}[{i}].{kind or 'text'} must be a string")
+        texts.append(value)
+    # Parts are separate blocks of text; a newline keeps words of adjacent parts from fusing.
+    return "\n".join(texts)
+
+
+def _tool_call_json(call: Any, where: str) -> tuple[str, str]:
+    if not isinstance(call, Mapping):
+        raise ConversationError(f"{where} must be an object")
+    fn = call.get("function", call)
+    if not isinstance(fn, Mapping):
+        raise ConversationError(f"{where}.function must be an object")
+    name = fn.get("name", "")
+    args = fn.get("arguments", "")
+    if not isinstance(name, str):
+        raise ConversationError(f"{where}.function.name must be a string")
+    if not isinstance(args, str):
+        # The Jinja template's ``tojson``: non-ASCII kept, default separators.
+        args = json.dumps(args, ensure_ascii=False)
+    return name, args
+
+
+@dataclass(frozen=True, slots=True)
+class _Turn:
+    segments: list[Segment]
+    user_side: bool  # rendered as a user turn: its <|im_end|> can carry the prompt verdict
+
+
+@dataclass(frozen=True, slots=True)
+class GuardPrompt:
+    """A conversation rendered for the guard.
+
+    ``ids`` ends with the last turn's ``<|im_end|>\\n``; ``verdict_index`` is the position whose query
+    heads give the prompt verdict; ``anchor_start`` is where the last user-side turn begins (what is kept
+    if a long response must be re-judged on a window); ``scaffold`` is fed before the response tokens.
+    """
+
+    ids: list[int]
+    verdict_index: int
+    anchor_start: int
+    scaffold: list[int]
+    dropped_turns: int = 0
+    truncated_tokens: int = 0
+
+
+class ChatTemplate:
+    def __init__(self, tokenizer: GuardTokenizer) -> None:
+        self.tok = tokenizer
+        t = tokenizer.id
+        self.im_start, self.im_end = t(IM_START), t(IM_END)
+        self.think, self.think_end = t(THINK), t(THINK_END)
+        self.tool_call, self.tool_call_end = t(TOOL_CALL), t(TOOL_CALL_END)
+        self.tool_response, self.tool_response_end = t(TOOL_RESPONSE), t(TOOL_RESPONSE_END)
+        self.scaffold = self.encode(
+            [self.im_start, "assistant\n", self.think, "\n\n", self.think_end, "\n\n"]
+        )
+        # For a response with reasoning: header, then "\n{reasoning}\n", </think>, "\n\n", then content.
+        self.reasoning_open = self.encode([self.im_start, "assistant\n", self.think])
+
+    def encode(self, segments: Sequence[Segment]) -> list[int]:
+        """Markup ids as they are; each maximal run of text encoded as plain text."""
+        ids: list[int] = []
+        run: list[str] = []
+        for seg in segments:
+            if isinstance(seg, str):
+                run.append(seg)
+                continue
+            if run:
+                ids += self.tok.encode_text("".join(run))
+                run = []
+            ids.append(seg)
+        if run:
+            ids += self.tok.encode_text("".join(run))
+        return ids
+
+    # -- turns -------------------------------------------------------------------------------------
+
+    def _turns(self, messages: Sequence[Any]) -> list[_Turn]:
+        if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
+            raise ConversationError("messages must be a list of message objects")
+        if not messages:
+            raise ConversationError("messages must not be empty")
+        parsed: list[tuple[str, Mapping[str, Any], str]] = []
+        for i, msg in enumerate(messages):
+            if not isinstance(msg, Mapping):
+                raise ConversationError(f"messages[{i}] must be an object")
+            role = msg.get("role")
+            if role not in _ROLES and role not in _TOOL_ROLES:
+                raise ConversationError(
+                    f"messages[{i}].role must be one of system, developer, user, assistant, tool;"
+                    f" got {role!r}"
+                )
+            kind = "tool" if role in _TOOL_ROLES else _ROLES[role]
+            parsed.append((kind, msg, _text_of(msg.get("content"), f"messages[{i}].content")))
+
+        # The template's notion of the last real query: tool results wrapped by hand do not count.
+        last_query = len(parsed) - 1
+        for i in range(len(parsed) - 1, -1, -1):
+            kind, _, text = parsed[i]
+            if kind == "user" and not (
+                text.startswith("<tool_response>") and text.endswith("</tool_response>")
+            ):
+                last_query = i
+                break
+
+        turns: list[_Turn] = []
+        for i, (kind, msg, text) in enumerate(parsed):
+            if kind in ("system", "user"):
+                turns.append(_Turn([self.im_start, f"{kind}\n{text}", self.im_end, "\n"], kind == "user"))
+            elif kind == "assistant":
+                last = i == len(parsed) - 1
+                turns.append(_Turn(self._assistant(msg, text, i, i > last_query, last), False))
+            else:  # tool results: consecutive ones share one user turn
+                body: list[Segment] = ["\n", self.tool_response, f"\n{text}\n", self.tool_response_end]
+                if i > 0 and parsed[i - 1][0] == "tool":
+                    prev = turns[-1].segments
+                    prev[-2:-2] = body  # before the closing <|im_end|>, "\n"
+                else:
+                    turns.append(_Turn([self.im_start, "user", *body, self.im_end, "\n"], True))
+        return turns
+
+    def _assistant(
+        self, msg: Mapping[str, Any], content: str, i: int, after_query: bool, last: bool
+    ) -> list[Segment]:
+        reasoning = msg.get("reasoning_content", msg.get("reasoning"))
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise ConversationError(f"messages[{i}].reasoning_content must be a string")
+        if reasoning is None and "</think>" in content:
+            head, _, tail = content.partition("</think>")
+            reasoning = head.rstrip("\n").split("<think>")[-1].lstrip("\n")
+            content = tail.lstrip("\n")
+        reasoning = reasoning or ""
+        segs: list[Segment] = [self.im_start]
+        if after_query and (last or reasoning):
+            segs += ["assistant\n", self.think, "\n" + reasoning.strip("\n") + "\n", self.think_end]
+            segs.append("\n\n" + content.lstrip("\n"))
+        else:
+            segs.append("assistant\n" + content)
+        calls = list(msg.get("tool_calls") or [])
+        if msg.get("function_call") is not None:
+            calls.append({"function": msg["function_call"]})
+        for j, call in enumerate(calls):
+            name, args = _tool_call_json(call, f"messages[{i}].tool_calls[{j}]")
+            if j > 0 or content:
+                segs.append("\n")
+            segs += [self.tool_call, f'\n{{"name": "{name}", "arguments": {args}}}\n', self.tool_call_end]
+        return [*segs, self.im_end, "\n"]
+
+    # -- prompt --------------------------------------------------------------------------------------
+
+    def render_prompt(self, messages: Sequence[Any], *, max_tokens: int | None = None) -> GuardPrompt:
+        turns = self._turns(messages)
+        verdict_turn = max((k for k, t in enumerate(turns) if t.user_side), default=None)
+        if verdict_turn is None:
+            raise ConversationError("messages must contain a user or tool message to judge")
+        encoded = [self.encode(t.segments) for t in turns]
+        first, dropped_tokens = 0, 0
+        if max_tokens is not None:
+            total = sum(len(e) for e in encoded)
+            while total > max_tokens and first < verdict_turn:
+                total -= len(encoded[first])
+                first += 1
+            if total > max_tokens:
+                excess = total - max_tokens
+                head = self.encode([*turns[verdict_turn].segments[:1], "user\n"])
+                body = encoded[verdict_turn][len(head) : -2]
+                if excess > len(body):
+                    raise ConversationError(
+                        f"the messages after the last user turn alone exceed the guard context ({max_tokens})"
+                    )
+                encoded[verdict_turn] = head + body[excess:] + encoded[verdict_turn][-2:]
+                dropped_tokens = excess
+        ids: list[int] = []
+        anchor = 0
+        for k in range(first, len(encoded)):
+            if k == verdict_turn:
+                anchor = len(ids)
+                verdict_index = anchor + len(encoded[k]) - 2  # the <|im_end|> before the final "\n"
+            ids += encoded[k]
+        assert ids[verdict_index] == self.im_end
+        return GuardPrompt(
+            ids=ids,
+            verdict_index=verdict_index,
+            anchor_start=anchor,
+            scaffold=list(self.scaffold),
+            dropped_turns=first,
+            truncated_tokens=dropped_tokens,
+        )
+
+    def response_ids(self, text: str) -> list[int]:
+        """A final assistant answer as the guard reads it (the template strips its leading newlines)."""
+        return self.tok.encode_text(text.lstrip("\n"))

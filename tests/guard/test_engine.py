@@ -1,0 +1,268 @@
+"""Engine parity and behaviour on real (tiny) checkpoints loaded through the production path.
+
+Parity: whatever the chunking of prompts and responses, the token budget, and the interleaving of up to
+16 streams, every verdict equals the one a single full-sequence forward gives for the same ids.
+Tolerance: 1e-9 in float64 (the packed path and transformers' forward differ only by summation
+order), 2e-5 in float32; arg-max verdicts identical.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from guardproxy.guard.engine import GuardEngine
+from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
+from guardproxy.guard.runner import ModelRunner
+from guardproxy.guard.scheduler import (
+    EngineLimits,
+    EngineOverloaded,
+    GuardFailure,
+    PromptTooLong,
+    Scheduler,
+    Ticket,
+)
+from guardproxy.guard.template import ChatTemplate, GuardPrompt
+
+WORDS = [
+    "the",
+    "cake",
+    "flour",
+    "how",
+    "do",
+    "I",
+    "bake",
+    "a",
+    "river",
+    "über",
+    "日本語",
+    "😀",
+    "?",
+    "\n",
+    "ok",
+]
+
+
+@pytest.fixture(scope="module")
+def model64(random_checkpoint: Path) -> Qwen3GuardStream:
+    return load_guard_model(random_checkpoint, device="cpu", dtype=torch.float64)
+
+
+def reference(model: Qwen3GuardStream, prompt: GuardPrompt, response: list[int]) -> tuple[Any, Any]:
+    ids = torch.tensor([[*prompt.ids, *prompt.scaffold, *response]])
+    with torch.no_grad():
+        out = model(ids)
+    start = len(prompt.ids) + len(prompt.scaffold)
+    return out.query.risk[0, prompt.verdict_index], out.response.risk[0, start:]
+
+
+def conversations() -> st.SearchStrategy[list[dict[str, str]]]:
+    text = st.lists(st.sampled_from(WORDS), min_size=1, max_size=12).map(" ".join)
+    turn = st.tuples(text, text)
+    return st.tuples(st.lists(turn, max_size=2), text).map(
+        lambda t: (
+            [
+                m
+                for u, a in t[0]
+                for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})
+            ]
+            + [{"role": "user", "content": t[1]}]
+        )
+    )
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+@given(data=st.data())
+def test_any_chunking_and_interleaving_matches_a_full_forward(
+    model64: Qwen3GuardStream, template: ChatTemplate, data: st.DataObject
+) -> None:
+    limits = EngineLimits(
+        max_batch_tokens=data.draw(st.integers(1, 160), label="budget"),
+        max_batch_streams=data.draw(st.integers(1, 16), label="stream budget"),
+        prefill_chunk=data.draw(st.integers(1, 64), label="chunk"),
+        max_cached_tokens=16 * 1024,
+        response_reserve=data.draw(st.sampled_from([16, 64, 512]), label="reserve"),  # small: growth runs
+        anchor_tokens=256,
+        window_tokens=1024,
+    )
+    scheduler = Scheduler(limits, ModelRunner(model64))
+    n = data.draw(st.integers(1, 16), label="streams")
+    prompts = [template.render_prompt(data.draw(conversations())) for _ in range(n)]
+    responses = [data.draw(st.lists(st.integers(0, 151642), max_size=40)) for _ in range(n)]
+    chunks: list[list[list[int]]] = []
+    for r in responses:
+        cuts = sorted(data.draw(st.sets(st.integers(1, max(1, len(r) - 1)), max_size=8))) if r else []
+        bounds = [0, *cuts, len(r)]
+        chunks.append([r[a:b] for a, b in itertools.pairwise(bounds) if b > a])
+
+    sids, prompt_tickets = [], []
+    for p in prompts:
+        sid = scheduler.add_stream(p.ids, p.verdict_index, p.anchor_start)
+        prompt_tickets.append(scheduler.streams[sid].prompt_ticket)
+        scheduler.feed(sid, p.scaffold, judge=False)
+        sids.append(sid)
+    tickets: list[list[Ticket]] = [[] for _ in range(n)]
+    runner = ModelRunner(model64)
+
+    def step() -> bool:
+        plan = scheduler.schedule()
+        if plan is None:
+            return False
+        scheduler.complete(plan, runner.execute(plan.items))
+        return True
+
+    # A random interleaving of feeds (each stream in its own order) and engine steps.
+    while any(chunks):
+        if data.draw(st.booleans(), label="step now"):
+            step()
+        k = data.draw(st.sampled_from([i for i in range(n) if chunks[i]]), label="which stream")
+        t = scheduler.feed(sids[k], chunks[k].pop(0))
+        assert t is not None
+        tickets[k].append(t)
+    while step():
+        pass
+
+    for k in range(n):
+        ref_q, ref_r = reference(model64, prompts[k], responses[k])
+        pt = prompt_tickets[k]
+        assert pt is not None and pt.done
+        got_q = torch.tensor(pt.results[0][0], dtype=torch.float64)
+        torch.testing.assert_close(got_q, ref_q, atol=1e-9, rtol=0)
+        got = [r[0] for t in tickets[k] for r in t.results]
+        assert len(got) == len(responses[k])
+        if got:
+            got_r = torch.tensor(got, dtype=torch.float64)
+            torch.testing.assert_close(got_r, ref_r, atol=1e-9, rtol=0)
+            assert torch.equal(got_r.argmax(-1), ref_r.argmax(-1))
+
+
+async def test_async_engine_concurrent_streams_match_in_fp32(
+    random_model: Qwen3GuardStream, template: ChatTemplate
+) -> None:
+    rng = random.Random(7)
+    limits = EngineLimits(max_batch_tokens=96, prefill_chunk=32, response_reserve=64, anchor_tokens=256)
+
+    async def one(engine: GuardEngine, k: int) -> None:
+        messages = [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randrange(1, 40)))}]
+        prompt = template.render_prompt(messages)
+        response = [rng.randrange(151643) for _ in range(rng.randrange(1, 80))]
+        async with await engine.open_prompt(prompt) as stream:
+            pv = await stream.prompt_verdict()
+            verdicts = []
+            i = 0
+            while i < len(response):
+                step = rng.randrange(1, 9)
+                verdicts += await stream.judge(response[i : i + step])
+                i += step
+        ref_q, ref_r = reference(random_model, prompt, response)
+        torch.testing.assert_close(torch.tensor(pv.risk_probs), ref_q, atol=2e-5, rtol=0)
+        got = torch.tensor([v.risk_probs for v in verdicts])
+        torch.testing.assert_close(got, ref_r, atol=2e-5, rtol=0)
+        top2 = ref_r.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-4  # a near-tie may flip by rounding; no others may
+        assert torch.equal(got.argmax(-1)[clear], ref_r.argmax(-1)[clear])
+        assert [v.risk for v in verdicts] == [
+            random_model.labels.response.risk[int(i)] for i in got.argmax(-1)
+        ]
+
+    async with GuardEngine(random_model, limits) as engine:
+        await asyncio.gather(*(one(engine, k) for k in range(16)))
+        stats = engine.stats()
+        assert stats.active_streams == 0 and stats.reserved_tokens == 0 and stats.cached_tokens == 0
+
+
+async def test_forward_runs_in_the_worker_thread_not_the_loop(random_model: Qwen3GuardStream) -> None:
+    seen: list[str] = []
+    async with GuardEngine(random_model) as engine:
+        original = engine.runner.execute
+
+        def spy(items: Any) -> Any:
+            seen.append(threading.current_thread().name)
+            return original(items)
+
+        engine.runner.execute = spy  # type: ignore[method-assign]
+        async with await engine.open([1, 2, 3], 2) as stream:
+            await stream.prompt_verdict()
+            await stream.judge([4, 5, 6])
+    assert seen and all(name.startswith("guard-engine") for name in seen)
+    assert threading.current_thread().name not in seen
+
+
+async def test_full_engine_queues_then_refuses(random_model: Qwen3GuardStream) -> None:
+    limits = EngineLimits(
+        max_streams=2, max_queue=1, queue_timeout_s=5.0, response_reserve=64, anchor_tokens=64
+    )
+    async with GuardEngine(random_model, limits) as engine:
+        a = await engine.open([1, 2, 3], 2)
+        await engine.open([1, 2, 3], 2)
+        waiting = asyncio.create_task(engine.open([1, 2, 3], 2), name="third-open")
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and engine.stats().queued_streams == 1
+        with pytest.raises(EngineOverloaded) as refused:
+            await engine.open([1, 2, 3], 2)
+        assert refused.value.retry_after >= 1.0
+        a.close()  # room: the queued opener gets it
+        c = await asyncio.wait_for(waiting, 5)
+        assert (await c.judge([9]))[0].risk in random_model.labels.response.risk
+        assert engine.stats().active_streams == 2
+
+
+async def test_queue_wait_times_out_as_overload(random_model: Qwen3GuardStream) -> None:
+    limits = EngineLimits(max_streams=1, queue_timeout_s=0.05, response_reserve=64, anchor_tokens=64)
+    async with GuardEngine(random_model, limits) as engine:
+        await engine.open([1, 2], 1)
+        with pytest.raises(EngineOverloaded, match="waited"):
+            await engine.open([1, 2], 1)
+        assert engine.stats().queued_streams == 0
+
+
+async def test_prompt_that_can_never_fit_is_refused(random_model: Qwen3GuardStream) -> None:
+    async with GuardEngine(
+        random_model, EngineLimits(max_cached_tokens=2048, response_reserve=512)
+    ) as engine:
+        with pytest.raises(PromptTooLong, match="exceeds"):
+            await engine.open([1] * 1600, 1599)
+
+
+async def test_engine_recovers_after_a_failed_forward(random_model: Qwen3GuardStream) -> None:
+    async with GuardEngine(random_model) as engine:
+        original = engine.runner.execute
+        calls = {"n": 0}
+
+        def flaky(items: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise RuntimeError("simulated out of memory")
+            return original(items)
+
+        engine.runner.execute = flaky  # type: ignore[method-assign]
+        doomed = await engine.open([1, 2, 3], 2)
+        with pytest.raises(GuardFailure, match="simulated out of memory"):
+            await doomed.prompt_verdict()
+        doomed.close()
+        async with await engine.open([1, 2, 3], 2) as fresh:
+            await fresh.prompt_verdict()
+            assert len(await fresh.judge([4, 5])) == 2
+        assert engine.stats().active_streams == 0
+
+
+async def test_closing_mid_feed_fails_the_waiter_and_frees(random_model: Qwen3GuardStream) -> None:
+    async with GuardEngine(random_model) as engine:
+        stream = await engine.open([1, 2, 3], 2)
+        pending = stream.feed(list(range(100, 400)))
+        stream.close()
+        with pytest.raises(Exception, match="closed"):
+            await pending
+        await asyncio.sleep(0.05)
+        assert engine.stats().reserved_tokens == 0

@@ -1,0 +1,242 @@
+"""The scheduler alone, driven by hand with a fake allocator and hand-made outputs (no model)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardproxy.guard.scheduler import (
+    CONTEXT,
+    NO_OUTPUT,
+    QUERY,
+    RESPONSE,
+    EngineLimits,
+    EngineOverloaded,
+    GuardFailure,
+    ItemOutput,
+    PromptTooLong,
+    Scheduler,
+    StepPlan,
+    StreamClosed,
+    fair_shares,
+)
+
+
+@dataclass(eq=False)
+class FakeKV:
+    capacity: int
+
+
+class FakeAllocator:
+    def __init__(self) -> None:
+        self.live: list[FakeKV] = []
+
+    def allocate(self, capacity: int) -> FakeKV:
+        kv = FakeKV(capacity)
+        self.live.append(kv)
+        return kv
+
+    def grow(self, handle: FakeKV, used: int, capacity: int) -> FakeKV:
+        assert used <= handle.capacity < capacity
+        self.live.remove(handle)
+        return self.allocate(capacity)
+
+
+def outputs_for(plan: StepPlan) -> list[ItemOutput]:
+    """Hand-made outputs: each verdict's risk probs encode the token id, so routing is checkable."""
+    outs = []
+    for item in plan.items:
+        q = [((float(t),), (0.0,)) for t, k in zip(item.ids, item.kinds, strict=True) if k == QUERY]
+        r = [((float(t),), (0.0,)) for t, k in zip(item.ids, item.kinds, strict=True) if k == RESPONSE]
+        outs.append(ItemOutput(query=q, response=r))
+    return outs
+
+
+def run_all(s: Scheduler, max_steps: int = 10_000) -> list[StepPlan]:
+    plans = []
+    for _ in range(max_steps):
+        plan = s.schedule()
+        if plan is None:
+            return plans
+        for item in plan.items:
+            assert item.start + len(item.ids) <= item.kv.capacity, "a step would write past the cache"
+        s.complete(plan, outputs_for(plan))
+        plans.append(plan)
+    raise AssertionError("scheduler did not drain")
+
+
+@given(st.lists(st.integers(0, 600), max_size=40), st.integers(0, 3000))
+def test_fair_shares_are_max_min_fair(demands: list[int], budget: int) -> None:
+    shares = fair_shares(demands, budget)
+    assert all(0 <= s <= d for s, d in zip(shares, demands, strict=True))
+    assert sum(shares) == min(budget, sum(demands))
+    # Nobody who got less than asked got less than anybody else's share (max-min fairness, +1 rounding).
+    for s, d in zip(shares, demands, strict=True):
+        if s < d:
+            assert all(s + 1 >= other for other in shares)
+
+
+def test_budgets_hold_and_every_token_is_answered_once() -> None:
+    lim = EngineLimits(
+        max_batch_tokens=40,
+        max_batch_streams=3,
+        prefill_chunk=16,
+        max_cached_tokens=4096,
+        response_reserve=32,
+        anchor_tokens=64,
+        window_tokens=64,
+        max_positions=512,
+    )
+    s = Scheduler(lim, FakeAllocator())
+    tickets = {}
+    for n in range(5):
+        sid = s.add_stream(list(range(1000, 1000 + 30 + n)), verdict_index=29)
+        s.feed(sid, [7, 7], judge=False)
+        tickets[sid] = s.feed(sid, list(range(n * 100, n * 100 + 25)))
+    plans = run_all(s)
+    for plan in plans:
+        assert plan.tokens <= 40 and len(plan.items) <= 3
+        assert all(len(i.ids) <= 16 for i in plan.items)
+    for sid, t in tickets.items():
+        assert t is not None and t.done and t.error is None
+        assert [r[0][0] for r in t.results] == [
+            float(x) for x in range((sid - 1) * 100, (sid - 1) * 100 + 25)
+        ]
+    # The prompt verdict is read at the verdict index: token 1029.
+    assert all(st.prompt_ticket is None for st in s.streams.values())
+
+
+def test_prompt_verdict_comes_from_the_verdict_position() -> None:
+    s = Scheduler(EngineLimits(max_batch_tokens=8, prefill_chunk=8), FakeAllocator())
+    sid = s.add_stream([5, 6, 7, 8, 9, 10, 11], verdict_index=4)
+    ticket = s.streams[sid].prompt_ticket
+    run_all(s)
+    assert ticket is not None and ticket.results == [((9.0,), (0.0,))]
+
+
+def test_admission_is_bounded_by_streams_and_memory() -> None:
+    lim = EngineLimits(max_streams=2, max_cached_tokens=2048, response_reserve=256, anchor_tokens=128)
+    s = Scheduler(lim, FakeAllocator())
+    a = s.add_stream([1] * 100, 99)
+    s.add_stream([1] * 100, 99)
+    assert not s.can_admit(s.cost(10))
+    with pytest.raises(EngineOverloaded):
+        s.add_stream([1] * 10, 9)
+    s.close(a)
+    assert s.can_admit(s.cost(10))
+    with pytest.raises(PromptTooLong):
+        s.cost(lim.max_prompt_tokens + 1)
+    mem = Scheduler(
+        EngineLimits(max_cached_tokens=1024, response_reserve=256, anchor_tokens=128), FakeAllocator()
+    )
+    assert mem.cost(700) == 960  # prompt + response reserve, rounded up to 16
+    mem.add_stream([1] * 700, 699)
+    assert not mem.can_admit(mem.cost(100))  # 960 + 368 > 1024, although streams are free
+    assert mem.cost(10) == 272 and not mem.can_admit(272)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_memory_never_exceeds_the_cap_and_long_responses_keep_being_judged(data: st.DataObject) -> None:
+    lim = EngineLimits(
+        max_streams=8,
+        max_cached_tokens=1024,
+        max_batch_tokens=64,
+        max_batch_streams=4,
+        prefill_chunk=32,
+        response_reserve=64,
+        anchor_tokens=32,
+        window_tokens=48,
+        max_positions=256,
+    )
+    alloc = FakeAllocator()
+    s = Scheduler(lim, alloc)
+    streams = []
+    for _ in range(data.draw(st.integers(1, 6))):
+        n = data.draw(st.integers(2, 120))
+        if s.can_admit(s.cost(n)):
+            streams.append(s.add_stream(list(range(n)), verdict_index=n - 1))
+    tickets = []
+    for _ in range(data.draw(st.integers(1, 30))):
+        sid = data.draw(st.sampled_from(streams))
+        tickets.append(s.feed(sid, [9] * data.draw(st.integers(1, 40))))
+        plan = s.schedule()
+        if plan is not None:
+            s.complete(plan, outputs_for(plan))
+        assert s.reserved <= lim.max_cached_tokens
+        assert sum(kv.capacity for kv in alloc.live) <= lim.max_cached_tokens
+        assert all(st_.capacity <= lim.max_positions for st_ in s.streams.values())
+    run_all(s)
+    assert all(t is not None and t.done and t.error is None for t in tickets)
+
+
+def test_slide_replays_head_and_recent_window() -> None:
+    # One stream, no room to grow: a long response slides instead of overflowing.
+    lim = EngineLimits(
+        max_streams=1,
+        max_cached_tokens=128,
+        response_reserve=64,
+        anchor_tokens=8,
+        window_tokens=16,
+        prefill_chunk=64,
+        max_batch_tokens=64,
+        max_positions=1024,
+    )
+    s = Scheduler(lim, FakeAllocator())
+    prompt = list(range(500, 520))
+    sid = s.add_stream(prompt, verdict_index=19, anchor_start=4)
+    s.feed(sid, [1, 2, 3], judge=False)  # the scaffold
+    run_all(s)
+    head = [*prompt[-8:], 1, 2, 3]
+    assert s.streams[sid].head == head
+    response = list(range(2000, 2300))
+    ticket = s.feed(sid, response)
+    plans = run_all(s)
+    assert ticket is not None and [r[0][0] for r in ticket.results] == [float(t) for t in response]
+    restarts = [i for p in plans for i in p.items if i.start == 0]
+    assert restarts and s.slides == len(restarts)
+    first = restarts[0]
+    keep = min(16, (s.streams[sid].capacity - len(head)) // 2)
+    assert first.ids[: len(head)] == head
+    assert first.kinds[: len(head)] == [NO_OUTPUT] * len(head)
+    assert first.kinds[len(head) : len(head) + keep] == [CONTEXT] * keep
+    # The replayed window is the newest judged tokens just before the slide, in order.
+    replay = first.ids[len(head) : len(head) + keep]
+    assert (
+        replay == list(range(replay[0], replay[0] + keep)) and replay[-1] + 1 == first.ids[len(head) + keep]
+    )
+
+
+def test_close_during_a_step_frees_after_it() -> None:
+    alloc = FakeAllocator()
+    s = Scheduler(EngineLimits(), alloc)
+    sid = s.add_stream([1, 2, 3], 2)
+    t = s.feed(sid, [4, 5])
+    plan = s.schedule()
+    assert plan is not None
+    dropped = s.close(sid)
+    assert t in dropped and isinstance(t.error, StreamClosed)
+    assert sid in s.streams  # still in use by the step
+    s.complete(plan, outputs_for(plan))
+    assert sid not in s.streams and s.reserved == 0
+    with pytest.raises(StreamClosed):
+        s.feed(sid, [1])
+
+
+def test_a_failed_step_kills_its_streams_only() -> None:
+    s = Scheduler(EngineLimits(max_batch_streams=1), FakeAllocator())
+    a = s.add_stream([1, 2, 3], 2)
+    b = s.add_stream([1, 2, 3], 2)
+    ta = s.feed(a, [4])
+    plan = s.schedule()
+    assert plan is not None and [i.sid for i in plan.items] == [a]
+    failed = s.fail(plan, RuntimeError("CUDA out of memory"))
+    assert ta in failed and isinstance(ta.error, GuardFailure)
+    with pytest.raises(GuardFailure, match="out of memory"):
+        s.feed(a, [5])
+    tb = s.feed(b, [6])
+    run_all(s)
+    assert tb is not None and tb.done and tb.error is None
