@@ -308,21 +308,26 @@ class GuardEngine:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while True:
-            plan = self.scheduler.schedule()
-            if plan is None:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            started = time.perf_counter()
             try:
-                outputs = await loop.run_in_executor(self._executor, self.runner.execute, plan.items)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the engine survives a failed step; its streams do not
-                log.exception("guard step failed (%d streams, %d tokens)", len(plan.items), plan.tokens)
-                done = self.scheduler.fail(plan, exc)
-            else:
-                done = self.scheduler.complete(plan, outputs)
-            self._last_step = (plan.tokens, time.perf_counter() - started)
-            self._resolve(done)
-            self._admit_waiters()
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                started = time.perf_counter()
+                try:
+                    outputs = await loop.run_in_executor(self._executor, self.runner.execute, plan.items)
+                except Exception as exc:  # the engine survives a failed step; its streams do not
+                    log.exception("guard step failed (%d streams, %d tokens)", len(plan.items), plan.tokens)
+                    done = self.scheduler.fail(plan, exc)
+                else:
+                    done = self.scheduler.complete(plan, outputs)
+                self._last_step = (plan.tokens, time.perf_counter() - started)
+                self._resolve(done)
+                self._admit_waiters()
+            except Exception as exc:
+                # A bug in the bookkeeping must not leave every caller waiting forever: fail what is
+                # live, keep serving new streams.
+                log.exception("guard engine loop error; failing live streams")
+                self._resolve(self.scheduler.fail_all(exc))
+                self._admit_waiters()

@@ -390,6 +390,16 @@ class Scheduler:
         self._end_step()
         return failed
 
+    def fail_all(self, exc: BaseException) -> list[Ticket]:
+        """Last resort after an internal error: every live stream is failed, memory accounting kept."""
+        failed: list[Ticket] = []
+        for s in self.streams.values():
+            if not s.closed and s.failed is None:
+                s.failed = exc
+                failed += self._fail_tickets(s, GuardFailure(f"guard engine error: {exc!r}"))
+        self._end_step()
+        return failed
+
     def _end_step(self) -> None:
         for sid in self._inflight:
             s = self.streams.get(sid)

@@ -257,6 +257,27 @@ async def test_engine_recovers_after_a_failed_forward(random_model: Qwen3GuardSt
         assert engine.stats().active_streams == 0
 
 
+async def test_an_internal_error_fails_live_streams_instead_of_hanging(
+    random_model: Qwen3GuardStream,
+) -> None:
+    async with GuardEngine(random_model) as engine:
+        original = engine.scheduler.schedule
+        broken = {"once": True}
+
+        def schedule() -> Any:
+            if broken.pop("once", False):
+                raise KeyError("bookkeeping bug")
+            return original()
+
+        engine.scheduler.schedule = schedule  # type: ignore[method-assign]
+        victim = await engine.open([1, 2, 3], 2)
+        with pytest.raises(GuardFailure, match="bookkeeping bug"):
+            await asyncio.wait_for(victim.prompt_verdict(), 5)
+        victim.close()
+        async with await engine.open([1, 2, 3], 2) as fresh:
+            assert (await asyncio.wait_for(fresh.prompt_verdict(), 5)).risk in random_model.labels.query.risk
+
+
 async def test_closing_mid_feed_fails_the_waiter_and_frees(random_model: Qwen3GuardStream) -> None:
     async with GuardEngine(random_model) as engine:
         stream = await engine.open([1, 2, 3], 2)
