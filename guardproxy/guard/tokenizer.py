@@ -69,6 +69,18 @@ class GuardTokenizer:
         ids: list[int] = self._plain.encode(text, add_special_tokens=False).ids
         return ids
 
+    def encode_pieces(self, text: str) -> list[tuple[int, int, int]]:
+        """``(id, start, end)`` per token of ``text`` as plain text; offsets are characters of ``text``
+        (a character split over several byte-level tokens is covered by each of them)."""
+        if not text:
+            return []
+        enc = self._plain.encode(text, add_special_tokens=False)
+        return [(i, s, e) for i, (s, e) in zip(enc.ids, enc.offsets, strict=True)]
+
+    def pretoken_starts(self, text: str) -> list[int]:
+        """Where the pre-tokenizer starts each piece of ``text`` (BPE never merges across these)."""
+        return [start for _, (start, _end) in self._plain.pre_tokenizer.pre_tokenize_str(text)]
+
     def decode(self, ids: list[int]) -> str:
         text: str = self._full.decode(ids, skip_special_tokens=False)
         return text

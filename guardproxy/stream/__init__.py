@@ -1,0 +1,1 @@
+"""Sans-IO streaming core: SSE, re-tokenization, moderation state. No asyncio, no sockets."""
