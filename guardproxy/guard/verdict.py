@@ -52,6 +52,11 @@ class Verdict:
             return None
         return self.labels.category[_argmax(self.category_probs)]
 
+    @property
+    def top_category(self) -> str:
+        """The arg-max category, whatever the risk (thresholds can make a Safe arg-max count)."""
+        return self.labels.category[_argmax(self.category_probs)]
+
     def p(self, level: str) -> float:
         """Probability of a risk level by name (0.0 if the checkpoint has no such level)."""
         try:
