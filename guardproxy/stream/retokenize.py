@@ -1,12 +1,13 @@
-"""Incremental, exact re-tokenization of streamed text into the Qwen3 vocabulary.
+r"""Incremental, exact re-tokenization of streamed text into the Qwen3 vocabulary.
 
 An upstream streams text in arbitrary pieces; the guard needs the ids the whole text would get. BPE
-never merges across a pre-token boundary, and the Qwen3 pre-tokenizer (a left-to-right regex) can only
-change its LAST piece when text is appended: every earlier piece was decided by characters already
-present. So each push re-encodes only the held text, commits every token before the start of its last
-pre-token, and holds that last piece back. Each cut is checked (the committed ids must be a prefix of
-the encoding of all held text, which catches NFC composing across the cut); a cut that fails the
-check commits nothing yet.
+never merges across a pre-token boundary, and the Qwen3 pre-tokenizer (a left-to-right regex) decides
+each piece from the characters already present, with two exceptions that appended text can change:
+the last piece, and any piece inside a trailing run of whitespace (``\s*[\r\n]+`` scans the whole run
+for a newline: "\n " then "\n" is ONE piece "\n \n"). So each push re-encodes only the held text,
+commits every token before the last piece and before the trailing whitespace run, and holds the rest.
+Each cut is checked (the committed ids must be a prefix of the encoding of all held text, which
+catches NFC composing across the cut); a cut that fails the check commits nothing yet.
 
 Invariant (tested with Hypothesis): for any split of a text, the ids of all pushes plus ``flush()``
 equal ``encode_text(text)``, as long as no single pre-token exceeds ``max_hold_chars`` (a run of
@@ -52,6 +53,9 @@ class Retokenizer:
         self._held += text
         starts = self._tok.pretoken_starts(self._held)
         cut = starts[-1] if starts else 0
+        trailing_ws = len(self._held.rstrip())  # str.isspace covers Unicode White_Space (regex \s)
+        if trailing_ws < len(self._held):
+            cut = max((s for s in starts if s <= min(cut, trailing_ws)), default=0)
         if cut > 0:
             pieces = self._commit_checked(cut)
             if pieces is not None:

@@ -74,7 +74,12 @@ FRAGMENTS = [
     "ﬁ",
 ]
 
-texts = st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join) | st.text(max_size=120)
+WHITESPACE = [" ", "  ", "\n", "\r", "\r\n", "\t", "\u00a0", "\u3000", "\n\n", "a", "?", "!", "1", "'"]
+texts = (
+    st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join)
+    | st.lists(st.sampled_from(WHITESPACE), max_size=30).map("".join)  # where pre-tokens are least stable
+    | st.text(max_size=120)
+)
 
 
 def run(
@@ -109,6 +114,17 @@ def test_any_split_gives_the_ids_of_the_whole_text(
 def test_character_by_character(tokenizer: GuardTokenizer, text: str) -> None:
     pieces, _ = run(tokenizer, text, list(range(len(text))))
     assert [p.id for p in pieces] == tokenizer.encode_text(text)
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [["\n ", "\n"], [" \n", " ", "\n"], ["a?", " ", " \n"], ["x\t", "\t", "\r\n"], ["a ", "\u3000", "\n"]],
+)
+def test_whitespace_runs_merge_across_pushes(tokenizer: GuardTokenizer, chunks: list[str]) -> None:
+    # "\s*[\r\n]+" makes a whole whitespace run one piece once a newline ends it.
+    r = Retokenizer(tokenizer)
+    ids = [p.id for c in chunks for p in r.push(c)] + [p.id for p in r.flush()]
+    assert ids == tokenizer.encode_text("".join(chunks))
 
 
 def test_special_token_strings_are_text(tokenizer: GuardTokenizer) -> None:
