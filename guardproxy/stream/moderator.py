@@ -1,0 +1,234 @@
+"""One choice of a response, moderated: upstream deltas in, guard feeds out; verdicts in, client deltas out.
+
+No I/O here. The proxy feeds the ``GuardFeed``s to the engine in order and hands the verdicts back with
+``judged``; ``drain`` then gives the deltas the client may see. Invariants:
+- nothing is released before every token covering it is judged and ``holdback_tokens`` more are judged
+  after it (at the end of the answer everything judged is released);
+- after the first token the policy cuts on, nothing more of the answer is released, not one character
+  of that token's text included; the notice and ``finish_reason: "content_filter"`` follow;
+- text of tokens to redact is replaced by the policy's mask (adjacent tokens share one mask).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardproxy.guard.template import ChatTemplate
+from guardproxy.guard.verdict import Verdict
+from guardproxy.policy import Action, Decision, Policy, ResponseJudge
+from guardproxy.stream.guardview import CONTENT, REASONING, AssistantView, GuardFeed, Span, tool_field
+
+CONTENT_FILTER = "content_filter"
+
+
+@dataclass
+class _Field:
+    """Text of one field as received, how far it is released, and where redactions fall."""
+
+    text: str = ""
+    released: int = 0
+    redact: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    """The output queue: text of a field up to ``end``, or a non-text delta released in order."""
+
+    field: str | None
+    end: int = 0
+    delta: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class OutDelta:
+    delta: dict[str, Any]
+    finish_reason: str | None = None
+
+
+class ChoiceModerator:
+    def __init__(
+        self, template: ChatTemplate, policy: Policy, *, reasoning_key: str = "reasoning_content"
+    ) -> None:
+        self.policy = policy
+        self.view = AssistantView(template)
+        self.judge = ResponseJudge(policy)
+        self.reasoning_key = reasoning_key
+        self.fields: dict[str, _Field] = {}
+        self.queue: list[_Item] = []
+        self.tokens: list[tuple[Span, Decision | None]] = []  # judged tokens in order (span, decision)
+        self.pending_spans: list[Span] = []  # submitted for judging, verdicts not back yet
+        self.cut_at: Decision | None = None
+        self.finished = False
+        self.closed = False  # the client has its final delta
+        self._tool_meta: dict[int, dict[str, Any]] = {}
+
+    # -- upstream side ---------------------------------------------------------------------------------
+
+    def start(self) -> list[GuardFeed]:
+        return self._track(self.view.header())
+
+    def delta(self, delta: Mapping[str, Any]) -> list[GuardFeed]:
+        """One upstream delta of this choice (OpenAI shape; ``content: null`` and empty strings ok)."""
+        feeds: list[GuardFeed] = []
+        meta = {k: v for k, v in delta.items() if k in ("role", "refusal") and v is not None}
+        if meta:
+            self.queue.append(_Item(None, delta=meta))
+        for key in ("reasoning_content", "reasoning"):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                self.reasoning_key = key
+                self._text(REASONING, text)
+                feeds += self._track(self.view.reasoning(text))
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            self._text(CONTENT, text)
+            feeds += self._track(self.view.content(text))
+        for call in delta.get("tool_calls") or []:
+            if not isinstance(call, Mapping):
+                continue
+            index = int(call.get("index", 0))
+            fn = call.get("function") or {}
+            header = {k: call[k] for k in ("id", "type") if call.get(k) is not None}
+            if fn.get("name") is not None:
+                header["function"] = {"name": fn["name"]}
+            if header or index not in self._tool_meta:
+                self._tool_meta.setdefault(index, {}).update(header)
+                self.queue.append(_Item(None, delta={"tool_calls": [{"index": index, **header}]}))
+            args = fn.get("arguments") or ""
+            name = self._tool_meta.get(index, {}).get("function", {}).get("name")
+            self._text(tool_field(index), args)
+            feeds += self._track(self.view.tool_call(index, name, args))
+        return feeds
+
+    def finish(self, finish_reason: str | None) -> list[GuardFeed]:
+        """The upstream ended this choice: the held text is fed, the finish reason queued last."""
+        if self.finished:
+            return []
+        self.finished = True
+        self.queue.append(_Item(None, finish_reason=finish_reason or "stop"))
+        return self._track(self.view.finish())
+
+    def _text(self, name: str, text: str) -> None:
+        f = self.fields.setdefault(name, _Field())
+        f.text += text
+        if self.queue and self.queue[-1].field == name:
+            self.queue[-1].end = len(f.text)
+        else:
+            self.queue.append(_Item(name, end=len(f.text)))
+
+    def _track(self, feeds: list[GuardFeed]) -> list[GuardFeed]:
+        for f in feeds:
+            if f.spans is not None:
+                self.pending_spans += f.spans
+        return feeds
+
+    # -- guard side ------------------------------------------------------------------------------------
+
+    def judged(self, verdicts: list[Verdict]) -> None:
+        """Verdicts for the next judged tokens, in the order their feeds were made."""
+        for v in verdicts:
+            span = self.pending_spans.pop(0)
+            self.tokens.append((span, None))
+            for d in self.judge.judge(v):
+                prev_span, prev = self.tokens[d.index]
+                if prev is None or d.action > prev.action:
+                    self.tokens[d.index] = (prev_span, d)
+                if d.action == Action.CUT and (self.cut_at is None or d.index < self.cut_at.index):
+                    self.cut_at = d
+                if d.action == Action.REDACT:
+                    f = self.fields[prev_span.field]
+                    f.redact.append((prev_span.start, prev_span.end))
+
+    @property
+    def flagged(self) -> Decision | None:
+        return self.judge.first_flagged
+
+    # -- client side -----------------------------------------------------------------------------------
+
+    def _boundaries(self) -> dict[str, int]:
+        """How far each field may be released: covered by judged tokens past the holdback, before a cut.
+
+        Once a cut is decided every token before it is final (nothing more is judged, debounce can
+        revise nothing), so the holdback no longer applies to them."""
+        if self.cut_at is not None:
+            releasable = self.cut_at.index
+        elif self.finished and not self.pending_spans:
+            releasable = len(self.tokens)
+        else:
+            releasable = max(0, len(self.tokens) - self.policy.holdback_tokens)
+        bound: dict[str, int] = {}
+        blocked: set[str] = set()
+        spans = [span for span, _ in self.tokens] + self.pending_spans
+        for i, span in enumerate(spans):
+            if span.field in blocked:
+                continue
+            if i < releasable:
+                bound[span.field] = max(bound.get(span.field, 0), span.end)
+            else:
+                # Stop at the first token not releasable; a character it shares with the token
+                # before (byte-level BPE splits characters) waits for it too.
+                bound[span.field] = min(bound.get(span.field, span.start), span.start)
+                blocked.add(span.field)
+        return bound
+
+    def drain(self) -> list[OutDelta]:
+        """Deltas the client may now see, in upstream order; after a cut, the notice and the end."""
+        if self.closed:
+            return []
+        bound = self._boundaries()
+        out: list[OutDelta] = []
+        while self.queue:
+            item = self.queue[0]
+            if item.field is None:
+                if self.cut_at is not None and item.finish_reason is not None:
+                    break  # the cut's own ending replaces the upstream's
+                out.append(OutDelta(item.delta or {}, item.finish_reason))
+                self.queue.pop(0)
+                if item.finish_reason is not None:
+                    self.closed = True
+                continue
+            f = self.fields[item.field]
+            upto = min(item.end, bound.get(item.field, f.released))
+            if upto > f.released:
+                text = self._render(f, f.released, upto)
+                f.released = upto
+                out.append(OutDelta(self._text_delta(item.field, text)))
+            if f.released < item.end:
+                break
+            self.queue.pop(0)
+        if self.cut_at is not None:
+            # Everything before the cut token is out; nothing after it ever will be.
+            out.append(
+                OutDelta({"content": self.policy.notice} if self.policy.notice else {}, CONTENT_FILTER)
+            )
+            self.closed = True
+        return out
+
+    def _render(self, f: _Field, start: int, end: int) -> str:
+        """``f.text[start:end]`` with each run of redacted characters replaced by one mask."""
+        runs: list[list[int]] = []
+        for a, b in sorted(f.redact):
+            a, b = max(a, start), min(b, end)
+            if a >= b:
+                continue
+            if runs and a <= runs[-1][1]:
+                runs[-1][1] = max(runs[-1][1], b)
+            else:
+                runs.append([a, b])
+        out, pos = [], start
+        for a, b in runs:
+            out += [f.text[pos:a], self.policy.mask]
+            pos = b
+        out.append(f.text[pos:end])
+        return "".join(out)
+
+    def _text_delta(self, name: str, text: str) -> dict[str, Any]:
+        if name == CONTENT:
+            return {"content": text}
+        if name == REASONING:
+            return {self.reasoning_key: text}
+        index = int(name.split("[", 1)[1].split("]", 1)[0])
+        return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}

@@ -1,0 +1,189 @@
+"""The per-choice moderator, driven by hand: verdicts are made from each token's text (sans-IO)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guardproxy.guard.template import ChatTemplate
+from guardproxy.guard.tokenizer import GuardTokenizer
+from guardproxy.guard.verdict import HeadLabels, Verdict
+from guardproxy.policy import Action, Policy, TierRule
+from guardproxy.stream.guardview import GuardFeed
+from guardproxy.stream.moderator import CONTENT_FILTER, ChoiceModerator, OutDelta
+
+LABELS = HeadLabels(risk=("Safe", "Unsafe", "Controversial"), category=("Violent", "PII"))
+SAFE = Verdict((0.98, 0.01, 0.01), (0.5, 0.5), LABELS)
+UNSAFE = Verdict((0.01, 0.98, 0.01), (0.9, 0.1), LABELS)
+PII = Verdict((0.01, 0.98, 0.01), (0.1, 0.9), LABELS)
+
+
+class Harness:
+    """Plays the proxy: feeds go to a fake guard that judges each token by its text."""
+
+    def __init__(self, tok: GuardTokenizer, template: ChatTemplate, policy: Policy) -> None:
+        self.tok = tok
+        self.m = ChoiceModerator(template, policy)
+        self.queue: list[list[int]] = []  # judged feeds not yet answered
+        self.out: list[OutDelta] = []
+        self._submit(self.m.start())
+
+    def verdict(self, token_id: int) -> Verdict:
+        text = self.tok.decode([token_id]).strip().lower()
+        return UNSAFE if text in ("bomb", "bombs") else PII if text == "passport" else SAFE
+
+    def _submit(self, feeds: list[GuardFeed]) -> None:
+        self.queue += [f.ids for f in feeds if f.spans is not None]
+
+    def delta(self, d: dict[str, Any]) -> None:
+        self._submit(self.m.delta(d))
+
+    def finish(self, reason: str | None = "stop") -> None:
+        self._submit(self.m.finish(reason))
+
+    def answer(self, n: int = 1) -> None:
+        for _ in range(min(n, len(self.queue))):
+            self.m.judged([self.verdict(i) for i in self.queue.pop(0)])
+        self.out += self.m.drain()
+
+    def answer_all(self) -> None:
+        self.answer(len(self.queue))
+
+    def content(self) -> str:
+        return "".join(o.delta.get("content", "") for o in self.out)
+
+
+def stream(h: Harness, pieces: list[str], answer_every: int = 1) -> None:
+    h.delta({"role": "assistant", "content": None})
+    for i, p in enumerate(pieces):
+        h.delta({"content": p})
+        if i % answer_every == 0:
+            h.answer()
+    h.finish("stop")
+    h.answer_all()
+
+
+def split(text: str, cuts: list[int]) -> list[str]:
+    bounds = [0, *sorted({c % (len(text) + 1) for c in cuts}), len(text)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+
+
+texts = st.lists(
+    st.sampled_from(["The", " cake", " is", " a", " lie", ".", "\n", " 日本", " bomb", "s", " ok"]),
+    min_size=1,
+    max_size=20,
+).map("".join)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    text=texts.filter(lambda t: "bomb" not in t),
+    cuts=st.lists(st.integers(0, 200), max_size=10),
+    holdback=st.integers(0, 3),
+    every=st.integers(1, 3),
+)
+def test_benign_text_passes_unchanged(
+    tokenizer: GuardTokenizer, template: ChatTemplate, text: str, cuts: list[int], holdback: int, every: int
+) -> None:
+    h = Harness(tokenizer, template, Policy(holdback_tokens=holdback))
+    stream(h, split(text, cuts), every)
+    assert h.content() == text
+    assert h.out[0].delta == {"role": "assistant"} and h.out[-1].finish_reason == "stop"
+    assert all(o.finish_reason is None for o in h.out[:-1])
+
+
+@settings(max_examples=80, deadline=None)
+@given(text=texts, cuts=st.lists(st.integers(0, 200), max_size=10), holdback=st.integers(0, 3))
+def test_cut_releases_nothing_of_the_cut_token_or_after(
+    tokenizer: GuardTokenizer, template: ChatTemplate, text: str, cuts: list[int], holdback: int
+) -> None:
+    h = Harness(tokenizer, template, Policy(holdback_tokens=holdback, notice="[cut]"))
+    stream(h, split(text, cuts))
+    if "bomb" not in text:
+        assert h.content() == text
+        return
+    released = h.content()
+    assert released.endswith("[cut]") and h.out[-1].finish_reason == CONTENT_FILTER
+    assert released[: -len("[cut]")] == text[: text.index(" bomb")]
+    assert sum(o.finish_reason is not None for o in h.out) == 1
+
+
+def test_nothing_is_released_before_it_is_judged_and_held_back(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    h = Harness(tokenizer, template, Policy(holdback_tokens=2))
+    h.delta({"role": "assistant"})
+    for word in ["One", " two", " three", " four", " five"]:
+        h.delta({"content": word})
+    assert h.content() == ""  # nothing judged yet
+    h.answer(1)
+    assert h.content() == ""
+    h.answer_all()  # "One two three four" judged ("five" is held by the re-tokenizer): 2 held back
+    assert h.content() == "One two"
+    h.finish()
+    h.answer_all()
+    assert h.content() == "One two three four five"
+
+
+def test_redact_masks_exactly_the_flagged_span(tokenizer: GuardTokenizer, template: ChatTemplate) -> None:
+    policy = Policy(unsafe=TierRule(Action.CUT, {"PII": Action.REDACT}), mask="***")  # type: ignore[arg-type]
+    h = Harness(tokenizer, template, policy)
+    stream(h, split("My passport number is on my passport, ok.", [3, 9, 20, 33]))
+    assert h.content() == "My*** number is on my***, ok."
+    assert h.out[-1].finish_reason == "stop"
+
+
+def test_reasoning_and_tool_calls_are_moderated_and_kept_in_order(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    h = Harness(tokenizer, template, Policy())
+    h.delta({"role": "assistant", "content": ""})
+    h.delta({"reasoning_content": "Think about"})
+    h.delta({"reasoning_content": " it."})
+    h.delta({"content": "Calling."})
+    h.delta(
+        {
+            "tool_calls": [
+                {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}
+            ]
+        }
+    )
+    h.delta({"tool_calls": [{"index": 0, "function": {"arguments": '{"q": '}}]})
+    h.delta({"tool_calls": [{"index": 0, "function": {"arguments": '"cake"}'}}]})
+    h.finish("tool_calls")
+    h.answer_all()
+    kinds = [next(iter(o.delta), None) for o in h.out]
+    assert kinds[0] == "role" and kinds[-1] is None and h.out[-1].finish_reason == "tool_calls"
+    assert "".join(o.delta.get("reasoning_content", "") for o in h.out) == "Think about it."
+    args = "".join(
+        o.delta["tool_calls"][0].get("function", {}).get("arguments", "")
+        for o in h.out
+        if "tool_calls" in o.delta
+    )
+    assert args == '{"q": "cake"}'
+    header = next(o.delta["tool_calls"][0] for o in h.out if "tool_calls" in o.delta)
+    assert header == {"index": 0, "id": "c1", "type": "function", "function": {"name": "f"}}
+    assert kinds.index("reasoning_content") < kinds.index("content") < kinds.index("tool_calls")
+
+
+@pytest.mark.parametrize("field", ["reasoning_content", "tool_calls"])
+def test_unsafe_text_outside_content_is_cut_too(
+    tokenizer: GuardTokenizer, template: ChatTemplate, field: str
+) -> None:
+    h = Harness(tokenizer, template, Policy(notice=""))
+    h.delta({"role": "assistant"})
+    if field == "reasoning_content":
+        h.delta({"reasoning_content": "plan: a bomb then"})
+    else:
+        h.delta(
+            {"tool_calls": [{"index": 0, "id": "x", "function": {"name": "f", "arguments": '{"a": "bomb"}'}}]}
+        )
+    h.delta({"content": "fine"})
+    h.finish()
+    h.answer_all()
+    assert h.out[-1].finish_reason == CONTENT_FILTER
+    assert "bomb" not in str([o.delta for o in h.out]) and "fine" not in str([o.delta for o in h.out])
