@@ -66,8 +66,11 @@ class Policy:
     prompt_check: Literal["parallel", "before"] = "parallel"
     prompt_unsafe: TierRule = TierRule(Action.CUT)  # CUT: the prompt is blocked
     prompt_controversial: TierRule = TierRule(Action.FLAG)
+    blocked_prompt: Literal["error", "refusal"] = "error"
+    refusal: str = "I can't help with that request."
     mask: str = "[redacted]"
     notice: str = "\n\n[guardproxy: the rest of this response was withheld by the content policy]"
+    details: bool = True  # moderation details in a `guardproxy` field and x-guardproxy-* headers
 
     def __post_init__(self) -> None:
         for name in ("unsafe_threshold", "controversial_threshold"):
@@ -78,6 +81,10 @@ class Policy:
             raise ValueError("policy.holdback_tokens must be >= 0")
         if self.debounce and self.holdback_tokens < 1:
             raise ValueError("policy.debounce needs policy.holdback_tokens >= 1 to act before release")
+        if self.blocked_prompt not in ("error", "refusal"):
+            raise ValueError(f"policy.blocked_prompt must be error or refusal, got {self.blocked_prompt!r}")
+        if self.prompt_check not in ("parallel", "before"):
+            raise ValueError(f"policy.prompt_check must be parallel or before, got {self.prompt_check!r}")
         if self.mode not in ("strict", "loose"):
             raise ValueError(f"policy.mode must be strict or loose, got {self.mode!r}")
         for rule in (self.prompt_unsafe, self.prompt_controversial):

@@ -1,0 +1,274 @@
+"""YAML -> typed, validated settings. Every error names the key path (``policy.response.unsafe.action``).
+
+Unknown keys are errors, not ignored: a typo in a guardrail's configuration must not silently leave
+the default in force. The file's layout is documented key by key in ``config/guardproxy.yaml``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import yaml
+
+from guardproxy.guard.model import DEFAULT_GUARD_MODEL
+from guardproxy.guard.scheduler import EngineLimits
+from guardproxy.policy import Action, Policy, TierRule
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message starts with the key path."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_choices: int = 8  # the largest `n` accepted: each choice is a guard stream
+    shutdown_grace_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: str | None = None  # when set, sent upstream instead of the client's Authorization
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 300.0  # between two reads: a stalled stream fails, a long one does not
+    retries: int = 2  # before the first byte reaches the client only
+    max_connections: int = 256
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    model: str = DEFAULT_GUARD_MODEL
+    revision: str | None = None
+    device: str | None = None
+    dtype: str | None = None  # float32 | bfloat16 | float16; default: bf16 on CUDA, fp32 on CPU
+    threads: int | None = None
+    engine: EngineLimits = field(default_factory=EngineLimits)
+
+
+@dataclass(frozen=True)
+class PolicyRoute:
+    policy: str
+    route: str | None = None  # a path pattern, e.g. /v1/completions
+    model: str | None = None  # a model-name pattern, e.g. gpt-4o*
+
+    def matches(self, route: str, model: str | None) -> bool:
+        if self.route is not None and not fnmatch.fnmatchcase(route, self.route):
+            return False
+        return self.model is None or (model is not None and fnmatch.fnmatchcase(model, self.model))
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    guard: GuardSettings = field(default_factory=GuardSettings)
+    policy: Policy = field(default_factory=Policy)
+    policies: Mapping[str, Policy] = field(default_factory=dict)
+    routes: tuple[PolicyRoute, ...] = ()
+
+    def policy_for(self, route: str, model: str | None) -> Policy:
+        """The first matching ``policy_routes`` entry's policy, else the default ``policy``."""
+        for r in self.routes:
+            if r.matches(route, model):
+                return self.policies[r.policy]
+        return self.policy
+
+
+# -- loading -----------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def _mapping(value: Any, path: str) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(data: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"{where}{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _typed(value: Any, kind: type, path: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, bool):
+        raise ConfigError(f"{path}: expected an integer, got a boolean")
+    if not isinstance(value, kind):
+        raise ConfigError(f"{path}: expected {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _dataclass(cls: type[T], data: Any, path: str, kinds: Mapping[str, type], **nested: Any) -> T:
+    """A flat dataclass from a mapping: keys checked, types checked, values validated by the class."""
+    data = _mapping(data, path)
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    _check_keys(data, names, path)
+    values: dict[str, Any] = dict(nested)
+    for key, value in data.items():
+        if key in nested:
+            continue
+        if value is None:
+            values[key] = None
+            continue
+        values[key] = _typed(value, kinds[key], f"{path}.{key}")
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+_SERVER = {"host": str, "port": int, "max_body_bytes": int, "max_choices": int, "shutdown_grace_s": float}
+_UPSTREAM = {
+    "base_url": str,
+    "api_key": str,
+    "connect_timeout_s": float,
+    "read_timeout_s": float,
+    "retries": int,
+    "max_connections": int,
+}
+_ENGINE = {f.name: (float if f.name.endswith("_s") else int) for f in fields(EngineLimits)}
+_GUARD = {"model": str, "revision": str, "device": str, "dtype": str, "threads": int}
+
+
+def _tier(data: Any, path: str, default: TierRule, *, prompt: bool) -> TierRule:
+    data = _mapping(data, path)
+    _check_keys(data, {"action", "categories"}, path)
+
+    def action(value: Any, where: str) -> Action:
+        text = _typed(value, str, where)
+        if prompt and text == "block":
+            return Action.CUT  # for a prompt, cutting means blocking
+        try:
+            act = Action.parse(text)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if prompt and act in (Action.CUT, Action.REDACT):
+            raise ConfigError(f"{where}: a prompt takes allow, flag or block")
+        return act
+
+    act = action(data["action"], f"{path}.action") if "action" in data else default.action
+    cats = {
+        str(k): action(v, f"{path}.categories.{k}")
+        for k, v in _mapping(data.get("categories"), f"{path}.categories").items()
+    }
+    return TierRule(act, MappingProxyType(cats))
+
+
+_POLICY_SCALARS: dict[str, type] = {
+    "mode": str,
+    "holdback_tokens": int,
+    "debounce": bool,
+    "prompt_check": str,
+    "blocked_prompt": str,
+    "refusal": str,
+    "mask": str,
+    "notice": str,
+    "details": bool,
+}
+
+
+def load_policy(data: Any, path: str = "policy", base: Policy | None = None) -> Policy:
+    """A policy section; keys left out keep ``base``'s values (the default policy for named ones)."""
+    base = base or Policy()
+    data = _mapping(data, path)
+    _check_keys(data, set(_POLICY_SCALARS) | {"thresholds", "response", "prompt", "name"}, path)
+    values: dict[str, Any] = {}
+    for key, kind in _POLICY_SCALARS.items():
+        if key in data:
+            values[key] = _typed(data[key], kind, f"{path}.{key}")
+    thresholds = _mapping(data.get("thresholds"), f"{path}.thresholds")
+    _check_keys(thresholds, {"unsafe", "controversial"}, f"{path}.thresholds")
+    for key in ("unsafe", "controversial"):
+        if key in thresholds:
+            value = thresholds[key]
+            values[f"{key}_threshold"] = (
+                None if value is None else _typed(value, float, f"{path}.thresholds.{key}")
+            )
+    for side, prompt in (("response", False), ("prompt", True)):
+        section = _mapping(data.get(side), f"{path}.{side}")
+        _check_keys(section, {"unsafe", "controversial"}, f"{path}.{side}")
+        for tier in ("unsafe", "controversial"):
+            attr = f"prompt_{tier}" if prompt else tier
+            if tier in section:
+                values[attr] = _tier(
+                    section[tier], f"{path}.{side}.{tier}", getattr(base, attr), prompt=prompt
+                )
+    if "name" in data:
+        values["name"] = _typed(data["name"], str, f"{path}.name")
+    try:
+        return replace(base, **values)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_settings(data: Any) -> Settings:
+    data = _mapping(data, "")
+    _check_keys(data, {"server", "upstream", "guard", "policy", "policies", "policy_routes"}, "")
+    guard_data = _mapping(data.get("guard"), "guard")
+    engine = _dataclass(EngineLimits, guard_data.get("engine"), "guard.engine", _ENGINE)
+    guard = _dataclass(GuardSettings, {k: v for k, v in guard_data.items() if k != "engine"}, "guard", _GUARD)
+    guard = replace(guard, engine=engine)
+    if guard.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"guard.dtype: expected float32, bfloat16 or float16, got {guard.dtype!r}")
+    policy = load_policy(data.get("policy"))
+    named = {
+        str(name): load_policy(section, f"policies.{name}", base=replace(policy, name=str(name)))
+        for name, section in _mapping(data.get("policies"), "policies").items()
+    }
+    routes_data = data.get("policy_routes") or []
+    if not isinstance(routes_data, list):
+        raise ConfigError("policy_routes: expected a list")
+    routes = []
+    for i, entry in enumerate(routes_data):
+        r = _dataclass(PolicyRoute, entry, f"policy_routes[{i}]", {"policy": str, "route": str, "model": str})
+        if r.policy not in named:
+            raise ConfigError(f"policy_routes[{i}].policy: no policy named {r.policy!r} under policies")
+        routes.append(r)
+    return Settings(
+        server=_dataclass(ServerSettings, data.get("server"), "server", _SERVER),
+        upstream=_dataclass(UpstreamSettings, data.get("upstream"), "upstream", _UPSTREAM),
+        guard=guard,
+        policy=policy,
+        policies=named,
+        routes=tuple(routes),
+    )
+
+
+def load_settings_file(path: str | Path) -> Settings:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return load_settings(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def with_overrides(settings: Settings, **overrides: Any) -> Settings:
+    """Command-line flags over the file: ``upstream_base_url=...``, ``guard_model=...``, ``server_port=...``."""
+    out = settings
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.partition("_")
+        out = replace(out, **{section: replace(getattr(out, section), **{name: value})})
+    return out
