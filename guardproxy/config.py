@@ -264,7 +264,7 @@ def load_settings_file(path: str | Path) -> Settings:
 
 
 def with_overrides(settings: Settings, **overrides: Any) -> Settings:
-    """Command-line flags over the file: ``upstream_base_url=...``, ``guard_model=...``, ``server_port=...``."""
+    """Command-line flags over the file: ``upstream_base_url=...``, ``guard_model=...``, ``server_port=``."""
     out = settings
     for key, value in overrides.items():
         if value is None:

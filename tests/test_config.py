@@ -73,7 +73,7 @@ def test_mistakes_name_the_key_path(text: str, message: str) -> None:
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("policy: [unclosed")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
         load_settings_file(bad)
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings_file(tmp_path / "missing.yaml")
