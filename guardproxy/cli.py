@@ -107,9 +107,47 @@ async def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from aiohttp import web
+
+    from guardproxy.config import Settings, load_settings_file, with_overrides
+    from guardproxy.server.app import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = load_settings_file(args.config) if args.config else Settings()
+    settings = with_overrides(
+        settings,
+        upstream_base_url=args.upstream,
+        guard_model=args.guard_model,
+        guard_device=args.device,
+        server_host=args.host,
+        server_port=args.port,
+    )
+    web.run_app(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        shutdown_timeout=settings.server.shutdown_grace_s,
+        handler_cancellation=True,  # a client gone away cancels its handler: upstream closed, guard freed
+        access_log=None,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="guardproxy", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the guard proxy")
+    s.add_argument("--config", help="YAML configuration (see config/guardproxy.yaml)")
+    s.add_argument("--upstream", help="the upstream's OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+    s.add_argument("--guard-model", help=f"hub id or checkpoint directory (default {DEFAULT_GUARD_MODEL})")
+    s.add_argument("--device", help="cpu, cuda, cuda:1 ...")
+    s.add_argument("--host", help="listen address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="listen port (default 8080)")
+    s.set_defaults(func=_serve)
 
     m = sub.add_parser("make-test-model", help="write a Qwen3Guard-Stream checkpoint for tests and CI")
     m.add_argument("out", help="output directory")
@@ -141,6 +179,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (GuardModelError, ValueError, OSError) as exc:
+    except (GuardModelError, ValueError, OSError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1

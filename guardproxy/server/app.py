@@ -1,0 +1,255 @@
+"""The aiohttp application: typed app keys, long-lived resources in ``cleanup_ctx``, thin routes.
+
+Routes validate, pick the policy, render the prompt and hand over to ``Exchange``; every error leaves
+as one OpenAI-shaped body (``errors.py``). guardproxy is not an open proxy: the upstream comes from
+the configuration, never from the request, and paths it does not serve are 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from aiohttp import web
+
+from guardproxy.config import Settings
+from guardproxy.guard.engine import GuardEngine
+from guardproxy.guard.model import Qwen3GuardStream, load_guard_model, resolve_checkpoint
+from guardproxy.guard.scheduler import EngineError, EngineOverloaded
+from guardproxy.guard.template import ChatTemplate, ConversationError
+from guardproxy.guard.tokenizer import GuardTokenizer
+from guardproxy.server.errors import ProxyError, bad_request, upstream_error
+from guardproxy.server.exchange import CHAT, COMPLETION, Exchange, GuardServices, Shape, verdict_details
+from guardproxy.server.upstream import Upstream, session
+
+log = logging.getLogger(__name__)
+
+SETTINGS = web.AppKey("settings", Settings)
+SERVICES = web.AppKey("services", GuardServices)
+GUARD_NAME = web.AppKey("guard_name", str)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load_guard(settings: Settings) -> tuple[Qwen3GuardStream, GuardTokenizer]:
+    g = settings.guard
+    model = load_guard_model(
+        g.model, device=g.device, dtype=_DTYPES[g.dtype] if g.dtype else None, revision=g.revision
+    )
+    return model, GuardTokenizer.from_checkpoint(resolve_checkpoint(g.model, g.revision))
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[GUARD_NAME] = settings.guard.model
+    app.cleanup_ctx.append(_services)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/moderations", moderations)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    # Loading weights takes seconds to minutes: off the event loop.
+    model, tokenizer = await asyncio.get_running_loop().run_in_executor(None, _load_guard, settings)
+    limits = settings.guard.engine
+    max_positions = min(limits.max_positions, int(model.config.max_position_embeddings))
+    engine = GuardEngine(model, replace(limits, max_positions=max_positions), threads=settings.guard.threads)
+    client = session(settings.upstream)
+    await engine.start()
+    app[SERVICES] = GuardServices(
+        engine=engine,
+        template=ChatTemplate(tokenizer),
+        upstream=Upstream(settings.upstream, client),
+        max_choices=settings.server.max_choices,
+    )
+    log.info("guardproxy ready: guard %s, upstream %s", settings.guard.model, settings.upstream.base_url)
+    try:
+        yield
+    finally:
+        await client.close()
+        await engine.stop()
+
+
+# -- errors ------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {
+            404: f"Invalid URL ({request.method} {request.path})",
+            405: f"Method {request.method} not allowed on {request.path}",
+            413: "Request body too large",
+        }.get(exc.status, exc.reason)
+        return ProxyError(exc.status, message).response()
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return ProxyError(500, "internal error in guardproxy", type="server_error").response()
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise bad_request("request body is not UTF-8") from None
+    except ValueError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body
+
+
+def _common(body: dict[str, Any], services: GuardServices) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_request("model must be a string", param="model")
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise bad_request("stream must be a boolean", param="stream")
+    n = body.get("n", 1)
+    if n is None:
+        n = 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= services.max_choices:
+        raise bad_request(f"n must be an integer from 1 to {services.max_choices}", param="n")
+    return model
+
+
+async def _exchange(
+    request: web.Request, body: dict[str, Any], messages: Any, shape: Shape
+) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    model = _common(body, services)
+    policy = request.app[SETTINGS].policy_for(shape.path, model)
+    try:
+        prompt = services.template.render_prompt(messages, max_tokens=services.engine.max_prompt_tokens)
+    except ConversationError as exc:
+        raise bad_request(str(exc), param="messages" if shape is CHAT else "prompt") from None
+    return await Exchange(services, request, body, policy, prompt, shape).run()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    if "messages" not in body:
+        raise bad_request("messages is required", param="messages")
+    return await _exchange(request, body, body["messages"], CHAT)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        # Batches of prompts and token-id prompts would need one guard verdict each: not supported.
+        raise bad_request("prompt must be a string (or a list of one string)", param="prompt")
+    return await _exchange(request, body, [{"role": "user", "content": prompt}], COMPLETION)
+
+
+async def moderations(request: web.Request) -> web.Response:
+    """OpenAI's moderation endpoint, answered by the guard's query head (each input as a user turn)."""
+    body = await _json_body(request)
+    services = request.app[SERVICES]
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+        raise bad_request("input must be a string or a non-empty list of strings", param="input")
+    if len(inputs) > 256:
+        raise bad_request("at most 256 inputs per request", param="input")
+    policy = request.app[SETTINGS].policy_for("/v1/moderations", body.get("model"))
+
+    async def judge(text: str) -> dict[str, Any]:
+        prompt = services.template.render_prompt(
+            [{"role": "user", "content": text}], max_tokens=services.engine.max_prompt_tokens
+        )
+        try:
+            async with await services.engine.open(prompt.ids, prompt.verdict_index) as stream:
+                v = await stream.prompt_verdict()
+        except EngineOverloaded as exc:
+            raise ProxyError(
+                429,
+                str(exc),
+                type="rate_limit_error",
+                code="guard_overloaded",
+                headers={"Retry-After": str(int(exc.retry_after + 0.999))},
+            ) from None
+        except EngineError as exc:
+            raise ProxyError(
+                503, f"the guard failed: {exc}", type="server_error", code="guard_error"
+            ) from None
+        unsafe_mass = 1.0 - v.p("Safe")
+        scores = {c: p * unsafe_mass for c, p in zip(v.labels.category, v.category_probs, strict=True)}
+        tier = policy.tier(v)
+        flagged = tier == "Unsafe" or (tier == "Controversial" and policy.mode == "strict")
+        top = v.top_category
+        return {
+            "flagged": flagged,
+            "categories": {c: flagged and c == top for c in v.labels.category},
+            "category_scores": scores,
+            "guardproxy": {
+                **verdict_details(v, policy.action(v, prompt=True)),
+                "tier": tier,
+                "risk_probs": dict(zip(v.labels.risk, v.risk_probs, strict=True)),
+            },
+        }
+
+    results = await asyncio.gather(*(judge(t) for t in inputs))
+    return web.json_response(
+        {"id": f"modr-{uuid.uuid4().hex}", "model": request.app[GUARD_NAME], "results": list(results)}
+    )
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    upstream = request.app[SERVICES].upstream
+    resp = await upstream.request("GET", "/v1/models", dict(request.headers))
+    async with resp:
+        raw = await resp.read()
+        if resp.status != 200:
+            raise upstream_error(resp.status, raw)
+        return web.Response(body=raw, status=200, content_type="application/json")
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "time": int(time.time())})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app.get(SERVICES)
+    if services is None:
+        return web.json_response({"status": "loading"}, status=503)
+    stats = services.engine.stats()
+    return web.json_response(
+        {
+            "status": "ready",
+            "guard": request.app[GUARD_NAME],
+            "upstream": request.app[SETTINGS].upstream.base_url,
+            "engine": {
+                "active_streams": stats.active_streams,
+                "queued": stats.queued_streams,
+                "cached_tokens": stats.cached_tokens,
+            },
+        }
+    )

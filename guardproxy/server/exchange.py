@@ -1,0 +1,518 @@
+"""One moderated request/response exchange with the upstream, for chat and legacy completions.
+
+Flow: open a guard stream on the rendered prompt; start the upstream request at once (policy
+``parallel``) or after the prompt verdict (``before``); on a blocked prompt cancel the upstream and
+answer by policy. Otherwise every choice's text goes through its ``ChoiceModerator`` and guard stream;
+the client gets only what the moderator releases, in chunks rebuilt on the upstream's envelope.
+All per-choice state lives in ``_Choice``; this module owns the awaiting and the writing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from guardproxy.guard.engine import GuardEngine, GuardStream
+from guardproxy.guard.scheduler import EngineError, EngineOverloaded, PromptTooLong
+from guardproxy.guard.template import ChatTemplate, GuardPrompt
+from guardproxy.guard.verdict import Verdict
+from guardproxy.policy import Action, Policy
+from guardproxy.server.errors import ProxyError, upstream_error
+from guardproxy.server.upstream import Upstream
+from guardproxy.stream.guardview import GuardFeed
+from guardproxy.stream.moderator import CONTENT_FILTER, ChoiceModerator, OutDelta
+from guardproxy.stream.sse import DONE, SSEDecoder, SSEError, encode_event
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Where the text lives in one API's payloads: chat (``delta``/``message``) or completions (``text``)."""
+
+    name: str  # "chat" | "completion"
+    path: str
+    chunk_object: str
+    object: str
+
+
+CHAT = Shape("chat", "/v1/chat/completions", "chat.completion.chunk", "chat.completion")
+COMPLETION = Shape("completion", "/v1/completions", "text_completion", "text_completion")
+
+
+@dataclass
+class GuardServices:
+    engine: GuardEngine
+    template: ChatTemplate
+    upstream: Upstream
+    max_choices: int
+
+
+def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
+    if v is None:
+        return {"risk": "Safe", "category": None, "action": str(action)}
+    return {
+        "risk": v.risk,
+        "category": v.category,
+        "action": str(action),
+        "p_unsafe": round(v.p_unsafe, 6),
+        "p_controversial": round(v.p_controversial, 6),
+    }
+
+
+class _Choice:
+    """One choice: its moderator, its guard stream, and the verdicts it waits for, in order."""
+
+    def __init__(self, index: int, moderator: ChoiceModerator, stream: GuardStream, owned: bool) -> None:
+        self.index = index
+        self.moderator = moderator
+        self.stream = stream
+        self.owned = owned  # closed with the choice (choice 0 shares the prompt's stream)
+        self.pending: deque[asyncio.Future[list[Verdict]]] = deque()
+        self.submit(moderator.start())
+
+    def submit(self, feeds: list[GuardFeed]) -> None:
+        for f in feeds:
+            if f.spans is None:
+                self.stream.feed_context(f.ids)
+            else:
+                self.pending.append(self.stream.feed(f.ids))
+
+    def settle(self) -> None:
+        """Hand the verdicts that are back to the moderator (in feed order; raises a guard failure)."""
+        while self.pending and self.pending[0].done():
+            self.moderator.judged(self.pending.popleft().result())
+
+
+class Exchange:
+    def __init__(
+        self,
+        services: GuardServices,
+        request: web.Request,
+        body: dict[str, Any],
+        policy: Policy,
+        prompt: GuardPrompt,
+        shape: Shape,
+    ) -> None:
+        self.s = services
+        self.request = request
+        self.body = body
+        self.policy = policy
+        self.prompt = prompt
+        self.shape = shape
+        self.streaming = bool(body.get("stream", False))
+        self.choices: dict[int, _Choice] = {}
+        self.prompt_verdict: Verdict | None = None
+        self.prompt_action = Action.ALLOW
+        self._guard: GuardStream | None = None
+        self._upstream: asyncio.Task[aiohttp.ClientResponse] | None = None
+        self._resp: aiohttp.ClientResponse | None = None
+
+    # -- the whole exchange ----------------------------------------------------------------------------
+
+    async def run(self) -> web.StreamResponse:
+        try:
+            self._guard = await self.s.engine.open(
+                self.prompt.ids, self.prompt.verdict_index, self.prompt.anchor_start
+            )
+        except EngineOverloaded as exc:
+            raise ProxyError(
+                429,
+                f"guard is at capacity: {exc}",
+                type="rate_limit_error",
+                code="guard_overloaded",
+                headers={"Retry-After": str(int(exc.retry_after + 0.999))},
+            ) from None
+        except PromptTooLong as exc:
+            raise ProxyError(400, str(exc), param="messages", code="context_length_exceeded") from None
+        try:
+            if self.policy.prompt_check == "parallel":
+                self._start_upstream()
+            self.prompt_verdict = await self._guard_call(self._guard.prompt_verdict())
+            self.prompt_action = self.policy.action(self.prompt_verdict, prompt=True)
+            if self.prompt_action == Action.CUT:
+                await self._cancel_upstream()
+                return await self._blocked()
+            if self._upstream is None:
+                self._start_upstream()
+            assert self._upstream is not None
+            self._resp = await self._upstream
+            if self._resp.status != 200:
+                raise upstream_error(self._resp.status, await self._resp.read())
+            if self.streaming:
+                return await self._stream()
+            return await self._whole()
+        finally:
+            await self._cancel_upstream()
+            for choice in self.choices.values():
+                if choice.owned:
+                    choice.stream.close()
+            self._guard.close()
+
+    def _start_upstream(self) -> None:
+        data = json.dumps(self.body, ensure_ascii=False).encode()
+        headers = {k: v for k, v in self.request.headers.items()}
+        headers["Content-Type"] = "application/json"
+        self._upstream = asyncio.create_task(
+            self.s.upstream.request("POST", self.shape.path, headers, data), name="guardproxy-upstream"
+        )
+
+    async def _cancel_upstream(self) -> None:
+        task, self._upstream = self._upstream, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        elif task is not None and not task.cancelled() and task.exception() is None and self._resp is None:
+            task.result().close()
+        if self._resp is not None:
+            self._resp.close()  # closes the connection: the upstream stops generating at once
+
+    async def _guard_call(self, awaitable: Awaitable[Any]) -> Any:
+        try:
+            return await awaitable
+        except EngineError as exc:
+            raise ProxyError(
+                503, f"the guard could not judge this request: {exc}", type="server_error", code="guard_error"
+            ) from None
+
+    # -- choices ---------------------------------------------------------------------------------------
+
+    async def _choice(self, index: int) -> _Choice:
+        c = self.choices.get(index)
+        if c is not None:
+            return c
+        if index < 0 or index >= self.s.max_choices:
+            raise ProxyError(502, f"upstream sent choice index {index}", type="upstream_error")
+        assert self._guard is not None
+        if index == 0:
+            stream, owned = self._guard, False
+        else:
+            # Each further choice continues the same prompt in a stream of its own.
+            stream, owned = await self.s.engine.open(self.prompt.ids, None, self.prompt.anchor_start), True
+        c = _Choice(index, ChoiceModerator(self.s.template, self.policy), stream, owned)
+        self.choices[index] = c
+        return c
+
+    def _details(self) -> dict[str, Any]:
+        flagged = [c.moderator.flagged for c in self.choices.values() if c.moderator.flagged is not None]
+        worst = max(flagged, key=lambda d: d.action, default=None)
+        response: dict[str, Any] = {"risk": "Safe", "category": None, "action": "allow"}
+        if worst is not None:
+            response = {
+                "risk": worst.tier,
+                "category": worst.category,
+                "action": str(worst.action),
+                "first_flagged_token": worst.index,
+                "p_unsafe": round(worst.p_unsafe, 6),
+                "p_controversial": round(worst.p_controversial, 6),
+            }
+        return {"prompt": verdict_details(self.prompt_verdict, self.prompt_action), "response": response}
+
+    def _headers(self) -> dict[str, str]:
+        if not self.policy.details:
+            return {}
+        d = self._details()
+        h = {"x-guardproxy-prompt-risk": d["prompt"]["risk"], "x-guardproxy-policy": self.policy.name}
+        if not self.streaming:
+            h["x-guardproxy-response-risk"] = d["response"]["risk"]
+            h["x-guardproxy-action"] = d["response"]["action"]
+        return h
+
+    # -- a blocked prompt ------------------------------------------------------------------------------
+
+    async def _blocked(self) -> web.StreamResponse:
+        v = self.prompt_verdict
+        assert v is not None
+        reason = v.risk + (f": {v.top_category}" if v.risk != "Safe" else "")
+        if self.policy.blocked_prompt == "error":
+            raise ProxyError(
+                400,
+                f"The prompt was blocked by the content policy ({reason}).",
+                param="messages",
+                code="content_filter",
+                headers=self._headers(),
+            )
+        text = self.policy.refusal
+        envelope = self._envelope({})
+        if self.streaming:
+            out = await self._prepare_sse()
+            first = {"role": "assistant", "content": ""} if self.shape is CHAT else {}
+            for delta, fr in ((first, None), (self._text_delta(text), None), ({}, CONTENT_FILTER)):
+                if delta or fr:
+                    await out.write(self._chunk(envelope, 0, delta, fr, final=fr is not None))
+            await out.write(DONE)
+            return out
+        body = {
+            **envelope,
+            "object": self.shape.object,
+            "choices": [self._whole_choice(0, text, None, None, CONTENT_FILTER)],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
+        if self.policy.details:
+            body["guardproxy"] = self._details()
+        return web.json_response(body, headers=self._headers())
+
+    # -- streaming -------------------------------------------------------------------------------------
+
+    async def _prepare_sse(self) -> web.StreamResponse:
+        out = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **self._headers(),
+            },
+        )
+        await out.prepare(self.request)
+        return out
+
+    async def _stream(self) -> web.StreamResponse:
+        assert self._resp is not None
+        out = await self._prepare_sse()
+        decoder = SSEDecoder()
+        envelope: dict[str, Any] = {}
+        held_tail: list[dict[str, Any]] = []  # usage chunks (choices: []) go out last
+        reader: AsyncIterator[bytes] = self._resp.content.iter_any().__aiter__()
+        next_read: asyncio.Task[bytes] | None = asyncio.create_task(_read(reader), name="guardproxy-read")
+        upstream_done = False
+        try:
+            while True:
+                waits: set[asyncio.Future[Any]] = {next_read} if next_read is not None else set()
+                waits |= {c.pending[0] for c in self.choices.values() if c.pending}
+                if not waits:
+                    break
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if next_read is not None and next_read.done():
+                    task, next_read = next_read, None
+                    try:
+                        data = task.result()
+                    except StopAsyncIteration:
+                        upstream_done = True
+                        events = decoder.flush()
+                    else:
+                        events = decoder.feed(data)
+                        next_read = asyncio.create_task(_read(reader), name="guardproxy-read")
+                    for event in events:
+                        if event.data.strip() == "[DONE]":
+                            upstream_done = True
+                            continue
+                        chunk = self._parse_chunk(event.data)
+                        if not chunk.get("choices") and chunk.get("usage") is not None:
+                            held_tail.append(chunk)
+                            continue
+                        envelope = self._envelope(chunk)
+                        for c in chunk.get("choices") or []:
+                            await self._upstream_choice(c)
+                    if upstream_done:
+                        if next_read is not None:
+                            next_read.cancel()
+                            next_read = None
+                        for choice in self.choices.values():
+                            choice.submit(choice.moderator.finish(None))
+                for choice in self.choices.values():
+                    await self._guard_call(_settle(choice))
+                cut = await self._emit(out, envelope)
+                if cut:
+                    break
+                if upstream_done and all(c.moderator.closed for c in self.choices.values()):
+                    break
+            for chunk in held_tail:
+                await out.write(encode_event(json.dumps(chunk, ensure_ascii=False)))
+            await out.write(DONE)
+        except ProxyError as exc:
+            await out.write(exc.sse())  # the stream has started: the error goes in-band, then [DONE]
+        except SSEError as exc:
+            await out.write(ProxyError(502, str(exc), type="upstream_error").sse())
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            msg = f"upstream stream failed: {type(exc).__name__}: {exc}"
+            await out.write(ProxyError(502, msg, type="upstream_error").sse())
+        finally:
+            if next_read is not None:
+                next_read.cancel()
+                with contextlib.suppress(BaseException):
+                    await next_read
+        return out
+
+    async def _upstream_choice(self, c: Any) -> None:
+        if not isinstance(c, Mapping):
+            raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
+        choice = await self._choice(int(c.get("index", 0)))
+        delta = c.get("delta") or {} if self.shape is CHAT else {"content": c.get("text") or ""}
+        if not isinstance(delta, Mapping):
+            raise ProxyError(502, "upstream sent a malformed delta", type="upstream_error")
+        choice.submit(choice.moderator.delta(delta))
+        if c.get("finish_reason"):
+            choice.submit(choice.moderator.finish(str(c["finish_reason"])))
+
+    async def _emit(self, out: web.StreamResponse, envelope: dict[str, Any]) -> bool:
+        """Write what every choice may release; on a cut, end every choice and stop reading."""
+        cut = False
+        for choice in sorted(self.choices.values(), key=lambda c: c.index):
+            for piece in choice.moderator.drain():
+                final = piece.finish_reason is not None
+                await out.write(
+                    self._chunk(envelope, choice.index, piece.delta, piece.finish_reason, final=final)
+                )
+            cut = cut or choice.moderator.cut_at is not None
+        if cut:
+            # One connection carries every choice: closing it ends them all. The others stop where
+            # their released text stops, marked content_filter too.
+            if self._resp is not None:
+                self._resp.close()
+            for choice in self.choices.values():
+                if not choice.moderator.closed:
+                    choice.moderator.closed = True
+                    await out.write(self._chunk(envelope, choice.index, {}, CONTENT_FILTER, final=True))
+        return cut
+
+    def _parse_chunk(self, data: str) -> dict[str, Any]:
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise ProxyError(502, "upstream sent an event that is not JSON", type="upstream_error") from None
+        if not isinstance(chunk, dict):
+            raise ProxyError(502, "upstream sent an event that is not a JSON object", type="upstream_error")
+        if isinstance(chunk.get("error"), dict):
+            err = chunk["error"]
+            raise ProxyError(
+                502,
+                str(err.get("message", "upstream error")),
+                type=str(err.get("type") or "upstream_error"),
+                code=err.get("code"),
+            )
+        return chunk
+
+    def _envelope(self, chunk: Mapping[str, Any]) -> dict[str, Any]:
+        env = {
+            k: chunk[k] for k in ("id", "created", "model", "system_fingerprint") if chunk.get(k) is not None
+        }
+        env.setdefault(
+            "id", f"chatcmpl-{uuid.uuid4().hex}" if self.shape is CHAT else f"cmpl-{uuid.uuid4().hex}"
+        )
+        env.setdefault("created", int(time.time()))
+        env.setdefault("model", self.body.get("model") or "")
+        return env
+
+    def _text_delta(self, text: str) -> dict[str, Any]:
+        return {"content": text} if self.shape is CHAT else {"text": text}
+
+    def _chunk(
+        self, env: dict[str, Any], index: int, delta: dict[str, Any], finish: str | None, *, final: bool
+    ) -> bytes:
+        if self.shape is CHAT:
+            choice: dict[str, Any] = {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        else:
+            choice = {
+                "index": index,
+                "text": delta.get("content", delta.get("text", "")),
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        chunk: dict[str, Any] = {**env, "object": self.shape.chunk_object, "choices": [choice]}
+        if final and self.policy.details:
+            chunk["guardproxy"] = self._details()
+        return encode_event(json.dumps(chunk, ensure_ascii=False))
+
+    # -- non-streaming ---------------------------------------------------------------------------------
+
+    async def _whole(self) -> web.StreamResponse:
+        assert self._resp is not None
+        raw = await self._resp.read()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            raise ProxyError(502, "upstream response is not JSON", type="upstream_error") from None
+        if not isinstance(body, dict) or not isinstance(body.get("choices"), list):
+            raise ProxyError(502, "upstream response has no choices", type="upstream_error")
+        for c in body["choices"]:
+            if not isinstance(c, Mapping):
+                raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
+            choice = await self._choice(int(c.get("index", 0)))
+            if self.shape is CHAT:
+                msg = c.get("message") or {}
+                delta = {
+                    k: msg.get(k) for k in ("role", "content", "reasoning_content", "reasoning", "refusal")
+                }
+                delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(msg.get("tool_calls") or [])]
+            else:
+                delta = {"content": c.get("text") or ""}
+            choice.submit(choice.moderator.delta(delta))
+            choice.submit(choice.moderator.finish(c.get("finish_reason")))
+        rebuilt = []
+        for c in body["choices"]:
+            choice = self.choices[int(c.get("index", 0))]
+            while choice.pending:
+                await self._guard_call(asyncio.shield(choice.pending[0]))
+                choice.settle()
+            rebuilt.append(self._merge(c, choice.moderator.drain()))
+        body["choices"] = rebuilt
+        if self.policy.details:
+            body["guardproxy"] = self._details()
+        return web.json_response(body, headers=self._headers())
+
+    def _merge(self, original: Mapping[str, Any], pieces: list[OutDelta]) -> dict[str, Any]:
+        """A whole choice from the released deltas (the original's other fields kept)."""
+        text: dict[str, str] = {}
+        calls: dict[int, dict[str, Any]] = {}
+        finish = original.get("finish_reason")
+        for p in pieces:
+            for key in ("content", "reasoning_content", "reasoning", "refusal"):
+                if key in p.delta and isinstance(p.delta[key], str):
+                    text[key] = text.get(key, "") + p.delta[key]
+            for tc in p.delta.get("tool_calls") or []:
+                call = calls.setdefault(tc["index"], {"function": {"arguments": ""}})
+                call.update({k: v for k, v in tc.items() if k not in ("index", "function")})
+                fn = tc.get("function") or {}
+                if "name" in fn:
+                    call["function"]["name"] = fn["name"]
+                call["function"]["arguments"] += fn.get("arguments", "")
+            if p.finish_reason is not None:
+                finish = p.finish_reason
+        if self.shape is not CHAT:
+            return {**original, "text": text.get("content", ""), "finish_reason": finish}
+        msg = dict(original.get("message") or {})
+        for key in ("content", "reasoning_content", "reasoning"):
+            if key in text or msg.get(key) is not None:
+                msg[key] = text.get(key, "")
+        if msg.get("tool_calls"):
+            released = [calls[k] for k in sorted(calls)]
+            msg["tool_calls"] = released or None
+        return {**original, "message": msg, "finish_reason": finish}
+
+    def _whole_choice(
+        self, index: int, text: str, reasoning: str | None, calls: Any, finish: str
+    ) -> dict[str, Any]:
+        if self.shape is CHAT:
+            return {
+                "index": index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+async def _settle(choice: _Choice) -> None:
+    choice.settle()
+
+
+async def _read(reader: AsyncIterator[bytes]) -> bytes:
+    return await anext(reader)

@@ -1,0 +1,108 @@
+"""The client to the upstream LLM server: a pooled aiohttp session, fixed base URL, header hygiene,
+and retries (tenacity) for connection errors and 429/502/503/504 - only before anything has reached
+the client, since a retried stream would repeat text the client already has."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+import aiohttp
+from multidict import CIMultiDict
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from guardproxy.config import UpstreamSettings
+from guardproxy.server.errors import ProxyError
+
+# Never forwarded: hop-by-hop headers (RFC 9110 7.6.1), and what the proxy sets itself.
+_DROP = frozenset(
+    h.lower()
+    for h in (
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
+        "Accept-Encoding",
+        "Content-Encoding",
+        "Cookie",
+        "X-Forwarded-For",
+        "Forwarded",
+    )
+)
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+class _RetryStatus(Exception):
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+def session(settings: UpstreamSettings) -> aiohttp.ClientSession:
+    # No total timeout: a stream may rightly last long. A read that stalls past read_timeout_s fails.
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=settings.connect_timeout_s, sock_read=settings.read_timeout_s
+    )
+    connector = aiohttp.TCPConnector(limit=settings.max_connections)
+    return aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=True)
+
+
+class Upstream:
+    def __init__(self, settings: UpstreamSettings, client: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.client = client
+        self.base = settings.base_url.rstrip("/")
+
+    def url(self, path: str) -> str:
+        """``/v1/chat/completions`` -> ``{base_url}/chat/completions``: the base URL already ends in
+        the API version, as an openai client's does. The request never chooses the host."""
+        rest = path[3:] if path.startswith("/v1/") else path
+        return self.base + rest
+
+    def headers(self, incoming: Mapping[str, str]) -> CIMultiDict[str]:
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in incoming.items():
+            if name.lower() not in _DROP:
+                out.add(name, value)
+        if self.settings.api_key is not None:
+            out["Authorization"] = f"Bearer {self.settings.api_key}"
+        out["Accept-Encoding"] = "identity"
+        return out
+
+    async def request(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None = None
+    ) -> aiohttp.ClientResponse:
+        """The upstream's response with its headers read (the body not yet). Retried while nothing
+        has been sent to the client; the last retryable status is returned as it is."""
+        attempts = self.settings.retries + 1
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_exponential(multiplier=0.2, max=2.0),
+            retry=retry_if_exception_type(
+                (aiohttp.ClientConnectionError, asyncio.TimeoutError, _RetryStatus)
+            ),
+            reraise=True,
+        )
+        fwd = self.headers(headers)
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    resp = await self.client.request(method, self.url(path), headers=fwd, data=body)
+                    last = attempt.retry_state.attempt_number >= attempts
+                    if resp.status in RETRY_STATUSES and not last:
+                        resp.release()
+                        raise _RetryStatus(resp.status)
+                    return resp
+        except (TimeoutError, aiohttp.ClientConnectionError) as exc:
+            raise ProxyError(
+                502,
+                f"upstream unreachable: {type(exc).__name__}: {exc}",
+                type="upstream_error",
+                code="upstream_unreachable",
+            ) from None
+        raise AssertionError("unreachable")  # tenacity either returned or raised

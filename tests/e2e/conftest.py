@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from guardproxy.config import GuardSettings, Settings, UpstreamSettings
+from guardproxy.guard.scheduler import EngineLimits
+
+from .harness import FakeUpstream, Loopback, Script, start_proxy
+
+
+@pytest.fixture(scope="session")
+def loopback() -> Iterator[Loopback]:
+    lb = Loopback()
+    yield lb
+    lb.close()
+
+
+@pytest.fixture(scope="session")
+def upstream(loopback: Loopback) -> tuple[FakeUpstream, str]:
+    fake = FakeUpstream()
+    port = loopback.serve(fake.app())
+    return fake, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture
+def fake(upstream: tuple[FakeUpstream, str]) -> Iterator[FakeUpstream]:
+    upstream[0].script = Script()
+    upstream[0].requests.clear()
+    upstream[0].headers.clear()
+    yield upstream[0]
+
+
+def proxy_settings(upstream_url: str, guard: Path, **policy: object) -> Settings:
+    base = Settings(
+        upstream=UpstreamSettings(base_url=upstream_url, retries=1),
+        guard=GuardSettings(
+            model=str(guard),
+            device="cpu",
+            engine=EngineLimits(max_batch_tokens=512, response_reserve=256, anchor_tokens=512),
+        ),
+    )
+    return replace(base, policy=replace(base.policy, **policy)) if policy else base
+
+
+@pytest.fixture(scope="session")
+def proxy(loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path) -> str:
+    """guardproxy with the trigger checkpoint as its guard, in front of the fake upstream."""
+    return start_proxy(loopback, proxy_settings(upstream[1], trigger_checkpoint, notice=" [cut]"))

@@ -1,0 +1,200 @@
+"""Loopback servers for end-to-end tests: a fake OpenAI-compatible upstream that replays the SSE
+shapes of real servers, and guardproxy itself, both on 127.0.0.1 in one background event loop (so
+that the synchronous openai client can call them too). Every run is bounded by the test's requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import threading
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from guardproxy.config import Settings
+from guardproxy.server.app import create_app
+
+T = TypeVar("T")
+
+
+@dataclass
+class Script:
+    """What the fake upstream answers next: text pieces per choice, in the shape of a server."""
+
+    pieces: list[list[str]] = field(default_factory=lambda: [["Hello", " there", "!"]])
+    style: str = "openai"  # openai | llamacpp | vllm (reasoning first) | ollama
+    reasoning: list[str] = field(default_factory=list)
+    crlf: bool = False
+    keepalive: bool = False
+    split_seed: int | None = None  # write the body in random network chunks
+    usage: bool = True
+    status: int = 200
+    error_body: bytes = b""
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.script = Script()
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self.closed_early = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.models)
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    def _chunks(self, body: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+        s = self.script
+        base = {"id": "chatcmpl-fake", "created": 1763800000, "model": body.get("model", "fake-model")}
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        if s.style == "ollama":
+            base["system_fingerprint"] = "fp_ollama"
+        out: list[dict[str, Any]] = []
+
+        def choice(i: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            if kind == "chat":
+                return {
+                    **base,
+                    "object": obj,
+                    "choices": [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}],
+                }
+            return {
+                **base,
+                "object": obj,
+                "choices": [
+                    {
+                        "index": i,
+                        "text": delta.get("content") or "",
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+            }
+
+        for i, pieces in enumerate(s.pieces):
+            first = {"role": "assistant", "content": None if s.style == "llamacpp" else ""}
+            out.append(choice(i, first))
+            out += [choice(i, {"reasoning_content": r}) for r in s.reasoning]
+            out += [choice(i, {"content": p}) for p in pieces]
+            out.append(choice(i, {}, "stop"))
+        if s.usage and (body.get("stream_options") or {}).get("include_usage"):
+            n = sum(len(p) for p in s.pieces)
+            out.append(
+                {
+                    **base,
+                    "object": obj,
+                    "choices": [],
+                    "usage": {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n},
+                }
+            )
+        return out
+
+    async def _answer(self, request: web.Request, kind: str) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        s = self.script
+        if s.status != 200:
+            return web.Response(status=s.status, body=s.error_body, content_type="application/json")
+        if not body.get("stream"):
+            texts = ["".join(p) for p in s.pieces]
+            if kind == "chat":
+                choices = [
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": t},
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                    for i, t in enumerate(texts)
+                ]
+            else:
+                choices = [
+                    {"index": i, "text": t, "logprobs": None, "finish_reason": "stop"}
+                    for i, t in enumerate(texts)
+                ]
+            return web.json_response(
+                {
+                    "id": "chatcmpl-fake",
+                    "object": "chat.completion" if kind == "chat" else "text_completion",
+                    "created": 1763800000,
+                    "model": body.get("model", "fake-model"),
+                    "choices": choices,
+                    "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
+                }
+            )
+        eol = "\r\n" if s.crlf else "\n"
+        raw = ""
+        for c in self._chunks(body, kind):
+            if s.keepalive:
+                raw += ": keep-alive" + eol + eol
+            raw += "data: " + json.dumps(c, ensure_ascii=False) + eol + eol
+        raw += "data: [DONE]" + eol + eol
+        data = raw.encode()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        rng = random.Random(s.split_seed)
+        pos = 0
+        try:
+            while pos < len(data):
+                step = rng.randint(1, 40) if s.split_seed is not None else len(data)
+                await resp.write(data[pos : pos + step])
+                pos += step
+                await asyncio.sleep(0)
+        except (ConnectionResetError, RuntimeError):
+            self.closed_early += 1
+        return resp
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "chat")
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "completion")
+
+
+class Loopback:
+    """A background loop that runs the fake upstream and the proxy until closed."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="e2e-loop", daemon=True)
+        self.thread.start()
+        self.runners: list[web.AppRunner] = []
+
+    def call(self, fn: Callable[[], Coroutine[Any, Any, T]], timeout: float = 120) -> T:
+        return asyncio.run_coroutine_threadsafe(fn(), self.loop).result(timeout)
+
+    def serve(self, app: web.Application) -> int:
+        async def start() -> int:
+            runner = web.AppRunner(app, handler_cancellation=True)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.runners.append(runner)
+            return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+
+        return self.call(start)
+
+    def close(self) -> None:
+        async def stop() -> None:
+            for r in reversed(self.runners):
+                await r.cleanup()
+
+        self.call(stop)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def start_proxy(loop: Loopback, settings: Settings) -> str:
+    port = loop.serve(create_app(settings))
+    return f"http://127.0.0.1:{port}/v1"
