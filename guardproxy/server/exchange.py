@@ -71,6 +71,12 @@ def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
     }
 
 
+def guard_failed(exc: Exception) -> ProxyError:
+    return ProxyError(
+        503, f"the guard could not judge this request: {exc}", type="server_error", code="guard_error"
+    )
+
+
 class _Choice:
     """One choice: its moderator, its guard stream, and the verdicts it waits for, in order."""
 
@@ -90,9 +96,13 @@ class _Choice:
                 self.pending.append(self.stream.feed(f.ids))
 
     def settle(self) -> None:
-        """Hand the verdicts that are back to the moderator (in feed order; raises a guard failure)."""
+        """Hand the verdicts that are back to the moderator, in feed order."""
         while self.pending and self.pending[0].done():
-            self.moderator.judged(self.pending.popleft().result())
+            try:
+                verdicts = self.pending.popleft().result()
+            except EngineError as exc:
+                raise guard_failed(exc) from None
+            self.moderator.judged(verdicts)
 
 
 class Exchange:
@@ -183,9 +193,7 @@ class Exchange:
         try:
             return await awaitable
         except EngineError as exc:
-            raise ProxyError(
-                503, f"the guard could not judge this request: {exc}", type="server_error", code="guard_error"
-            ) from None
+            raise guard_failed(exc) from None
 
     # -- choices ---------------------------------------------------------------------------------------
 
@@ -257,7 +265,7 @@ class Exchange:
         body = {
             **envelope,
             "object": self.shape.object,
-            "choices": [self._whole_choice(0, text, None, None, CONTENT_FILTER)],
+            "choices": [self._whole_choice(0, text, CONTENT_FILTER)],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
         if self.policy.details:
@@ -323,7 +331,7 @@ class Exchange:
                         for choice in self.choices.values():
                             choice.submit(choice.moderator.finish(None))
                 for choice in self.choices.values():
-                    await self._guard_call(_settle(choice))
+                    choice.settle()
                 cut = await self._emit(out, envelope)
                 if cut:
                     break
@@ -460,7 +468,7 @@ class Exchange:
         for c in body["choices"]:
             choice = self.choices[int(c.get("index", 0))]
             while choice.pending:
-                await self._guard_call(asyncio.shield(choice.pending[0]))
+                await asyncio.wait([choice.pending[0]])
                 choice.settle()
             rebuilt.append(self._merge(c, choice.moderator.drain()))
         body["choices"] = rebuilt
@@ -497,9 +505,7 @@ class Exchange:
             msg["tool_calls"] = released or None
         return {**original, "message": msg, "finish_reason": finish}
 
-    def _whole_choice(
-        self, index: int, text: str, reasoning: str | None, calls: Any, finish: str
-    ) -> dict[str, Any]:
+    def _whole_choice(self, index: int, text: str, finish: str) -> dict[str, Any]:
         if self.shape is CHAT:
             return {
                 "index": index,
@@ -508,10 +514,6 @@ class Exchange:
                 "finish_reason": finish,
             }
         return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-
-
-async def _settle(choice: _Choice) -> None:
-    choice.settle()
 
 
 async def _read(reader: AsyncIterator[bytes]) -> bytes:

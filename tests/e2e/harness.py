@@ -33,6 +33,8 @@ class Script:
     usage: bool = True
     status: int = 200
     error_body: bytes = b""
+    tool_args: list[str] = field(default_factory=list)  # one tool call whose arguments stream in pieces
+    multiline: bool = False  # JSON spread over several data: lines
 
 
 class FakeUpstream:
@@ -85,7 +87,19 @@ class FakeUpstream:
             out.append(choice(i, first))
             out += [choice(i, {"reasoning_content": r}) for r in s.reasoning]
             out += [choice(i, {"content": p}) for p in pieces]
-            out.append(choice(i, {}, "stop"))
+            if s.tool_args:
+                head = {
+                    "index": 0,
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "weather", "arguments": ""},
+                }
+                out.append(choice(i, {"tool_calls": [head]}))
+                out += [
+                    choice(i, {"tool_calls": [{"index": 0, "function": {"arguments": a}}]})
+                    for a in s.tool_args
+                ]
+            out.append(choice(i, {}, "tool_calls" if s.tool_args else "stop"))
         if s.usage and (body.get("stream_options") or {}).get("include_usage"):
             n = sum(len(p) for p in s.pieces)
             out.append(
@@ -108,12 +122,16 @@ class FakeUpstream:
         if not body.get("stream"):
             texts = ["".join(p) for p in s.pieces]
             if kind == "chat":
+                calls = None
+                if s.tool_args:
+                    fn = {"name": "weather", "arguments": "".join(s.tool_args)}
+                    calls = [{"id": "call_1", "type": "function", "function": fn}]
                 choices = [
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": t},
+                        "message": {"role": "assistant", "content": t, "tool_calls": calls},
                         "logprobs": None,
-                        "finish_reason": "stop",
+                        "finish_reason": "tool_calls" if calls else "stop",
                     }
                     for i, t in enumerate(texts)
                 ]

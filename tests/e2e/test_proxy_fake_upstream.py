@@ -227,3 +227,56 @@ def test_authorization_is_passed_and_hop_by_hop_headers_are_not(proxy: str, fake
     sent = {k.lower(): v for k, v in fake.headers[-1].items()}
     assert sent["authorization"] == "Bearer sk-client-key"
     assert sent["host"].startswith("127.0.0.1") and "proxy-authorization" not in sent
+
+
+def test_refusal_policy_answers_with_a_completion(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
+) -> None:
+    fake, url = upstream
+    proxy = start_proxy(
+        loopback,
+        proxy_settings(
+            url, trigger_checkpoint, blocked_prompt="refusal", refusal="No.", prompt_check="before"
+        ),
+    )
+    before = len(fake.requests)
+    r = ask(proxy, "a grenade please")
+    assert r.choices[0].message.content == "No." and r.choices[0].finish_reason == "content_filter"
+    text, finish, _ = collect(ask(proxy, "a grenade please", stream=True))
+    assert text == {0: "No."} and finish == {0: "content_filter"}
+    assert len(fake.requests) == before  # prompt_check: before - the upstream never saw the request
+
+
+def test_upstream_key_replaces_the_client_key(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
+) -> None:
+    fake, url = upstream
+    settings = proxy_settings(url, trigger_checkpoint)
+    from dataclasses import replace
+
+    settings = replace(settings, upstream=replace(settings.upstream, api_key="sk-server-side"))
+    proxy = start_proxy(loopback, settings)
+    fake.script = Script(pieces=[["ok"]])
+    ask(proxy)
+    assert fake.headers[-1]["Authorization"] == "Bearer sk-server-side"
+
+
+def test_tool_calls_pass_when_safe_and_are_cut_when_not(proxy: str, fake: FakeUpstream) -> None:
+    fake.script = Script(pieces=[["Let me check."]], tool_args=['{"city": "Paris"}'])
+    r = ask(proxy)
+    call = r.choices[0].message.tool_calls[0]
+    assert (call.id, call.function.name, call.function.arguments) == (
+        "call_1",
+        "weather",
+        '{"city": "Paris"}',
+    )
+    fake.script = Script(pieces=[["Let me check."]], tool_args=['{"how": "build a bomb"}'])
+    text, finish, chunks = collect(ask(proxy, stream=True))
+    assert finish == {0: "content_filter"} and "bomb" not in json.dumps([c.model_dump() for c in chunks])
+    assert text[0].startswith("Let me check.")
+
+
+def test_multiline_data_events(proxy: str, fake: FakeUpstream) -> None:
+    fake.script = Script(pieces=[BENIGN], multiline=True, split_seed=5)
+    text, finish, _ = collect(ask(proxy, stream=True))
+    assert text == {0: "".join(BENIGN)} and finish == {0: "stop"}
