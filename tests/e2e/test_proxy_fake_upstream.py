@@ -280,3 +280,15 @@ def test_multiline_data_events(proxy: str, fake: FakeUpstream) -> None:
     fake.script = Script(pieces=[BENIGN], multiline=True, split_seed=5)
     text, finish, _ = collect(ask(proxy, stream=True))
     assert text == {0: "".join(BENIGN)} and finish == {0: "stop"}
+
+
+def test_unreachable_upstream_is_a_502_after_retries(loopback: Loopback, trigger_checkpoint: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port with nobody listening
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    proxy = start_proxy(loopback, proxy_settings(dead, trigger_checkpoint))
+    with pytest.raises(openai.APIStatusError) as err:
+        ask(proxy, stream=True)
+    assert err.value.status_code == 502 and err.value.code == "upstream_unreachable"

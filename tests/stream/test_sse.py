@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -36,6 +37,21 @@ def decode_in(chunks: list[bytes]) -> list[SSEEvent]:
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
     bounds = [0, *sorted(set(cuts)), len(data)]
     return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+# Bytes captured from a real llama.cpp server (xllamacpp, SmolLM2-135M), only its local model path
+# shortened: Cyrillic and emoji in the text, a usage chunk, [DONE].
+CAPTURED = (Path(__file__).parent / "captures" / "llamacpp-chat-stream.sse").read_bytes()
+
+
+@given(st.lists(st.integers(0, len(CAPTURED)), max_size=60))
+def test_any_split_of_a_real_capture(cuts: list[int]) -> None:
+    events = decode_in(split(CAPTURED, cuts))
+    assert events == decode_in([CAPTURED])
+    payloads = [json.loads(e.data) for e in events[:-1]]
+    text = "".join((c["delta"].get("content") or "") for p in payloads for c in p["choices"])
+    assert "Привет👋" in text and events[-1].data == "[DONE]"
+    assert payloads[-1]["choices"] == [] and payloads[-1]["usage"]["completion_tokens"] > 0
 
 
 @pytest.mark.parametrize("name", sorted(STREAMS))
