@@ -152,7 +152,7 @@ class Exchange:
             self.prompt_verdict = await self._guard_call(self._guard.prompt_verdict())
             self.prompt_action = self.policy.action(self.prompt_verdict, prompt=True)
             if self.prompt_action == Action.CUT:
-                await self._cancel_upstream()
+                await self._cancel_upstream(abort=True)
                 return await self._blocked()
             if self._upstream is None:
                 self._start_upstream()
@@ -178,7 +178,10 @@ class Exchange:
             self.s.upstream.request("POST", self.shape.path, headers, data), name="guardproxy-upstream"
         )
 
-    async def _cancel_upstream(self) -> None:
+    async def _cancel_upstream(self, *, abort: bool = False) -> None:
+        """Stop waiting on the upstream. ``abort`` (a blocked prompt, a cut) closes the connection so
+        the upstream stops generating at once; otherwise a fully read response goes back to the pool
+        (and one not fully read, as when the client left, is closed by ``release``)."""
         task, self._upstream = self._upstream, None
         if task is not None and not task.done():
             task.cancel()
@@ -187,7 +190,10 @@ class Exchange:
         elif task is not None and not task.cancelled() and task.exception() is None and self._resp is None:
             task.result().close()
         if self._resp is not None:
-            self._resp.close()  # closes the connection: the upstream stops generating at once
+            if abort:
+                self._resp.close()
+            else:
+                self._resp.release()
 
     async def _guard_call(self, awaitable: Awaitable[Any]) -> Any:
         try:

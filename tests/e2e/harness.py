@@ -35,6 +35,7 @@ class Script:
     error_body: bytes = b""
     tool_args: list[str] = field(default_factory=list)  # one tool call whose arguments stream in pieces
     multiline: bool = False  # JSON spread over several data: lines
+    delay: float = 0.0  # seconds between events (a slow upstream)
 
 
 class FakeUpstream:
@@ -163,13 +164,20 @@ class FakeUpstream:
         rng = random.Random(s.split_seed)
         pos = 0
         try:
-            while pos < len(data):
+            if s.delay:  # event by event, slowly, as a real model generates
+                for event in data.split(b"\n\n"):
+                    await resp.write(event + b"\n\n")
+                    await asyncio.sleep(s.delay)
+            while pos < len(data) and not s.delay:
                 step = rng.randint(1, 40) if s.split_seed is not None else len(data)
                 await resp.write(data[pos : pos + step])
                 pos += step
                 await asyncio.sleep(0)
         except (ConnectionResetError, RuntimeError):
             self.closed_early += 1
+        except asyncio.CancelledError:  # the runner cancels a handler whose client went away
+            self.closed_early += 1
+            raise
         return resp
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

@@ -292,3 +292,18 @@ def test_unreachable_upstream_is_a_502_after_retries(loopback: Loopback, trigger
     with pytest.raises(openai.APIStatusError) as err:
         ask(proxy, stream=True)
     assert err.value.status_code == 502 and err.value.code == "upstream_unreachable"
+
+
+def test_a_cut_closes_the_upstream_connection_at_once(proxy: str, fake: FakeUpstream) -> None:
+    # 300 more events after the trigger, 10 ms apart: the upstream would stream for 3 s more.
+    fake.script = Script(pieces=[["Here", " is", " a", " bomb", *[" word"] * 300]], delay=0.01)
+    closed = fake.closed_early
+    text, finish, _ = collect(ask(proxy, stream=True))
+    assert text == {0: "Here is a [cut]"} and finish == {0: "content_filter"}
+    for _ in range(100):  # the fake notices the closed connection on its next write
+        if fake.closed_early > closed:
+            break
+        import time
+
+        time.sleep(0.05)
+    assert fake.closed_early == closed + 1
