@@ -89,17 +89,22 @@ def _rewrite_weights(ckpt: Path, edit: object) -> None:
     save_file(state, str(file))
 
 
-def test_missing_weight_fails_loudly(random_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.pop("query_category_head.weight"), r"missing 1 weights.*query_category_head"),
+        (lambda s: s.update({"score.weight": torch.zeros(3, 64)}), r"unexpected 1 weights.*score\.weight"),
+        (
+            lambda s: s.update({"risk_level_head.weight": torch.zeros(4, 32)}),
+            r"risk_level_head.weight has shape \(4, 32\)",
+        ),
+    ],
+    ids=["missing", "unexpected", "wrong-shape"],
+)
+def test_bad_weights_fail_loudly(random_checkpoint: Path, tmp_path: Path, edit: object, message: str) -> None:
     ckpt = _copy(random_checkpoint, tmp_path / "ckpt")
-    _rewrite_weights(ckpt, lambda s: s.pop("query_category_head.weight"))
-    with pytest.raises(GuardModelError, match=r"missing 1 weights.*query_category_head"):
-        load_guard_model(ckpt, device="cpu")
-
-
-def test_unexpected_weight_fails_loudly(random_checkpoint: Path, tmp_path: Path) -> None:
-    ckpt = _copy(random_checkpoint, tmp_path / "ckpt")
-    _rewrite_weights(ckpt, lambda s: s.update({"score.weight": torch.zeros(3, 64)}))
-    with pytest.raises(GuardModelError, match=r"unexpected 1 weights.*score\.weight"):
+    _rewrite_weights(ckpt, edit)
+    with pytest.raises(GuardModelError, match=message):
         load_guard_model(ckpt, device="cpu")
 
 
@@ -107,13 +112,6 @@ def test_tied_lm_head_is_the_one_ignored_key(random_checkpoint: Path, tmp_path: 
     ckpt = _copy(random_checkpoint, tmp_path / "ckpt")
     _rewrite_weights(ckpt, lambda s: s.update({"lm_head.weight": s["model.embed_tokens.weight"].clone()}))
     load_guard_model(ckpt, device="cpu")
-
-
-def test_wrong_shape_fails_loudly(random_checkpoint: Path, tmp_path: Path) -> None:
-    ckpt = _copy(random_checkpoint, tmp_path / "ckpt")
-    _rewrite_weights(ckpt, lambda s: s.update({"risk_level_head.weight": torch.zeros(4, 32)}))
-    with pytest.raises(GuardModelError, match=r"risk_level_head.weight has shape \(4, 32\)"):
-        load_guard_model(ckpt, device="cpu")
 
 
 def test_sharded_checkpoint_loads(random_checkpoint: Path, tmp_path: Path) -> None:
