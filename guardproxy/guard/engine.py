@@ -19,7 +19,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
@@ -104,7 +104,12 @@ class GuardStream:
 
 class GuardEngine:
     def __init__(
-        self, model: Qwen3GuardStream, limits: EngineLimits | None = None, *, threads: int | None = None
+        self,
+        model: Qwen3GuardStream,
+        limits: EngineLimits | None = None,
+        *,
+        threads: int | None = None,
+        on_step: Callable[[int, int, float], None] | None = None,
     ) -> None:
         if threads is not None:
             torch.set_num_threads(threads)
@@ -123,6 +128,7 @@ class GuardEngine:
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._last_step = (0, 0.0)
         self._promised = (0, 0)  # (KV positions, streams) admitted from the queue, not yet added
+        self._on_step = on_step  # (tokens, streams, seconds) after every step, for metrics
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -323,6 +329,8 @@ class GuardEngine:
                 else:
                     done = self.scheduler.complete(plan, outputs)
                 self._last_step = (plan.tokens, time.perf_counter() - started)
+                if self._on_step is not None:
+                    self._on_step(plan.tokens, len(plan.items), self._last_step[1])
                 self._resolve(done)
                 self._admit_waiters()
             except Exception as exc:

@@ -25,6 +25,7 @@ from guardproxy.guard.model import Qwen3GuardStream, load_guard_model, resolve_c
 from guardproxy.guard.scheduler import EngineError, EngineOverloaded
 from guardproxy.guard.template import ChatTemplate, ConversationError
 from guardproxy.guard.tokenizer import GuardTokenizer
+from guardproxy.observe.metrics import Metrics
 from guardproxy.server.errors import ProxyError, bad_request, upstream_error
 from guardproxy.server.exchange import CHAT, COMPLETION, Exchange, GuardServices, Shape, verdict_details
 from guardproxy.server.upstream import Upstream, session
@@ -32,6 +33,7 @@ from guardproxy.server.upstream import Upstream, session
 log = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
 SERVICES = web.AppKey("services", GuardServices)
 GUARD_NAME = web.AppKey("guard_name", str)
 
@@ -50,6 +52,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[GUARD_NAME] = settings.guard.model
+    app[METRICS] = Metrics()
     app.cleanup_ctx.append(_services)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -57,6 +60,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -66,7 +70,19 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     model, tokenizer = await asyncio.get_running_loop().run_in_executor(None, _load_guard, settings)
     limits = settings.guard.engine
     max_positions = min(limits.max_positions, int(model.config.max_position_embeddings))
-    engine = GuardEngine(model, replace(limits, max_positions=max_positions), threads=settings.guard.threads)
+    metrics = app[METRICS]
+    engine = GuardEngine(
+        model,
+        replace(limits, max_positions=max_positions),
+        threads=settings.guard.threads,
+        on_step=metrics.observe_step,
+    )
+
+    def engine_stats() -> tuple[int, int, int]:
+        s = engine.stats()
+        return s.active_streams, s.queued_streams, s.cached_tokens
+
+    metrics.bind_engine(engine_stats)
     client = session(settings.upstream)
     await engine.start()
     app[SERVICES] = GuardServices(
@@ -74,6 +90,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         template=ChatTemplate(tokenizer),
         upstream=Upstream(settings.upstream, client),
         max_choices=settings.server.max_choices,
+        metrics=metrics,
     )
     log.info("guardproxy ready: guard %s, upstream %s", settings.guard.model, settings.upstream.base_url)
     try:
@@ -88,6 +105,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
 @web.middleware
 async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    response = await _handle(request, handler)
+    request.app[METRICS].requests.labels(route, str(response.status)).inc()
+    return response
+
+
+async def _handle(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
@@ -230,6 +257,15 @@ async def models(request: web.Request) -> web.StreamResponse:
         if resp.status != 200:
             raise upstream_error(resp.status, raw)
         return web.Response(body=raw, status=200, content_type="application/json")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(
+        body=request.app[METRICS].render(),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"Cache-Control": "no-cache"},
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -27,6 +27,7 @@ from guardproxy.guard.engine import GuardEngine, GuardStream
 from guardproxy.guard.scheduler import EngineError, EngineOverloaded, PromptTooLong
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
 from guardproxy.guard.verdict import Verdict
+from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Action, Policy
 from guardproxy.server.errors import ProxyError, upstream_error
 from guardproxy.server.upstream import Upstream
@@ -57,6 +58,7 @@ class GuardServices:
     template: ChatTemplate
     upstream: Upstream
     max_choices: int
+    metrics: Metrics
 
 
 def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
@@ -80,12 +82,16 @@ def guard_failed(exc: Exception) -> ProxyError:
 class _Choice:
     """One choice: its moderator, its guard stream, and the verdicts it waits for, in order."""
 
-    def __init__(self, index: int, moderator: ChoiceModerator, stream: GuardStream, owned: bool) -> None:
+    def __init__(
+        self, index: int, moderator: ChoiceModerator, stream: GuardStream, owned: bool, metrics: Metrics
+    ) -> None:
         self.index = index
         self.moderator = moderator
         self.stream = stream
         self.owned = owned  # closed with the choice (choice 0 shares the prompt's stream)
+        self.metrics = metrics
         self.pending: deque[asyncio.Future[list[Verdict]]] = deque()
+        self._fed_at: deque[float] = deque()
         self.submit(moderator.start())
 
     def submit(self, feeds: list[GuardFeed]) -> None:
@@ -94,12 +100,15 @@ class _Choice:
                 self.stream.feed_context(f.ids)
             else:
                 self.pending.append(self.stream.feed(f.ids))
+                self._fed_at.append(time.perf_counter())
 
     def settle(self) -> None:
         """Hand the verdicts that are back to the moderator, in feed order."""
         while self.pending and self.pending[0].done():
+            fut = self.pending.popleft()
+            self.metrics.verdict_wait.observe(time.perf_counter() - self._fed_at.popleft())
             try:
-                verdicts = self.pending.popleft().result()
+                verdicts = fut.result()
             except EngineError as exc:
                 raise guard_failed(exc) from None
             self.moderator.judged(verdicts)
@@ -128,6 +137,10 @@ class Exchange:
         self._guard: GuardStream | None = None
         self._upstream: asyncio.Task[aiohttp.ClientResponse] | None = None
         self._resp: aiohttp.ClientResponse | None = None
+        self.started = time.perf_counter()
+        self._upstream_started = 0.0
+        self._first_upstream_text: float | None = None
+        self._first_release: float | None = None
 
     # -- the whole exchange ----------------------------------------------------------------------------
 
@@ -151,6 +164,10 @@ class Exchange:
                 self._start_upstream()
             self.prompt_verdict = await self._guard_call(self._guard.prompt_verdict())
             self.prompt_action = self.policy.action(self.prompt_verdict, prompt=True)
+            v = self.prompt_verdict
+            self.s.metrics.prompt_verdicts.labels(
+                v.risk, v.top_category if v.risk != "Safe" else "", str(self.prompt_action)
+            ).inc()
             if self.prompt_action == Action.CUT:
                 await self._cancel_upstream(abort=True)
                 return await self._blocked()
@@ -164,13 +181,26 @@ class Exchange:
                 return await self._stream()
             return await self._whole()
         finally:
+            self._record_outcome()
             await self._cancel_upstream()
             for choice in self.choices.values():
                 if choice.owned:
                     choice.stream.close()
             self._guard.close()
 
+    def _record_outcome(self) -> None:
+        m = self.s.metrics
+        for choice in self.choices.values():
+            d = choice.moderator.flagged
+            if d is not None:
+                m.response_actions.labels(str(d.action), d.tier, d.category or "").inc()
+        if self._first_release is not None:
+            m.ttft.labels("proxy").observe(self._first_release - self.started)
+        if self._first_upstream_text is not None:
+            m.ttft.labels("upstream").observe(self._first_upstream_text - self._upstream_started)
+
     def _start_upstream(self) -> None:
+        self._upstream_started = time.perf_counter()
         data = json.dumps(self.body, ensure_ascii=False).encode()
         headers = {k: v for k, v in self.request.headers.items()}
         headers["Content-Type"] = "application/json"
@@ -215,7 +245,7 @@ class Exchange:
         else:
             # Each further choice continues the same prompt in a stream of its own.
             stream, owned = await self.s.engine.open(self.prompt.ids, None, self.prompt.anchor_start), True
-        c = _Choice(index, ChoiceModerator(self.s.template, self.policy), stream, owned)
+        c = _Choice(index, ChoiceModerator(self.s.template, self.policy), stream, owned, self.s.metrics)
         self.choices[index] = c
         return c
 
@@ -364,10 +394,13 @@ class Exchange:
         if not isinstance(c, Mapping):
             raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
         choice = await self._choice(int(c.get("index", 0)))
-        delta = c.get("delta") or {} if self.shape is CHAT else {"content": c.get("text") or ""}
+        delta = (c.get("delta") or {}) if self.shape is CHAT else {"content": c.get("text") or ""}
         if not isinstance(delta, Mapping):
             raise ProxyError(502, "upstream sent a malformed delta", type="upstream_error")
-        choice.submit(choice.moderator.delta(delta))
+        now = time.perf_counter()
+        if self._first_upstream_text is None and any(delta.get(k) for k in ("content", "reasoning_content")):
+            self._first_upstream_text = now
+        choice.submit(choice.moderator.delta(delta, now))
         if c.get("finish_reason"):
             choice.submit(choice.moderator.finish(str(c["finish_reason"])))
 
@@ -376,6 +409,11 @@ class Exchange:
         cut = False
         for choice in sorted(self.choices.values(), key=lambda c: c.index):
             for piece in choice.moderator.drain():
+                if piece.arrived is not None:
+                    now = time.perf_counter()
+                    self.s.metrics.chunk_added_latency.observe(now - piece.arrived)
+                    if self._first_release is None:
+                        self._first_release = now
                 final = piece.finish_reason is not None
                 await out.write(
                     self._chunk(envelope, choice.index, piece.delta, piece.finish_reason, final=final)

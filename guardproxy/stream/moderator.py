@@ -30,6 +30,13 @@ class _Field:
     text: str = ""
     released: int = 0
     redact: list[tuple[int, int]] = field(default_factory=list)
+    arrivals: list[tuple[int, float]] = field(default_factory=list)  # (end offset of a delta, when it came)
+
+    def arrived(self, offset: int) -> float | None:
+        """When the text at ``offset`` came from upstream (earlier marks are dropped as released)."""
+        while self.arrivals and self.arrivals[0][0] <= offset:
+            self.arrivals.pop(0)
+        return self.arrivals[0][1] if self.arrivals else None
 
 
 @dataclass
@@ -46,6 +53,7 @@ class _Item:
 class OutDelta:
     delta: dict[str, Any]
     finish_reason: str | None = None
+    arrived: float | None = None  # when the oldest text in it came from upstream (the caller's clock)
 
 
 class ChoiceModerator:
@@ -64,14 +72,17 @@ class ChoiceModerator:
         self.finished = False
         self.closed = False  # the client has its final delta
         self._tool_meta: dict[int, dict[str, Any]] = {}
+        self._now = 0.0
 
     # -- upstream side ---------------------------------------------------------------------------------
 
     def start(self) -> list[GuardFeed]:
         return self._track(self.view.header())
 
-    def delta(self, delta: Mapping[str, Any]) -> list[GuardFeed]:
-        """One upstream delta of this choice (OpenAI shape; ``content: null`` and empty strings ok)."""
+    def delta(self, delta: Mapping[str, Any], now: float = 0.0) -> list[GuardFeed]:
+        """One upstream delta of this choice (OpenAI shape; ``content: null`` and empty strings ok).
+        ``now`` is the caller's clock when it arrived, handed back on the released text."""
+        self._now = now
         feeds: list[GuardFeed] = []
         meta = {k: v for k, v in delta.items() if k in ("role", "refusal") and v is not None}
         if meta:
@@ -114,6 +125,7 @@ class ChoiceModerator:
     def _text(self, name: str, text: str) -> None:
         f = self.fields.setdefault(name, _Field())
         f.text += text
+        f.arrivals.append((len(f.text), self._now))
         if self.queue and self.queue[-1].field == name:
             self.queue[-1].end = len(f.text)
         else:
@@ -194,8 +206,9 @@ class ChoiceModerator:
             upto = min(item.end, bound.get(item.field, f.released))
             if upto > f.released:
                 text = self._render(f, f.released, upto)
+                arrived = f.arrived(f.released)
                 f.released = upto
-                out.append(OutDelta(self._text_delta(item.field, text)))
+                out.append(OutDelta(self._text_delta(item.field, text), arrived=arrived))
             if f.released < item.end:
                 break
             self.queue.pop(0)

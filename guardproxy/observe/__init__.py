@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, the audit log, structured logs."""

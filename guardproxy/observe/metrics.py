@@ -1,0 +1,82 @@
+"""Prometheus metrics. One registry per app (tests run many apps in one process; the global registry
+would refuse the second). Engine gauges are read at scrape time, so they cannot drift from the engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Seconds: from sub-millisecond proxy overhead to multi-second CPU guard steps.
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "guardproxy_requests", "Requests by route and HTTP status.", ["route", "status"], registry=r
+        )
+        self.prompt_verdicts = Counter(
+            "guardproxy_prompt_verdicts",
+            "Prompt verdicts by risk, category, action.",
+            ["risk", "category", "action"],
+            registry=r,
+        )
+        self.response_actions = Counter(
+            "guardproxy_response_actions",
+            "Responses flagged, redacted or cut, by action, risk and category.",
+            ["action", "risk", "category"],
+            registry=r,
+        )
+        self.active_streams = Gauge("guardproxy_engine_active_streams", "Live guard streams.", registry=r)
+        self.queued_streams = Gauge(
+            "guardproxy_engine_queued_streams", "Streams waiting for room.", registry=r
+        )
+        self.cached_tokens = Gauge("guardproxy_engine_cached_tokens", "KV positions in use.", registry=r)
+        self.batch_tokens = Histogram(
+            "guardproxy_engine_batch_tokens", "Tokens per batched guard forward.", buckets=_TOKENS, registry=r
+        )
+        self.batch_streams = Histogram(
+            "guardproxy_engine_batch_streams",
+            "Streams per batched guard forward.",
+            buckets=_TOKENS,
+            registry=r,
+        )
+        self.step_seconds = Histogram(
+            "guardproxy_engine_step_seconds", "Time of one guard forward.", buckets=_LATENCY, registry=r
+        )
+        self.verdict_wait = Histogram(
+            "guardproxy_token_verdict_wait_seconds",
+            "From feeding response tokens to their verdicts.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.chunk_added_latency = Histogram(
+            "guardproxy_chunk_added_latency_seconds",
+            "Proxy-added latency per released chunk: upstream arrival of its oldest text to its release.",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "guardproxy_time_to_first_token_seconds",
+            "Time to the first text: `proxy` as the client sees it, `upstream` as the proxy does.",
+            ["source"],
+            buckets=_LATENCY,
+            registry=r,
+        )
+
+    def bind_engine(self, stats: Callable[[], tuple[int, int, int]]) -> None:
+        """``stats()`` -> (active, queued, cached tokens), read at every scrape."""
+        self.active_streams.set_function(lambda: stats()[0])
+        self.queued_streams.set_function(lambda: stats()[1])
+        self.cached_tokens.set_function(lambda: stats()[2])
+
+    def observe_step(self, tokens: int, streams: int, seconds: float) -> None:
+        self.batch_tokens.observe(tokens)
+        self.batch_streams.observe(streams)
+        self.step_seconds.observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

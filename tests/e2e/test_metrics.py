@@ -1,0 +1,57 @@
+"""/metrics moves as requests run, and the engine gauges come back to zero."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .harness import FakeUpstream, Script
+
+
+def scrape(proxy: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(proxy.removesuffix("/v1") + "/metrics") as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_metrics_follow_the_traffic(proxy: str, fake: FakeUpstream) -> None:
+    before = scrape(proxy)
+    with openai.OpenAI(base_url=proxy, api_key="k", max_retries=0) as c:
+        fake.script = Script(pieces=[["Fine", " words", " only", "."]])
+        list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+        fake.script = Script(pieces=[["A", " bomb", "."]])
+        list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model="m", messages=[{"role": "user", "content": "a grenade"}])
+    after = scrape(proxy)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    route = "/v1/chat/completions"
+    assert moved("guardproxy_requests_total", route=route, status="200") == 2
+    assert moved("guardproxy_requests_total", route=route, status="400") == 1
+    assert moved("guardproxy_prompt_verdicts_total", risk="Safe", category="", action="allow") == 2
+    assert moved("guardproxy_prompt_verdicts_total", risk="Unsafe", category="Violent", action="cut") == 1
+    assert moved("guardproxy_response_actions_total", action="cut", risk="Unsafe", category="Violent") == 1
+    assert (
+        moved("guardproxy_engine_batch_tokens_count") > 0 and moved("guardproxy_engine_step_seconds_sum") > 0
+    )
+    assert moved("guardproxy_token_verdict_wait_seconds_count") > 0
+    assert moved("guardproxy_chunk_added_latency_seconds_count") >= 2
+    assert moved("guardproxy_time_to_first_token_seconds_count", source="proxy") == 2
+    assert moved("guardproxy_time_to_first_token_seconds_count", source="upstream") == 2
+    # Every guard stream was returned.
+    assert value(after, "guardproxy_engine_active_streams") == 0
+    assert value(after, "guardproxy_engine_cached_tokens") == 0
