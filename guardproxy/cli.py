@@ -108,15 +108,14 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     from aiohttp import web
 
     from guardproxy.config import Settings, load_settings_file, with_overrides
+    from guardproxy.observe import logs
     from guardproxy.server.app import create_app
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = load_settings_file(args.config) if args.config else Settings()
+    logs.configure(settings.logging.format, settings.logging.level)
     settings = with_overrides(
         settings,
         upstream_base_url=args.upstream,

@@ -54,6 +54,30 @@ class GuardSettings:
 
 
 @dataclass(frozen=True)
+class LoggingSettings:
+    format: str = "text"  # text | json
+    level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.format not in ("text", "json"):
+            raise ValueError(f"format must be text or json, got {self.format!r}")
+        if self.level.lower() not in ("debug", "info", "warning", "error"):
+            raise ValueError(f"level must be debug, info, warning or error, got {self.level!r}")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    path: str | None = None  # a JSONL file; None: no audit log
+    max_bytes: int = 100 * 1024 * 1024  # rotate beyond this size
+    backups: int = 5  # rotated files kept
+    max_text_chars: int = 4000  # cap on each text field, when a policy asks for text
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1024 or self.backups < 0 or self.max_text_chars < 0:
+            raise ValueError("max_bytes must be >= 1024, backups and max_text_chars >= 0")
+
+
+@dataclass(frozen=True)
 class PolicyRoute:
     policy: str
     route: str | None = None  # a path pattern, e.g. /v1/completions
@@ -73,6 +97,8 @@ class Settings:
     policy: Policy = field(default_factory=Policy)
     policies: Mapping[str, Policy] = field(default_factory=dict)
     routes: tuple[PolicyRoute, ...] = ()
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     def policy_for(self, route: str, model: str | None) -> Policy:
         """The first matching ``policy_routes`` entry's policy, else the default ``policy``."""
@@ -178,6 +204,7 @@ _POLICY_SCALARS: dict[str, type] = {
     "mask": str,
     "notice": str,
     "details": bool,
+    "audit_text": bool,
 }
 
 
@@ -217,7 +244,9 @@ def load_policy(data: Any, path: str = "policy", base: Policy | None = None) -> 
 
 def load_settings(data: Any) -> Settings:
     data = _mapping(data, "")
-    _check_keys(data, {"server", "upstream", "guard", "policy", "policies", "policy_routes"}, "")
+    _check_keys(
+        data, {"server", "upstream", "guard", "policy", "policies", "policy_routes", "logging", "audit"}, ""
+    )
     guard_data = _mapping(data.get("guard"), "guard")
     engine = _dataclass(EngineLimits, guard_data.get("engine"), "guard.engine", _ENGINE)
     guard = _dataclass(GuardSettings, {k: v for k, v in guard_data.items() if k != "engine"}, "guard", _GUARD)
@@ -245,6 +274,13 @@ def load_settings(data: Any) -> Settings:
         policy=policy,
         policies=named,
         routes=tuple(routes),
+        logging=_dataclass(LoggingSettings, data.get("logging"), "logging", {"format": str, "level": str}),
+        audit=_dataclass(
+            AuditSettings,
+            data.get("audit"),
+            "audit",
+            {"path": str, "max_bytes": int, "backups": int, "max_text_chars": int},
+        ),
     )
 
 

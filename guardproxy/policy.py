@@ -71,6 +71,7 @@ class Policy:
     mask: str = "[redacted]"
     notice: str = "\n\n[guardproxy: the rest of this response was withheld by the content policy]"
     details: bool = True  # moderation details in a `guardproxy` field and x-guardproxy-* headers
+    audit_text: bool = False  # write prompt and response text into the audit log (capped)
 
     def __post_init__(self) -> None:
         for name in ("unsafe_threshold", "controversial_threshold"):

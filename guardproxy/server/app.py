@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +26,8 @@ from guardproxy.guard.model import Qwen3GuardStream, load_guard_model, resolve_c
 from guardproxy.guard.scheduler import EngineError, EngineOverloaded
 from guardproxy.guard.template import ChatTemplate, ConversationError
 from guardproxy.guard.tokenizer import GuardTokenizer
+from guardproxy.observe.audit import AuditLog
+from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.server.errors import ProxyError, bad_request, upstream_error
 from guardproxy.server.exchange import CHAT, COMPLETION, Exchange, GuardServices, Shape, verdict_details
@@ -36,6 +39,7 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICES = web.AppKey("services", GuardServices)
 GUARD_NAME = web.AppKey("guard_name", str)
+REQUEST_ID = web.RequestKey("request_id", str)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,11 +53,14 @@ def _load_guard(settings: Settings) -> tuple[Qwen3GuardStream, GuardTokenizer]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.server.max_body_bytes, middlewares=[error_middleware])
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes, middlewares=[request_id_middleware, error_middleware]
+    )
     app[SETTINGS] = settings
     app[GUARD_NAME] = settings.guard.model
     app[METRICS] = Metrics()
     app.cleanup_ctx.append(_services)
+    app.on_response_prepare.append(_add_request_id)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/moderations", moderations)
@@ -84,6 +91,11 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
     metrics.bind_engine(engine_stats)
     client = session(settings.upstream)
+    audit = (
+        AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes, backups=settings.audit.backups)
+        if settings.audit.path
+        else None
+    )
     await engine.start()
     app[SERVICES] = GuardServices(
         engine=engine,
@@ -91,6 +103,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         upstream=Upstream(settings.upstream, client),
         max_choices=settings.server.max_choices,
         metrics=metrics,
+        audit=audit,
+        audit_text_chars=settings.audit.max_text_chars,
     )
     log.info("guardproxy ready: guard %s, upstream %s", settings.guard.model, settings.upstream.base_url)
     try:
@@ -98,9 +112,42 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     finally:
         await client.close()
         await engine.stop()
+        if audit is not None:
+            audit.close()
 
 
 # -- errors ------------------------------------------------------------------------------------------
+
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+access_log = logging.getLogger("guardproxy.access")
+
+
+@web.middleware
+async def request_id_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Take the client's ``x-request-id`` (when it is sane) or make one; it tags the logs, the audit
+    record, the upstream request and the response. One access-log line per request, never headers."""
+    given = request.headers.get("x-request-id", "")
+    rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    request[REQUEST_ID] = rid  # responses are often prepared after this middleware has returned
+    token = request_id.set(rid)
+    started = time.perf_counter()
+    status = 499
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        access_log.info(
+            "%s %s %d %.1fms", request.method, request.path, status, (time.perf_counter() - started) * 1000
+        )
+        request_id.reset(token)
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    response.headers["x-request-id"] = request.get(REQUEST_ID) or request_id.get()
 
 
 @web.middleware

@@ -27,6 +27,8 @@ from guardproxy.guard.engine import GuardEngine, GuardStream
 from guardproxy.guard.scheduler import EngineError, EngineOverloaded, PromptTooLong
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
 from guardproxy.guard.verdict import Verdict
+from guardproxy.observe.audit import AuditLog, capped
+from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Action, Policy
 from guardproxy.server.errors import ProxyError, upstream_error
@@ -59,6 +61,8 @@ class GuardServices:
     upstream: Upstream
     max_choices: int
     metrics: Metrics
+    audit: AuditLog | None = None
+    audit_text_chars: int = 4000
 
 
 def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
@@ -138,6 +142,7 @@ class Exchange:
         self._upstream: asyncio.Task[aiohttp.ClientResponse] | None = None
         self._resp: aiohttp.ClientResponse | None = None
         self.started = time.perf_counter()
+        self.status = 200  # what the client got, for the audit record (499: the client went away)
         self._upstream_started = 0.0
         self._first_upstream_text: float | None = None
         self._first_release: float | None = None
@@ -180,6 +185,12 @@ class Exchange:
             if self.streaming:
                 return await self._stream()
             return await self._whole()
+        except ProxyError as exc:
+            self.status = exc.status
+            raise
+        except asyncio.CancelledError:
+            self.status = 499
+            raise
         finally:
             self._record_outcome()
             await self._cancel_upstream()
@@ -198,11 +209,62 @@ class Exchange:
             m.ttft.labels("proxy").observe(self._first_release - self.started)
         if self._first_upstream_text is not None:
             m.ttft.labels("upstream").observe(self._first_upstream_text - self._upstream_started)
+        if self.s.audit is not None:
+            try:
+                self.s.audit.write(self._audit_record())
+            except OSError:
+                log.exception("could not write the audit record")
+
+    def _outcome(self) -> str:
+        if self.prompt_action == Action.CUT:
+            return "blocked"
+        actions = [
+            c.moderator.flagged.action for c in self.choices.values() if c.moderator.flagged is not None
+        ]
+        strongest = max([*actions, self.prompt_action], default=Action.ALLOW)
+        if self.status >= 400 and strongest == Action.ALLOW:
+            return "error"
+        return {Action.CUT: "cut", Action.REDACT: "redacted", Action.FLAG: "flagged"}.get(
+            strongest, "allowed"
+        )
+
+    def _audit_record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "request_id": request_id.get(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "route": self.shape.path,
+            "model": self.body.get("model"),
+            "policy": self.policy.name,
+            "status": self.status,
+            "stream": self.streaming,
+            "outcome": self._outcome(),
+            **self._details(),
+            "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
+        }
+        if self.policy.audit_text:
+            cap = self.s.audit_text_chars
+            messages = self.body.get("messages") if self.shape is CHAT else None
+            if isinstance(messages, list):
+                prompt = "\n".join(
+                    f"{m.get('role')}: {m.get('content')}" for m in messages if isinstance(m, Mapping)
+                )
+            else:
+                prompt = str(self.body.get("prompt", ""))
+            record["prompt_text"] = capped(prompt, cap)
+            record["response_text"] = {
+                str(i): {name: capped(f.text, cap) for name, f in c.moderator.fields.items()}
+                for i, c in sorted(self.choices.items())
+            }
+        return record
 
     def _start_upstream(self) -> None:
         self._upstream_started = time.perf_counter()
         data = json.dumps(self.body, ensure_ascii=False).encode()
-        headers = {k: v for k, v in self.request.headers.items()}
+        # The client's headers go on (the upstream client drops hop-by-hop ones), with our request id.
+        headers = {
+            k: v for k, v in self.request.headers.items() if k.lower() not in ("x-request-id", "content-type")
+        }
+        headers["X-Request-Id"] = request_id.get()
         headers["Content-Type"] = "application/json"
         self._upstream = asyncio.create_task(
             self.s.upstream.request("POST", self.shape.path, headers, data), name="guardproxy-upstream"
