@@ -125,13 +125,21 @@ def _serve(args: argparse.Namespace) -> int:
         server_port=args.port,
     )
     web.run_app(
-        create_app(settings),
+        create_app(settings, config_path=args.config, reload_interval_s=settings.server.reload_interval_s),
         host=settings.server.host,
         port=settings.server.port,
         shutdown_timeout=settings.server.shutdown_grace_s,
         handler_cancellation=True,  # a client gone away cancels its handler: upstream closed, guard freed
         access_log=None,
     )
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    from guardproxy.config import key_hash
+
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    print(key_hash(key))
     return 0
 
 
@@ -147,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="listen port (default 8080)")
     s.set_defaults(func=_serve)
+
+    h = sub.add_parser("hash-key", help="print the SHA-256 of an API key, as the configuration takes it")
+    h.add_argument("key", help="the key, or - to read it from standard input")
+    h.set_defaults(func=_hash_key)
 
     m = sub.add_parser("make-test-model", help="write a Qwen3Guard-Stream checkpoint for tests and CI")
     m.add_argument("out", help="output directory")

@@ -7,6 +7,7 @@ the default in force. The file's layout is documented key by key in ``config/gua
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ class ServerSettings:
     max_body_bytes: int = 8 * 1024 * 1024
     max_choices: int = 8  # the largest `n` accepted: each choice is a guard stream
     shutdown_grace_s: float = 30.0
+    reload_interval_s: float = 2.0  # how often the config file is checked for changes; 0: SIGHUP only
 
 
 @dataclass(frozen=True)
@@ -77,16 +79,48 @@ class AuditSettings:
             raise ValueError("max_bytes must be >= 1024, backups and max_text_chars >= 0")
 
 
+def key_hash(api_key: str) -> str:
+    """How API keys appear in the configuration: the hex SHA-256 of the key, never the key."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+_HEX64 = frozenset("0123456789abcdef")
+
+
+def _check_hash(value: str) -> None:
+    if len(value) != 64 or not set(value) <= _HEX64:
+        raise ValueError("must be the 64-hex-digit SHA-256 of a key (guardproxy hash-key KEY)")
+
+
 @dataclass(frozen=True)
 class PolicyRoute:
     policy: str
     route: str | None = None  # a path pattern, e.g. /v1/completions
     model: str | None = None  # a model-name pattern, e.g. gpt-4o*
+    api_key_sha256: str | None = None  # the client's API key, hashed
 
-    def matches(self, route: str, model: str | None) -> bool:
+    def __post_init__(self) -> None:
+        if self.api_key_sha256 is not None:
+            _check_hash(self.api_key_sha256)
+
+    def matches(self, route: str, model: str | None, key: str | None = None) -> bool:
+        if self.api_key_sha256 is not None and key != self.api_key_sha256:
+            return False
         if self.route is not None and not fnmatch.fnmatchcase(route, self.route):
             return False
         return self.model is None or (model is not None and fnmatch.fnmatchcase(model, self.model))
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """guardproxy's own API keys. When set, clients must present one of them; the upstream then only
+    ever sees ``upstream.api_key`` (or no key), never the client's."""
+
+    api_keys_sha256: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for k in self.api_keys_sha256:
+            _check_hash(k)
 
 
 @dataclass(frozen=True)
@@ -99,11 +133,13 @@ class Settings:
     routes: tuple[PolicyRoute, ...] = ()
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
-    def policy_for(self, route: str, model: str | None) -> Policy:
-        """The first matching ``policy_routes`` entry's policy, else the default ``policy``."""
+    def policy_for(self, route: str, model: str | None, key: str | None = None) -> Policy:
+        """The first matching ``policy_routes`` entry's policy, else the default ``policy``.
+        ``key`` is the hashed client key (``key_hash``)."""
         for r in self.routes:
-            if r.matches(route, model):
+            if r.matches(route, model, key):
                 return self.policies[r.policy]
         return self.policy
 
@@ -157,7 +193,14 @@ def _dataclass(cls: type[T], data: Any, path: str, kinds: Mapping[str, type], **
         raise ConfigError(f"{path}: {exc}") from None
 
 
-_SERVER = {"host": str, "port": int, "max_body_bytes": int, "max_choices": int, "shutdown_grace_s": float}
+_SERVER = {
+    "host": str,
+    "port": int,
+    "max_body_bytes": int,
+    "max_choices": int,
+    "shutdown_grace_s": float,
+    "reload_interval_s": float,
+}
 _UPSTREAM = {
     "base_url": str,
     "api_key": str,
@@ -245,7 +288,9 @@ def load_policy(data: Any, path: str = "policy", base: Policy | None = None) -> 
 def load_settings(data: Any) -> Settings:
     data = _mapping(data, "")
     _check_keys(
-        data, {"server", "upstream", "guard", "policy", "policies", "policy_routes", "logging", "audit"}, ""
+        data,
+        {"server", "upstream", "guard", "policy", "policies", "policy_routes", "logging", "audit", "auth"},
+        "",
     )
     guard_data = _mapping(data.get("guard"), "guard")
     engine = _dataclass(EngineLimits, guard_data.get("engine"), "guard.engine", _ENGINE)
@@ -263,7 +308,8 @@ def load_settings(data: Any) -> Settings:
         raise ConfigError("policy_routes: expected a list")
     routes = []
     for i, entry in enumerate(routes_data):
-        r = _dataclass(PolicyRoute, entry, f"policy_routes[{i}]", {"policy": str, "route": str, "model": str})
+        kinds = {"policy": str, "route": str, "model": str, "api_key_sha256": str}
+        r = _dataclass(PolicyRoute, entry, f"policy_routes[{i}]", kinds)
         if r.policy not in named:
             raise ConfigError(f"policy_routes[{i}].policy: no policy named {r.policy!r} under policies")
         routes.append(r)
@@ -275,6 +321,7 @@ def load_settings(data: Any) -> Settings:
         policies=named,
         routes=tuple(routes),
         logging=_dataclass(LoggingSettings, data.get("logging"), "logging", {"format": str, "level": str}),
+        auth=_auth(data.get("auth")),
         audit=_dataclass(
             AuditSettings,
             data.get("audit"),
@@ -282,6 +329,18 @@ def load_settings(data: Any) -> Settings:
             {"path": str, "max_bytes": int, "backups": int, "max_text_chars": int},
         ),
     )
+
+
+def _auth(data: Any) -> AuthSettings:
+    data = _mapping(data, "auth")
+    _check_keys(data, {"api_keys_sha256"}, "auth")
+    keys = data.get("api_keys_sha256") or []
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ConfigError("auth.api_keys_sha256: expected a list of strings")
+    try:
+        return AuthSettings(tuple(k.lower() for k in keys))
+    except ValueError as exc:
+        raise ConfigError(f"auth.api_keys_sha256: {exc}") from None
 
 
 def load_settings_file(path: str | Path) -> Settings:

@@ -8,6 +8,7 @@ the configuration, never from the request, and paths it does not serve are 404.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from guardproxy.config import Settings
+from guardproxy.config import Settings, key_hash
 from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model, resolve_checkpoint
 from guardproxy.guard.scheduler import EngineError, EngineOverloaded
@@ -31,15 +32,19 @@ from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.server.errors import ProxyError, bad_request, upstream_error
 from guardproxy.server.exchange import CHAT, COMPLETION, Exchange, GuardServices, Shape, verdict_details
+from guardproxy.server.reload import ConfigReloader, SettingsStore
 from guardproxy.server.upstream import Upstream, session
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
+SETTINGS = web.AppKey("settings", Settings)  # as started; the policy part is read from STORE
+STORE = web.AppKey("store", SettingsStore)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICES = web.AppKey("services", GuardServices)
 GUARD_NAME = web.AppKey("guard_name", str)
 REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_KEY = web.RequestKey("client_key", str)  # the hashed bearer key, for per-key policies
+RELOADER = web.AppKey("reloader", ConfigReloader)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -52,13 +57,21 @@ def _load_guard(settings: Settings) -> tuple[Qwen3GuardStream, GuardTokenizer]:
     return model, GuardTokenizer.from_checkpoint(resolve_checkpoint(g.model, g.revision))
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(
+    settings: Settings, *, config_path: str | None = None, reload_interval_s: float = 2.0
+) -> web.Application:
+    """The proxy app. With ``config_path``, the policy reloads on SIGHUP and when the file changes."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes, middlewares=[request_id_middleware, error_middleware]
     )
     app[SETTINGS] = settings
     app[GUARD_NAME] = settings.guard.model
     app[METRICS] = Metrics()
+    app[STORE] = SettingsStore(settings)
+    if config_path is not None:
+        reloader = ConfigReloader(config_path, app[STORE], reload_interval_s)
+        app[RELOADER] = reloader
+        app.cleanup_ctx.append(_watch_config)
     app.cleanup_ctx.append(_services)
     app.on_response_prepare.append(_add_request_id)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -116,6 +129,18 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
             audit.close()
 
 
+async def _watch_config(app: web.Application) -> AsyncIterator[None]:
+    reloader = app[RELOADER]
+    reloader.install_sighup(asyncio.get_running_loop())
+    task = asyncio.create_task(reloader.watch(), name="guardproxy-config-watch")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 # -- errors ------------------------------------------------------------------------------------------
 
 
@@ -165,6 +190,7 @@ async def _handle(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
+        _authenticate(request)
         return await handler(request)
     except ProxyError as exc:
         return exc.response()
@@ -182,6 +208,25 @@ async def _handle(
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return ProxyError(500, "internal error in guardproxy", type="server_error").response()
+
+
+def _authenticate(request: web.Request) -> None:
+    """Hash the client's bearer key (for per-key policies) and, when guardproxy has keys of its own,
+    refuse requests without one of them. Health and metrics stay open for probes and scrapers."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        request[CLIENT_KEY] = key_hash(token.strip())
+    keys = request.app[STORE].current.auth.api_keys_sha256
+    if keys and request.path.startswith("/v1/") and request.get(CLIENT_KEY) not in keys:
+        raise ProxyError(
+            401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def forward_client_key(request: web.Request) -> bool:
+    """The client's key goes upstream only when guardproxy has no keys of its own."""
+    return not request.app[STORE].current.auth.api_keys_sha256
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -216,12 +261,12 @@ async def _exchange(
 ) -> web.StreamResponse:
     services = request.app[SERVICES]
     model = _common(body, services)
-    policy = request.app[SETTINGS].policy_for(shape.path, model)
+    policy = request.app[STORE].current.policy_for(shape.path, model, request.get(CLIENT_KEY))
     try:
         prompt = services.template.render_prompt(messages, max_tokens=services.engine.max_prompt_tokens)
     except ConversationError as exc:
         raise bad_request(str(exc), param="messages" if shape is CHAT else "prompt") from None
-    return await Exchange(services, request, body, policy, prompt, shape).run()
+    return await Exchange(services, request, body, policy, prompt, shape, forward_client_key(request)).run()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -253,7 +298,9 @@ async def moderations(request: web.Request) -> web.Response:
         raise bad_request("input must be a string or a non-empty list of strings", param="input")
     if len(inputs) > 256:
         raise bad_request("at most 256 inputs per request", param="input")
-    policy = request.app[SETTINGS].policy_for("/v1/moderations", body.get("model"))
+    policy = request.app[STORE].current.policy_for(
+        "/v1/moderations", body.get("model"), request.get(CLIENT_KEY)
+    )
 
     async def judge(text: str) -> dict[str, Any]:
         prompt = services.template.render_prompt(
@@ -298,7 +345,12 @@ async def moderations(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.StreamResponse:
     upstream = request.app[SERVICES].upstream
-    resp = await upstream.request("GET", "/v1/models", dict(request.headers))
+    headers = {
+        k: v
+        for k, v in request.headers.items()
+        if forward_client_key(request) or k.lower() != "authorization"
+    }
+    resp = await upstream.request("GET", "/v1/models", headers)
     async with resp:
         raw = await resp.read()
         if resp.status != 200:

@@ -127,8 +127,10 @@ class Exchange:
         policy: Policy,
         prompt: GuardPrompt,
         shape: Shape,
+        forward_key: bool = True,
     ) -> None:
         self.s = services
+        self.forward_key = forward_key  # the client's Authorization goes upstream (no keys of our own)
         self.request = request
         self.body = body
         self.policy = policy
@@ -261,9 +263,8 @@ class Exchange:
         self._upstream_started = time.perf_counter()
         data = json.dumps(self.body, ensure_ascii=False).encode()
         # The client's headers go on (the upstream client drops hop-by-hop ones), with our request id.
-        headers = {
-            k: v for k, v in self.request.headers.items() if k.lower() not in ("x-request-id", "content-type")
-        }
+        ours = {"x-request-id", "content-type"} | (set() if self.forward_key else {"authorization"})
+        headers = {k: v for k, v in self.request.headers.items() if k.lower() not in ours}
         headers["X-Request-Id"] = request_id.get()
         headers["Content-Type"] = "application/json"
         self._upstream = asyncio.create_task(

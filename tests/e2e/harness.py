@@ -222,5 +222,12 @@ class Loopback:
 
 
 def start_proxy(loop: Loopback, settings: Settings) -> str:
-    port = loop.serve(create_app(settings))
-    return f"http://127.0.0.1:{port}/v1"
+    return start_proxy_app(loop, settings)[0]
+
+
+def start_proxy_app(
+    loop: Loopback, settings: Settings, config_path: str | None = None, reload_interval_s: float = 2.0
+) -> tuple[str, web.Application]:
+    app = create_app(settings, config_path=config_path, reload_interval_s=reload_interval_s)
+    port = loop.serve(app)
+    return f"http://127.0.0.1:{port}/v1", app

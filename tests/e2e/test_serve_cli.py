@@ -29,8 +29,10 @@ def test_serve_runs_the_proxy_until_sigterm(
     fake.script = Script(pieces=[["All", " good", " here", "."]])
     port = free_port()
     config = tmp_path / "guardproxy.yaml"
+    # reload_interval_s 0: no file watch, so only SIGHUP can bring in the new policy below.
     config.write_text(
-        "policy:\n  notice: ' [cut]'\nguard:\n  device: cpu\n  engine: {max_cached_tokens: 8192}\n"
+        "server: {reload_interval_s: 0}\npolicy:\n  notice: ' [cut]'\n"
+        "guard:\n  device: cpu\n  engine: {max_cached_tokens: 8192}\n"
     )
     cmd = [
         sys.executable,
@@ -68,8 +70,19 @@ def test_serve_runs_the_proxy_until_sigterm(
             assert (
                 r.choices[0].message.content == "A [cut]" and r.choices[0].finish_reason == "content_filter"
             )
+            # A new policy file and SIGHUP: the requests after it follow the new policy.
+            config.write_text(config.read_text().replace("' [cut]'", "' [withheld]'"))
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while True:
+                fake.script = Script(pieces=[["A", " bomb", "!"]])
+                r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+                if r.choices[0].message.content == "A [withheld]":
+                    break
+                assert time.monotonic() < deadline, r.choices[0].message.content
+                time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 0, out
-    assert "guardproxy ready" in out
+    assert "guardproxy ready" in out and "policy reloaded" in out

@@ -1,0 +1,132 @@
+"""Hot reload of the policy, policies chosen by API key, and guardproxy's own API keys."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from guardproxy.config import AuthSettings, key_hash, load_settings, load_settings_file
+from guardproxy.server.app import RELOADER, STORE
+
+from .conftest import proxy_settings
+from .harness import FakeUpstream, Loopback, Script, start_proxy, start_proxy_app
+
+
+def write_config(path: Path, upstream: str, guard: Path, notice: str, extra: str = "") -> None:
+    path.write_text(
+        f"upstream: {{base_url: '{upstream}', retries: 0}}\n"
+        f"guard: {{model: '{guard}', device: cpu, engine: {{max_cached_tokens: 8192}}}}\n"
+        f"policy: {{notice: '{notice}'}}\n{extra}"
+    )
+    # A new modification time even within the filesystem's timestamp granularity.
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+
+
+def cut_text(proxy: str, fake: FakeUpstream, key: str = "k", **script: Any) -> str:
+    fake.script = Script(pieces=[["Safe", " words", " then", " a", " bomb"]], **script)
+    with openai.OpenAI(base_url=proxy, api_key=key, max_retries=0) as c:
+        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    return r.choices[0].message.content or ""
+
+
+def wait_until(check: Any, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_file_change_reloads_and_bad_files_are_rejected(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path, tmp_path: Path
+) -> None:
+    fake, url = upstream
+    cfg = tmp_path / "guardproxy.yaml"
+    write_config(cfg, url, trigger_checkpoint, "[v1]")
+    proxy, app = start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=0.05)
+    assert cut_text(proxy, fake).endswith("[v1]")
+    write_config(cfg, url, trigger_checkpoint, "[v2]")
+    wait_until(lambda: app[STORE].reloads == 1)
+    assert cut_text(proxy, fake).endswith("[v2]")
+    cfg.write_text("policy: {mode: paranoid}\n")  # invalid: rejected whole
+    os.utime(cfg, ns=(time.time_ns(), time.time_ns() + 4_000_000_000))
+    wait_until(lambda: app[RELOADER].rejected == 1)
+    assert cut_text(proxy, fake).endswith("[v2]") and app[STORE].reloads == 1
+
+
+def test_a_stream_in_flight_keeps_its_policy(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path, tmp_path: Path
+) -> None:
+    fake, url = upstream
+    cfg = tmp_path / "guardproxy.yaml"
+    write_config(cfg, url, trigger_checkpoint, "[old]")
+    proxy, app = start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=3600)
+    result: dict[str, str] = {}
+    started = len(fake.requests)
+    # A slow answer (20 ms an event); the policy changes while it streams.
+    worker = threading.Thread(target=lambda: result.update(text=cut_text(proxy, fake, delay=0.02)))
+    worker.start()
+    wait_until(lambda: len(fake.requests) > started)
+    write_config(cfg, url, trigger_checkpoint, "[new]")
+    assert loopback.call(_reload(app))
+    worker.join(30)
+    assert result["text"].endswith("[old]")
+    assert cut_text(proxy, fake).endswith("[new]")
+
+
+def _reload(app: Any) -> Any:
+    async def run() -> bool:
+        return bool(app[RELOADER].reload())
+
+    return run
+
+
+def test_policy_chosen_by_api_key(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
+) -> None:
+    fake, url = upstream
+    base = proxy_settings(url, trigger_checkpoint, notice="[default]")
+    keyed = load_settings(
+        {
+            "policies": {"team_a": {"notice": "[team A]"}},
+            "policy_routes": [{"api_key_sha256": key_hash("sk-team-a"), "policy": "team_a"}],
+        }
+    )
+    proxy = start_proxy(loopback, replace(base, policies=keyed.policies, routes=keyed.routes))
+    assert cut_text(proxy, fake, key="sk-team-a").endswith("[team A]")
+    assert cut_text(proxy, fake, key="sk-someone-else").endswith("[default]")
+
+
+def test_guardproxy_keys(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
+) -> None:
+    fake, url = upstream
+    settings = replace(
+        proxy_settings(url, trigger_checkpoint), auth=AuthSettings((key_hash("sk-proxy-key"),))
+    )
+    proxy = start_proxy(loopback, settings)
+    with pytest.raises(openai.AuthenticationError) as err:
+        cut_text(proxy, fake, key="sk-wrong")
+    assert err.value.code == "invalid_api_key" and err.value.status_code == 401
+    import json
+    import urllib.error
+    import urllib.request
+
+    anonymous = urllib.request.Request(proxy + "/chat/completions", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(anonymous)
+    with denied.value:
+        assert denied.value.code == 401
+        assert json.loads(denied.value.read())["error"]["code"] == "invalid_api_key"
+    assert cut_text(proxy, fake, key="sk-proxy-key").startswith("Safe words then a")
+    sent = {k.lower(): v for k, v in fake.headers[-1].items()}
+    assert "authorization" not in sent  # the proxy's key is never passed to the upstream
+    with urllib.request.urlopen(proxy.removesuffix("/v1") + "/healthz") as r:  # probes need no key
+        assert r.status == 200
