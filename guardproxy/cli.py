@@ -135,6 +135,47 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from guardproxy.config import Settings, load_settings_file
+    from guardproxy.evaluate import Report, evaluate, load_items, plot_delays
+    from guardproxy.guard.engine import GuardEngine
+    from guardproxy.guard.model import load_guard_model, resolve_checkpoint
+    from guardproxy.guard.template import ChatTemplate
+    from guardproxy.guard.tokenizer import GuardTokenizer
+
+    settings = load_settings_file(args.config) if args.config else Settings()
+    if args.policy and args.policy not in settings.policies:
+        print(f"error: no policy named {args.policy!r} in the configuration", file=sys.stderr)
+        return 2
+    policy = settings.policies[args.policy] if args.policy else settings.policy
+    changes: dict[str, Any] = {}
+    if args.mode:
+        changes["mode"] = args.mode
+    if args.debounce:
+        changes.update(debounce=True, holdback_tokens=max(1, policy.holdback_tokens))
+    policy = replace(policy, **changes)
+    items = load_items(args.data, label=args.label)
+    source = args.guard_model or settings.guard.model
+    model = load_guard_model(source, device=args.device or settings.guard.device)
+    template = ChatTemplate(GuardTokenizer.from_checkpoint(resolve_checkpoint(source)))
+
+    async def run() -> Report:
+        async with GuardEngine(model, settings.guard.engine) as engine:
+            return await evaluate(
+                engine, template, policy, items, concurrency=args.concurrency, progress=sys.stderr.isatty()
+            )
+
+    report = asyncio.run(run())
+    print(report.text())
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.as_dict(), indent=2))
+    if args.plot:
+        plot_delays(report, args.plot)
+    return 0
+
+
 def _hash_key(args: argparse.Namespace) -> int:
     from guardproxy.config import key_hash
 
@@ -155,6 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="listen port (default 8080)")
     s.set_defaults(func=_serve)
+
+    e = sub.add_parser(
+        "eval", help="score a policy on labelled conversations (Qwen3GuardTest JSONL) or prompts"
+    )
+    e.add_argument("data", help=".jsonl conversations, or prompts: .txt one per line / .json list")
+    e.add_argument("--config", help="YAML configuration whose policy is scored")
+    e.add_argument("--policy", help="a named policy from the configuration (default: its default policy)")
+    e.add_argument("--mode", choices=["strict", "loose"], help="override the policy's mode")
+    e.add_argument("--debounce", action="store_true", help="the technical report's debounce rule")
+    e.add_argument(
+        "--label", choices=["Safe", "Unsafe", "Controversial"], help="label for unlabelled prompts"
+    )
+    e.add_argument("--guard-model", help="hub id or checkpoint directory")
+    e.add_argument("--device", help="cpu, cuda ...")
+    e.add_argument("--concurrency", type=int, default=32, help="conversations judged at once")
+    e.add_argument("--json", help="write the figures as JSON here")
+    e.add_argument("--plot", help="write a PNG histogram of the flag delays here")
+    e.set_defaults(func=_eval)
 
     h = sub.add_parser("hash-key", help="print the SHA-256 of an API key, as the configuration takes it")
     h.add_argument("key", help="the key, or - to read it from standard input")
@@ -190,6 +249,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (GuardModelError, ValueError, OSError) as exc:  # ConfigError is a ValueError
+    except (GuardModelError, ValueError, OSError, RuntimeError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
