@@ -113,3 +113,52 @@ def test_flags_override_the_file() -> None:
         9,
         "127.0.0.1",
     )
+
+
+def test_readme_reference_is_generated_from_the_documented_file() -> None:
+    from guardproxy.config_reference import markdown
+
+    readme = (CONFIG.parent / "README.md").read_text()
+    block = readme.split("<!-- config-reference:start -->\n", 1)[1].split(
+        "\n<!-- config-reference:end -->", 1
+    )[0]
+    assert block == markdown((CONFIG / "guardproxy.yaml").read_text())
+
+
+def test_documented_file_names_every_accepted_key() -> None:
+    from dataclasses import fields
+
+    from guardproxy.config import (
+        _POLICY_SCALARS,
+        AuditSettings,
+        AuthSettings,
+        GuardSettings,
+        LoggingSettings,
+        ServerSettings,
+        UpstreamSettings,
+    )
+    from guardproxy.config_reference import rows
+    from guardproxy.guard.scheduler import EngineLimits
+
+    documented = {path for path, _, _ in rows((CONFIG / "guardproxy.yaml").read_text())}
+    accepted = set()
+    for prefix, cls in (
+        ("server", ServerSettings),
+        ("upstream", UpstreamSettings),
+        ("guard", GuardSettings),
+        ("guard.engine", EngineLimits),
+        ("logging", LoggingSettings),
+        ("audit", AuditSettings),
+        ("auth", AuthSettings),
+    ):
+        accepted |= {f"{prefix}.{f.name}" for f in fields(cls) if f.name != "engine"}
+    accepted |= {f"policy.{k}" for k in _POLICY_SCALARS}
+    accepted |= {f"policy.thresholds.{t}" for t in ("unsafe", "controversial")}
+    accepted |= {
+        f"policy.{side}.{tier}.{k}"
+        for side in ("response", "prompt")
+        for tier in ("unsafe", "controversial")
+        for k in ("action", "categories")
+    }
+    accepted |= {"policies", "policy_routes"}
+    assert accepted - documented == set()
