@@ -468,8 +468,10 @@ class Exchange:
             choice.submit(choice.moderator.finish(str(c["finish_reason"])))
 
     async def _emit(self, out: web.StreamResponse, envelope: dict[str, Any]) -> bool:
-        """Write what every choice may release; on a cut, end every choice and stop reading."""
+        """Write what every choice may release; on a cut, end every choice and stop reading.
+        Everything released at once goes out in one write (one syscall, not one per chunk)."""
         cut = False
+        parts: list[bytes] = []
         for choice in sorted(self.choices.values(), key=lambda c: c.index):
             for piece in choice.moderator.drain():
                 if piece.arrived is not None:
@@ -478,7 +480,7 @@ class Exchange:
                     if self._first_release is None:
                         self._first_release = now
                 final = piece.finish_reason is not None
-                await out.write(
+                parts.append(
                     self._chunk(envelope, choice.index, piece.delta, piece.finish_reason, final=final)
                 )
             cut = cut or choice.moderator.cut_at is not None
@@ -490,7 +492,9 @@ class Exchange:
             for choice in self.choices.values():
                 if not choice.moderator.closed:
                     choice.moderator.closed = True
-                    await out.write(self._chunk(envelope, choice.index, {}, CONTENT_FILTER, final=True))
+                    parts.append(self._chunk(envelope, choice.index, {}, CONTENT_FILTER, final=True))
+        if parts:
+            await out.write(b"".join(parts))
         return cut
 
     def _parse_chunk(self, data: str) -> dict[str, Any]:
@@ -514,11 +518,13 @@ class Exchange:
         env = {
             k: chunk[k] for k in ("id", "created", "model", "system_fingerprint") if chunk.get(k) is not None
         }
-        env.setdefault(
-            "id", f"chatcmpl-{uuid.uuid4().hex}" if self.shape is CHAT else f"cmpl-{uuid.uuid4().hex}"
-        )
-        env.setdefault("created", int(time.time()))
-        env.setdefault("model", self.body.get("model") or "")
+        # Filled only when missing: setdefault would build a uuid for every chunk.
+        if "id" not in env:
+            env["id"] = f"chatcmpl-{uuid.uuid4().hex}" if self.shape is CHAT else f"cmpl-{uuid.uuid4().hex}"
+        if "created" not in env:
+            env["created"] = int(time.time())
+        if "model" not in env:
+            env["model"] = self.body.get("model") or ""
         return env
 
     def _text_delta(self, text: str) -> dict[str, Any]:

@@ -73,6 +73,7 @@ class ChoiceModerator:
         self.closed = False  # the client has its final delta
         self._tool_meta: dict[int, dict[str, Any]] = {}
         self._now = 0.0
+        self._scan = 0  # tokens before this index are entirely released: boundaries need not see them
 
     # -- upstream side ---------------------------------------------------------------------------------
 
@@ -173,8 +174,13 @@ class ChoiceModerator:
             releasable = max(0, len(self.tokens) - self.policy.holdback_tokens)
         bound: dict[str, int] = {}
         blocked: set[str] = set()
-        spans = [span for span, _ in self.tokens] + self.pending_spans
-        for i, span in enumerate(spans):
+        while self._scan < len(self.tokens):
+            span = self.tokens[self._scan][0]
+            if span.end > self.fields[span.field].released:
+                break
+            self._scan += 1
+        spans = [span for span, _ in self.tokens[self._scan :]] + self.pending_spans
+        for i, span in enumerate(spans, start=self._scan):
             if span.field in blocked:
                 continue
             if i < releasable:

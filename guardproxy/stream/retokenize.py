@@ -72,8 +72,15 @@ class Retokenizer:
         return pieces
 
     def _commit_checked(self, cut: int) -> list[Piece] | None:
-        head = self._tok.encode_pieces(self._held[:cut])
         whole = self._tok.encode_pieces(self._held)
+        if self._held.isascii():
+            # NFC changes nothing in ASCII, and BPE never crosses the pre-token boundary at the cut:
+            # the tokens of all held text that end by the cut are the head's. (Encoding the head
+            # alone would not do: "  " before "4" is two pieces, at the end of a text it is one.)
+            head = [p for p in whole if p[2] <= cut]
+            if head and head[-1][2] == cut:
+                return self._commit(head, cut)
+        head = self._tok.encode_pieces(self._held[:cut])
         if [p[0] for p in whole[: len(head)]] != [p[0] for p in head]:
             return None
         return self._commit(head, cut)

@@ -118,7 +118,15 @@ def test_character_by_character(tokenizer: GuardTokenizer, text: str) -> None:
 
 @pytest.mark.parametrize(
     "chunks",
-    [["\n ", "\n"], [" \n", " ", "\n"], ["a?", " ", " \n"], ["x\t", "\t", "\r\n"], ["a ", "\u3000", "\n"]],
+    [
+        ["\n ", "\n"],
+        [" \n", " ", "\n"],
+        ["a?", " ", " \n"],
+        ["x\t", "\t", "\r\n"],
+        ["a ", "\u3000", "\n"],
+        ["\n\n  4", "2"],  # "  " before a digit is " ", " "; at the end of a text it is one piece
+        ["a   b", "c"],
+    ],
 )
 def test_whitespace_runs_merge_across_pushes(tokenizer: GuardTokenizer, chunks: list[str]) -> None:
     # "\s*[\r\n]+" makes a whole whitespace run one piece once a newline ends it.

@@ -1,0 +1,335 @@
+"""Proxy benchmark: N concurrent streaming clients through guardproxy vs straight to the upstream, in
+ONE run, against a fast fake upstream (separate process) that streams W words per answer, one every
+D ms. The words are ordinary English words, one guard token each (about what a fast LLM sends: 100
+tokens/s a stream at 10 ms); the upstream records when it sent each one, and the client fetches those
+times after the run (by stream id and word index), so latency is measured per word:
+
+- added latency per chunk = client arrival - upstream send, through the proxy, minus the same
+  straight to the upstream (p50/p99 of each side);
+- "after final": arrival - the send time of the NEXT word. Exact re-tokenization cannot release a
+  word before the next text shows it is complete (" hello" may still become " hellos"), so at best a
+  word leaves when the next one arrives; this column is the proxy's own processing time after that;
+- time to first token (TTFT) both ways, throughput (words/s), and the proxy process's peak RSS.
+
+Guards: a tiny random checkpoint (isolates the proxy's own cost) and the random 0.6B-shape one
+(the real model's compute), with an audit-only policy (random verdicts must not cut the streams).
+All processes share this machine's cores: compare rows of one run only.
+
+    python bench/proxy.py                       # both guards, 64 streams (tiny) / 8 streams (0.6B)
+    python bench/proxy.py --guards tiny --streams 16 --words 32     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+WORDS = [
+    "the",
+    "world",
+    "of",
+    "and",
+    "river",
+    "light",
+    "green",
+    "house",
+    "music",
+    "table",
+    "water",
+    "city",
+    "road",
+    "paper",
+    "window",
+    "garden",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the fake upstream (runs in its own process: `python bench/proxy.py --upstream PORT WORDS DELAY`) --
+
+
+def run_upstream(port: int, words: int, delay_ms: float) -> None:
+    from aiohttp import web
+
+    sent: dict[str, list[int]] = {}
+
+    async def times(request: web.Request) -> web.Response:
+        return web.json_response(sent.get(request.match_info["sid"], []))
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        stamps = sent.setdefault(request.headers.get("x-bench-stream", ""), [])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        base = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "bench"}
+        first = {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        await resp.write(f"data: {json.dumps(first)}\n\n".encode())
+        for k in range(words):
+            await asyncio.sleep(delay_ms / 1000)
+            word = " " + WORDS[k % len(WORDS)]
+            stamps.append(time.time_ns() // 1000)
+            chunk = {**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        end = {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await resp.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/sent/{sid}", times)
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
+# -- clients ----------------------------------------------------------------------------------------
+
+
+async def one_stream(
+    session: aiohttp.ClientSession, url: str, upstream: str
+) -> tuple[float, list[tuple[int, int]]]:
+    """(TTFT in s, [(send µs, arrival µs) per word])."""
+    body = {
+        "model": "bench",
+        "stream": True,
+        "messages": [{"role": "user", "content": "Tell me some words."}],
+    }
+    sid = uuid.uuid4().hex
+    started = time.time_ns() // 1000
+    ttft = -1.0
+    text: list[str] = []
+    arrival: list[int] = []  # per character of the streamed text: when it came (µs)
+    buf = b""
+    async with session.post(url + "/chat/completions", json=body, headers={"x-bench-stream": sid}) as resp:
+        resp.raise_for_status()
+        async for data in resp.content.iter_any():
+            now = time.time_ns() // 1000
+            buf += data
+            *events, buf = buf.split(b"\n\n")
+            for e in events:
+                if not e.startswith(b"data: {"):
+                    continue
+                for c in json.loads(e[6:]).get("choices", []):
+                    piece = (c.get("delta") or {}).get("content") or ""
+                    if piece and ttft < 0:
+                        ttft = (now - started) / 1e6
+                    text.append(piece)
+                    arrival += [now] * len(piece)
+    # The proxy may release a word in pieces: a word has arrived when its last character has.
+    full = "".join(text)
+    ends = [m.end() - 1 for m in re.finditer(r"\S+", full)]
+    async with session.get(f"{upstream}/sent/{sid}") as r:
+        sent = await r.json()
+    assert len(sent) == len(ends), (len(sent), len(ends))
+    return ttft, [(s, arrival[e]) for s, e in zip(sent, ends, strict=True)]
+
+
+async def run_clients(url: str, streams: int, upstream: str) -> dict[str, Any]:
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=None)) as s:
+        t = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(s, url, upstream) for _ in range(streams)))
+        wall = time.perf_counter() - t
+    lat, after_final, ttfts, words = [], [], [], 0
+    for ttft, seen in results:
+        ttfts.append(ttft)
+        words += len(seen)
+        for i, (sent, arrived) in enumerate(seen):
+            lat.append((arrived - sent) / 1000)
+            if i + 1 < len(seen):
+                after_final.append((arrived - seen[i + 1][0]) / 1000)
+    return {"latency_ms": lat, "after_final_ms": after_final, "ttft_s": ttfts, "words": words, "wall_s": wall}
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited: {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status in (200, 404, 405):
+                    return
+        except OSError as exc:
+            if getattr(exc, "code", None) in (404, 405):
+                return
+        time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--upstream", nargs=3, metavar=("PORT", "WORDS", "DELAY_MS"), help=argparse.SUPPRESS)
+    ap.add_argument("--guards", default="tiny,0.6b")
+    ap.add_argument("--streams", default="16,64", help="concurrent streams with the tiny guard (a list)")
+    ap.add_argument("--streams-0.6b", dest="streams_big", default="2,8", help="with the 0.6B-shape guard")
+    ap.add_argument("--words", type=int, default=64)
+    ap.add_argument("--delay-ms", type=float, default=10.0, help="between two upstream words")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads in the proxy")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+    if args.upstream:
+        run_upstream(int(args.upstream[0]), int(args.upstream[1]), float(args.upstream[2]))
+        return 0
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    up_port = free_port()
+    upstream = subprocess.Popen(
+        [sys.executable, __file__, "--upstream", str(up_port), str(args.words), str(args.delay_ms)], env=env
+    )
+    up_url = f"http://127.0.0.1:{up_port}/v1"
+    rows: list[dict[str, Any]] = []
+    try:
+        wait_ready(f"http://127.0.0.1:{up_port}/", upstream)
+        with tempfile.TemporaryDirectory() as tmp:
+            for guard in args.guards.split(","):
+                counts = [int(x) for x in (args.streams if guard == "tiny" else args.streams_big).split(",")]
+                ckpt = Path(tmp) / guard
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "guardproxy",
+                        "make-test-model",
+                        str(ckpt),
+                        "--random",
+                        "--preset",
+                        guard,
+                    ],
+                    check=True,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                )
+                port = free_port()
+                cfg = Path(tmp) / f"{guard}.yaml"
+                # Random weights judge at random: an audit-only policy (flag, never block or cut) keeps
+                # every stream whole, with exactly the same guard work.
+                flag = "{unsafe: {action: flag}, controversial: {action: flag}}"
+                cfg.write_text(
+                    f"guard: {{device: cpu, threads: {args.threads}}}\nlogging: {{level: warning}}\n"
+                    f"policy: {{details: false, response: {flag}, prompt: {flag}}}\n"
+                )
+                proxy = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "guardproxy",
+                        "serve",
+                        "--config",
+                        str(cfg),
+                        "--upstream",
+                        up_url,
+                        "--guard-model",
+                        str(ckpt),
+                        "--port",
+                        str(port),
+                    ],
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                try:
+                    wait_ready(f"http://127.0.0.1:{port}/readyz", proxy)
+                    root = f"http://127.0.0.1:{up_port}"
+                    asyncio.run(run_clients(f"http://127.0.0.1:{port}/v1", 2, root))  # warm-up
+                    for streams in counts:
+                        direct = asyncio.run(run_clients(up_url, streams, root))
+                        through = asyncio.run(run_clients(f"http://127.0.0.1:{port}/v1", streams, root))
+                        rss = peak_rss_mb(proxy.pid)
+                        row = {
+                            "guard": guard,
+                            "streams": streams,
+                            "direct": direct,
+                            "proxy": through,
+                            "rss_mb": rss,
+                        }
+                        rows.append(row)
+                finally:
+                    proxy.terminate()
+                    proxy.wait(60)
+    finally:
+        upstream.terminate()
+        upstream.wait(30)
+
+    print(
+        f"proxy benchmark: {args.words} words a stream, one every {args.delay_ms:g} ms; proxy torch threads "
+        f"{args.threads}; {os.cpu_count()} cores shared by upstream, proxy and clients"
+    )
+    head = (
+        f"{'guard':<6}{'streams':>8}{'p50 direct':>12}{'p50 proxy':>11}{'p99 direct':>12}{'p99 proxy':>11}"
+        f"{'p99 added':>11}{'p50/p99 after final':>21}{'TTFT +':>9}{'words/s d/p':>14}{'RSS MB':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    out = []
+    for r in rows:
+        d, p = r["direct"], r["proxy"]
+        rec = {
+            "guard": r["guard"],
+            "streams": r["streams"],
+            "p50_direct_ms": pct(d["latency_ms"], 50),
+            "p50_proxy_ms": pct(p["latency_ms"], 50),
+            "p99_direct_ms": pct(d["latency_ms"], 99),
+            "p99_proxy_ms": pct(p["latency_ms"], 99),
+            "p50_after_final_ms": pct(p["after_final_ms"], 50),
+            "p99_after_final_ms": pct(p["after_final_ms"], 99),
+            "ttft_direct_s": statistics.median(d["ttft_s"]),
+            "ttft_proxy_s": statistics.median(p["ttft_s"]),
+            "words_s_direct": d["words"] / d["wall_s"],
+            "words_s_proxy": p["words"] / p["wall_s"],
+            "words_direct": d["words"],
+            "words_proxy": p["words"],
+            "peak_rss_mb": r["rss_mb"],
+        }
+        rec["p99_added_ms"] = rec["p99_proxy_ms"] - rec["p99_direct_ms"]
+        out.append(rec)
+        print(
+            f"{rec['guard']:<6}{rec['streams']:>8}{rec['p50_direct_ms']:>12.2f}{rec['p50_proxy_ms']:>11.2f}"
+            f"{rec['p99_direct_ms']:>12.2f}{rec['p99_proxy_ms']:>11.2f}{rec['p99_added_ms']:>11.2f}"
+            f"{rec['p50_after_final_ms']:>10.2f}/{rec['p99_after_final_ms']:<10.2f}"
+            f"{rec['ttft_proxy_s'] - rec['ttft_direct_s']:>8.3f}s"
+            f"{rec['words_s_direct']:>7.0f}/{rec['words_s_proxy']:<6.0f}{rec['peak_rss_mb']:>8.0f}"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
