@@ -65,16 +65,11 @@ def _load_conversation(args: argparse.Namespace) -> tuple[list[Any], str | None]
 
 async def _check(args: argparse.Namespace) -> int:
     from guardproxy.guard.engine import GuardEngine
-    from guardproxy.guard.model import load_guard_model
-    from guardproxy.guard.template import ChatTemplate
-    from guardproxy.guard.tokenizer import GuardTokenizer
+    from guardproxy.guard.loading import load_guard
 
     messages, response = _load_conversation(args)
-    model = load_guard_model(args.guard_model, device=args.device)
-    from guardproxy.guard.model import resolve_checkpoint
-
-    tokenizer = GuardTokenizer.from_checkpoint(resolve_checkpoint(args.guard_model))
-    template = ChatTemplate(tokenizer)
+    model, template = load_guard(args.guard_model, device=args.device)
+    tokenizer = template.tok
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     async with GuardEngine(model) as engine:
         prompt = template.render_prompt(messages, max_tokens=engine.max_prompt_tokens)
@@ -141,9 +136,7 @@ def _eval(args: argparse.Namespace) -> int:
     from guardproxy.config import Settings, load_settings_file
     from guardproxy.evaluate import Report, evaluate, load_items, plot_delays
     from guardproxy.guard.engine import GuardEngine
-    from guardproxy.guard.model import load_guard_model, resolve_checkpoint
-    from guardproxy.guard.template import ChatTemplate
-    from guardproxy.guard.tokenizer import GuardTokenizer
+    from guardproxy.guard.loading import load_guard
 
     settings = load_settings_file(args.config) if args.config else Settings()
     if args.policy and args.policy not in settings.policies:
@@ -158,8 +151,9 @@ def _eval(args: argparse.Namespace) -> int:
     policy = replace(policy, **changes)
     items = load_items(args.data, label=args.label)
     source = args.guard_model or settings.guard.model
-    model = load_guard_model(source, device=args.device or settings.guard.device)
-    template = ChatTemplate(GuardTokenizer.from_checkpoint(resolve_checkpoint(source)))
+    model, template = load_guard(
+        source, device=args.device or settings.guard.device, dtype=settings.guard.dtype
+    )
 
     async def run() -> Report:
         async with GuardEngine(model, settings.guard.engine) as engine:

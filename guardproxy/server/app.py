@@ -18,15 +18,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-import torch
 from aiohttp import web
 
 from guardproxy.config import Settings, key_hash
 from guardproxy.guard.engine import GuardEngine
-from guardproxy.guard.model import Qwen3GuardStream, load_guard_model, resolve_checkpoint
+from guardproxy.guard.loading import load_guard
 from guardproxy.guard.scheduler import EngineError, EngineOverloaded
-from guardproxy.guard.template import ChatTemplate, ConversationError
-from guardproxy.guard.tokenizer import GuardTokenizer
+from guardproxy.guard.template import ConversationError
 from guardproxy.observe.audit import AuditLog
 from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
@@ -45,16 +43,6 @@ GUARD_NAME = web.AppKey("guard_name", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_KEY = web.RequestKey("client_key", str)  # the hashed bearer key, for per-key policies
 RELOADER = web.AppKey("reloader", ConfigReloader)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _load_guard(settings: Settings) -> tuple[Qwen3GuardStream, GuardTokenizer]:
-    g = settings.guard
-    model = load_guard_model(
-        g.model, device=g.device, dtype=_DTYPES[g.dtype] if g.dtype else None, revision=g.revision
-    )
-    return model, GuardTokenizer.from_checkpoint(resolve_checkpoint(g.model, g.revision))
 
 
 def create_app(
@@ -87,7 +75,10 @@ def create_app(
 async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # Loading weights takes seconds to minutes: off the event loop.
-    model, tokenizer = await asyncio.get_running_loop().run_in_executor(None, _load_guard, settings)
+    g = settings.guard
+    model, template = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: load_guard(g.model, device=g.device, dtype=g.dtype, revision=g.revision)
+    )
     limits = settings.guard.engine
     max_positions = min(limits.max_positions, int(model.config.max_position_embeddings))
     metrics = app[METRICS]
@@ -112,7 +103,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     await engine.start()
     app[SERVICES] = GuardServices(
         engine=engine,
-        template=ChatTemplate(tokenizer),
+        template=template,
         upstream=Upstream(settings.upstream, client),
         max_choices=settings.server.max_choices,
         metrics=metrics,

@@ -1,0 +1,22 @@
+"""One call for everything a guard needs from a checkpoint: the model and its chat template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from guardproxy.guard.model import Qwen3GuardStream, load_guard_model, resolve_checkpoint
+from guardproxy.guard.template import ChatTemplate
+from guardproxy.guard.tokenizer import GuardTokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_guard(
+    source: str | Path, *, device: str | None = None, dtype: str | None = None, revision: str | None = None
+) -> tuple[Qwen3GuardStream, ChatTemplate]:
+    """The checkpoint's model (strictly loaded) and the template built on its own tokenizer."""
+    model = load_guard_model(source, device=device, dtype=DTYPES[dtype] if dtype else None, revision=revision)
+    tokenizer = GuardTokenizer.from_checkpoint(resolve_checkpoint(source, revision))
+    return model, ChatTemplate(tokenizer)
