@@ -36,6 +36,10 @@ class Script:
     tool_args: list[str] = field(default_factory=list)  # one tool call whose arguments stream in pieces
     multiline: bool = False  # JSON spread over several data: lines
     delay: float = 0.0  # seconds between events (a slow upstream)
+    # A fault after `fault_after` events: "bad-json", "bad-utf8", "not-sse" (garbage lines), "reset"
+    # (the connection drops), "stall" (stops sending; the proxy's read timeout ends it), "error-event".
+    fault: str | None = None
+    fault_after: int = 2
 
 
 class FakeUpstream:
@@ -152,18 +156,39 @@ class FakeUpstream:
                 }
             )
         eol = "\r\n" if s.crlf else "\n"
-        raw = ""
+        events: list[bytes] = []
         for c in self._chunks(body, kind):
-            if s.keepalive:
-                raw += ": keep-alive" + eol + eol
-            raw += "data: " + json.dumps(c, ensure_ascii=False) + eol + eol
-        raw += "data: [DONE]" + eol + eol
-        data = raw.encode()
+            ev = ": keep-alive" + eol + eol if s.keepalive else ""
+            if s.multiline:  # the JSON spread over several data: lines, as the spec allows
+                lines = json.dumps(c, ensure_ascii=False, indent=1).split("\n")
+                ev += "".join(f"data: {line}{eol}" for line in lines) + eol
+            else:
+                ev += "data: " + json.dumps(c, ensure_ascii=False) + eol + eol
+            events.append(ev.encode())
+        events.append(f"data: [DONE]{eol}{eol}".encode())
+        if s.fault is not None:
+            faults = {
+                "bad-json": b"data: {not json" + eol.encode() * 2,
+                "bad-utf8": b'data: {"x": "\xff\xfe"}' + eol.encode() * 2,
+                "not-sse": b"this line has no field" + eol.encode() + b"{}" + eol.encode() * 2,
+                "error-event": b'data: {"error": {"message": "model crashed", "type": "server_error"}}'
+                + eol.encode() * 2,
+            }
+            events.insert(s.fault_after, faults.get(s.fault, b""))
+        data = b"".join(events)
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         rng = random.Random(s.split_seed)
         pos = 0
         try:
+            if s.fault in ("reset", "stall"):
+                await resp.write(b"".join(events[: s.fault_after]))
+                if s.fault == "stall":
+                    await asyncio.sleep(30)  # bounded; the proxy's read timeout ends it first
+                else:
+                    assert request.transport is not None
+                    request.transport.close()  # mid-body: the chunked response never completes
+                return resp
             if s.delay:  # event by event, slowly, as a real model generates
                 for event in data.split(b"\n\n"):
                     await resp.write(event + b"\n\n")

@@ -1,0 +1,120 @@
+"""Upstream faults and client disconnects: the client gets an OpenAI-shaped error (in-band once the
+stream started), nothing unjudged leaks, and every guard stream is returned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from .conftest import proxy_settings
+from .harness import FakeUpstream, Loopback, Script, start_proxy
+
+BENIGN = ["The", " weather", " in", " Paris", " is", " mild", "."]
+
+
+@pytest.fixture(scope="module")
+def fault_proxy(loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path) -> str:
+    settings = proxy_settings(upstream[1], trigger_checkpoint)
+    # A short read timeout so a stalled upstream ends the test quickly.
+    return start_proxy(loopback, replace(settings, upstream=replace(settings.upstream, read_timeout_s=0.5)))
+
+
+def raw_stream(proxy: str) -> tuple[list[Any], str]:
+    """The SSE events as the client gets them (JSON objects, or the [DONE] marker)."""
+    body = json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    req = urllib.request.Request(
+        proxy + "/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        text = r.read().decode()
+    events: list[Any] = []
+    for block in text.split("\n\n"):
+        if block.startswith("data: "):
+            data = block[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events, text
+
+
+def engine_idle(proxy: str) -> bool:
+    with urllib.request.urlopen(proxy.removesuffix("/v1") + "/readyz") as r:
+        return json.loads(r.read())["engine"]["active_streams"] == 0
+
+
+def wait_idle(proxy: str) -> None:
+    deadline = time.monotonic() + 10
+    while not engine_idle(proxy):
+        assert time.monotonic() < deadline, "guard streams were not returned"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("bad-json", "not JSON"),
+        ("bad-utf8", "invalid UTF-8"),
+        ("error-event", "model crashed"),
+        ("reset", "upstream stream failed"),
+        ("stall", "upstream stream failed"),
+    ],
+)
+def test_upstream_faults_mid_stream_end_with_an_error_event(
+    fault_proxy: str, fake: FakeUpstream, fault: str, message: str
+) -> None:
+    fake.script = Script(pieces=[BENIGN], fault=fault, fault_after=3)
+    events, _ = raw_stream(fault_proxy)
+    assert events[-1] == "[DONE]"
+    error = events[-2]["error"]
+    assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
+    # Whatever came before was judged text of the answer, never the fault's bytes.
+    released = "".join(c["delta"].get("content") or "" for e in events[:-2] for c in e.get("choices", []))
+    assert "".join(BENIGN).startswith(released)
+    wait_idle(fault_proxy)
+
+
+def test_lines_without_a_field_are_ignored_as_the_spec_says(fault_proxy: str, fake: FakeUpstream) -> None:
+    fake.script = Script(pieces=[BENIGN], fault="not-sse", fault_after=3)
+    events, _ = raw_stream(fault_proxy)
+    text = "".join(c["delta"].get("content") or "" for e in events[:-1] for c in e.get("choices", []))
+    assert text == "".join(BENIGN) and events[-1] == "[DONE]"
+
+
+async def test_client_disconnect_cancels_the_upstream_and_frees_the_guard(
+    proxy: str, fake: FakeUpstream
+) -> None:
+    fake.script = Script(pieces=[[" word"] * 400], delay=0.01)  # a 4 s answer
+    closed = fake.closed_early
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s, s.post(proxy + "/chat/completions", json=body) as r:
+        assert r.status == 200
+        got = b""
+        while b"word" not in got:  # read until the answer is flowing, then hang up
+            got += await r.content.readany()
+    deadline = time.monotonic() + 10
+    while fake.closed_early == closed:
+        assert time.monotonic() < deadline, "the upstream request was not cancelled"
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(wait_idle, proxy)
+
+
+def test_oversized_bodies_get_413(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
+) -> None:
+    settings = proxy_settings(upstream[1], trigger_checkpoint)
+    small = start_proxy(loopback, replace(settings, server=replace(settings.server, max_body_bytes=4096)))
+    with (
+        pytest.raises(openai.APIStatusError) as err,
+        openai.OpenAI(base_url=small, api_key="k", max_retries=0) as c,
+    ):
+        c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 10_000}])
+    assert err.value.status_code == 413 and "too large" in err.value.message
