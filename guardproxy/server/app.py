@@ -135,6 +135,7 @@ async def _watch_config(app: web.Application) -> AsyncIterator[None]:
 # -- errors ------------------------------------------------------------------------------------------
 
 
+MAX_MESSAGES = 4096  # far beyond the guard's context; refuses pathological requests cheaply
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 access_log = logging.getLogger("guardproxy.access")
 
@@ -226,6 +227,8 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except UnicodeDecodeError:
         raise bad_request("request body is not UTF-8") from None
+    except RecursionError:
+        raise bad_request("request body is nested too deeply") from None
     except ValueError as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -264,6 +267,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _json_body(request)
     if "messages" not in body:
         raise bad_request("messages is required", param="messages")
+    messages = body["messages"]
+    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+        raise bad_request(f"at most {MAX_MESSAGES} messages per request", param="messages")
     return await _exchange(request, body, body["messages"], CHAT)
 
 
