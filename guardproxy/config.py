@@ -248,6 +248,7 @@ _POLICY_SCALARS: dict[str, type] = {
     "notice": str,
     "details": bool,
     "audit_text": bool,
+    "on_guard_error": str,
 }
 
 

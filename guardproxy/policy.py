@@ -72,6 +72,7 @@ class Policy:
     notice: str = "\n\n[guardproxy: the rest of this response was withheld by the content policy]"
     details: bool = True  # moderation details in a `guardproxy` field and x-guardproxy-* headers
     audit_text: bool = False  # write prompt and response text into the audit log (capped)
+    on_guard_error: Literal["fail_closed", "fail_open"] = "fail_closed"
 
     def __post_init__(self) -> None:
         for name in ("unsafe_threshold", "controversial_threshold"):
@@ -82,6 +83,10 @@ class Policy:
             raise ValueError("policy.holdback_tokens must be >= 0")
         if self.debounce and self.holdback_tokens < 1:
             raise ValueError("policy.debounce needs policy.holdback_tokens >= 1 to act before release")
+        if self.on_guard_error not in ("fail_closed", "fail_open"):
+            raise ValueError(
+                f"policy.on_guard_error must be fail_closed or fail_open, got {self.on_guard_error!r}"
+            )
         if self.blocked_prompt not in ("error", "refusal"):
             raise ValueError(f"policy.blocked_prompt must be error or refusal, got {self.blocked_prompt!r}")
         if self.prompt_check not in ("parallel", "before"):

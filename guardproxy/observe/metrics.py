@@ -30,6 +30,9 @@ class Metrics:
             ["action", "risk", "category"],
             registry=r,
         )
+        self.guard_failures = Counter(
+            "guardproxy_guard_failures", "Requests whose guard failed, by policy mode.", ["mode"], registry=r
+        )
         self.active_streams = Gauge("guardproxy_engine_active_streams", "Live guard streams.", registry=r)
         self.queued_streams = Gauge(
             "guardproxy_engine_queued_streams", "Streams waiting for room.", registry=r

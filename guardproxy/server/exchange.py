@@ -66,8 +66,8 @@ class GuardServices:
 
 
 def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
-    if v is None:
-        return {"risk": "Safe", "category": None, "action": str(action)}
+    if v is None:  # the guard failed and the policy failed open
+        return {"risk": "unjudged", "category": None, "action": str(action)}
     return {
         "risk": v.risk,
         "category": v.category,
@@ -96,9 +96,13 @@ class _Choice:
         self.metrics = metrics
         self.pending: deque[asyncio.Future[list[Verdict]]] = deque()
         self._fed_at: deque[float] = deque()
+        self.fail_open = moderator.policy.on_guard_error == "fail_open"
+        self.error: str | None = None  # why the guard failed, when it failed open
         self.submit(moderator.start())
 
     def submit(self, feeds: list[GuardFeed]) -> None:
+        if self.moderator.unguarded:
+            return
         for f in feeds:
             if f.spans is None:
                 self.stream.feed_context(f.ids)
@@ -107,15 +111,30 @@ class _Choice:
                 self._fed_at.append(time.perf_counter())
 
     def settle(self) -> None:
-        """Hand the verdicts that are back to the moderator, in feed order."""
+        """Hand the verdicts that are back to the moderator, in feed order. A guard failure raises
+        (fail_closed) or turns the choice unguarded (fail_open)."""
         while self.pending and self.pending[0].done():
             fut = self.pending.popleft()
             self.metrics.verdict_wait.observe(time.perf_counter() - self._fed_at.popleft())
             try:
                 verdicts = fut.result()
             except EngineError as exc:
-                raise guard_failed(exc) from None
+                if not self.fail_open:
+                    self.metrics.guard_failures.labels("fail_closed").inc()
+                    raise guard_failed(exc) from None
+                self.unguard(str(exc))
+                return
             self.moderator.judged(verdicts)
+
+    def unguard(self, reason: str) -> None:
+        if self.error is None:
+            self.error = reason
+            self.metrics.guard_failures.labels("fail_open").inc()
+        self.moderator.unguard()
+        for fut in self.pending:
+            fut.cancel()
+        self.pending.clear()
+        self._fed_at.clear()
 
 
 class Exchange:
@@ -140,6 +159,7 @@ class Exchange:
         self.choices: dict[int, _Choice] = {}
         self.prompt_verdict: Verdict | None = None
         self.prompt_action = Action.ALLOW
+        self.guard_error: str | None = None  # the guard failed and the policy failed open
         self._guard: GuardStream | None = None
         self._upstream: asyncio.Task[aiohttp.ClientResponse] | None = None
         self._resp: aiohttp.ClientResponse | None = None
@@ -169,12 +189,20 @@ class Exchange:
         try:
             if self.policy.prompt_check == "parallel":
                 self._start_upstream()
-            self.prompt_verdict = await self._guard_call(self._guard.prompt_verdict())
-            self.prompt_action = self.policy.action(self.prompt_verdict, prompt=True)
-            v = self.prompt_verdict
-            self.s.metrics.prompt_verdicts.labels(
-                v.risk, v.top_category if v.risk != "Safe" else "", str(self.prompt_action)
-            ).inc()
+            try:
+                self.prompt_verdict = await self._guard.prompt_verdict()
+            except EngineError as exc:
+                if self.policy.on_guard_error != "fail_open":
+                    self.s.metrics.guard_failures.labels("fail_closed").inc()
+                    raise guard_failed(exc) from None
+                self.guard_error = str(exc)  # fail open: the request goes on, unjudged and marked
+                self.s.metrics.guard_failures.labels("fail_open").inc()
+            if self.prompt_verdict is not None:
+                v = self.prompt_verdict
+                self.prompt_action = self.policy.action(v, prompt=True)
+                self.s.metrics.prompt_verdicts.labels(
+                    v.risk, v.top_category if v.risk != "Safe" else "", str(self.prompt_action)
+                ).inc()
             if self.prompt_action == Action.CUT:
                 await self._cancel_upstream(abort=True)
                 return await self._blocked()
@@ -303,12 +331,18 @@ class Exchange:
         if index < 0 or index >= self.s.max_choices:
             raise ProxyError(502, f"upstream sent choice index {index}", type="upstream_error")
         assert self._guard is not None
-        if index == 0:
+        if index == 0 or self.guard_error is not None:
             stream, owned = self._guard, False
         else:
             # Each further choice continues the same prompt in a stream of its own.
-            stream, owned = await self.s.engine.open(self.prompt.ids, None, self.prompt.anchor_start), True
+            try:
+                stream = await self.s.engine.open(self.prompt.ids, None, self.prompt.anchor_start)
+            except EngineError as exc:
+                raise guard_failed(exc) from None
+            owned = True
         c = _Choice(index, ChoiceModerator(self.s.template, self.policy), stream, owned, self.s.metrics)
+        if self.guard_error is not None:
+            c.unguard(self.guard_error)
         self.choices[index] = c
         return c
 
@@ -325,13 +359,22 @@ class Exchange:
                 "p_unsafe": round(worst.p_unsafe, 6),
                 "p_controversial": round(worst.p_controversial, 6),
             }
-        return {"prompt": verdict_details(self.prompt_verdict, self.prompt_action), "response": response}
+        details: dict[str, Any] = {
+            "prompt": verdict_details(self.prompt_verdict, self.prompt_action),
+            "response": response,
+        }
+        error = self.guard_error or next((c.error for c in self.choices.values() if c.error), None)
+        if error is not None:
+            details["guard_error"] = error  # failed open: what follows it was not judged
+        return details
 
     def _headers(self) -> dict[str, str]:
         if not self.policy.details:
             return {}
         d = self._details()
-        h = {"x-guardproxy-prompt-risk": d["prompt"]["risk"], "x-guardproxy-policy": self.policy.name}
+        h = {"x-guardproxy-prompt-risk": str(d["prompt"]["risk"]), "x-guardproxy-policy": self.policy.name}
+        if "guard_error" in d:
+            h["x-guardproxy-guard"] = "failed-open"
         if not self.streaming:
             h["x-guardproxy-response-risk"] = d["response"]["risk"]
             h["x-guardproxy-action"] = d["response"]["action"]

@@ -74,6 +74,7 @@ class ChoiceModerator:
         self._tool_meta: dict[int, dict[str, Any]] = {}
         self._now = 0.0
         self._scan = 0  # tokens before this index are entirely released: boundaries need not see them
+        self.unguarded = False
 
     # -- upstream side ---------------------------------------------------------------------------------
 
@@ -140,8 +141,16 @@ class ChoiceModerator:
 
     # -- guard side ------------------------------------------------------------------------------------
 
+    def unguard(self) -> None:
+        """The guard failed and the policy fails open: what arrives is released unjudged (a cut
+        already decided still stands)."""
+        self.unguarded = True
+        self.pending_spans.clear()
+
     def judged(self, verdicts: list[Verdict]) -> None:
         """Verdicts for the next judged tokens, in the order their feeds were made."""
+        if self.unguarded:
+            return
         for v in verdicts:
             span = self.pending_spans.pop(0)
             self.tokens.append((span, None))
@@ -166,6 +175,8 @@ class ChoiceModerator:
 
         Once a cut is decided every token before it is final (nothing more is judged, debounce can
         revise nothing), so the holdback no longer applies to them."""
+        if self.cut_at is None and self.unguarded:
+            return {name: len(f.text) for name, f in self.fields.items()}
         if self.cut_at is not None:
             releasable = self.cut_at.index
         elif self.finished and not self.pending_spans:

@@ -53,12 +53,14 @@ def test_file_change_reloads_and_bad_files_are_rejected(
     proxy, app = start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=0.05)
     assert cut_text(proxy, fake).endswith("[v1]")
     write_config(cfg, url, trigger_checkpoint, "[v2]")
-    wait_until(lambda: app[STORE].reloads == 1)
+    # (The write and the mtime bump may be seen as one change or two: count reloads, not exact ones.)
+    wait_until(lambda: app[STORE].reloads >= 1 and app[STORE].current.policy.notice == "[v2]")
     assert cut_text(proxy, fake).endswith("[v2]")
+    reloads = app[STORE].reloads
     cfg.write_text("policy: {mode: paranoid}\n")  # invalid: rejected whole
     os.utime(cfg, ns=(time.time_ns(), time.time_ns() + 4_000_000_000))
-    wait_until(lambda: app[RELOADER].rejected == 1)
-    assert cut_text(proxy, fake).endswith("[v2]") and app[STORE].reloads == 1
+    wait_until(lambda: app[RELOADER].rejected >= 1)
+    assert cut_text(proxy, fake).endswith("[v2]") and app[STORE].reloads == reloads
 
 
 def test_a_stream_in_flight_keeps_its_policy(

@@ -1,0 +1,108 @@
+"""The guard fails (an exception in the forward, as an out-of-memory would raise): fail_closed releases
+nothing unjudged, fail_open passes the answer through marked, and the engine serves the next request."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from guardproxy.server.app import SERVICES
+
+from .conftest import proxy_settings
+from .harness import FakeUpstream, Loopback, Script, start_proxy_app
+
+BENIGN = ["Fine", " words", " only", "."]
+
+
+class Breaker:
+    """Makes the engine's forward raise from the N-th step on (the model runs in its worker thread)."""
+
+    def __init__(self, app: Any) -> None:
+        self.runner = app[SERVICES].engine.runner
+        self.original = self.runner.execute
+        self.after = 0
+        self.steps = 0
+
+    def __call__(self, items: Any) -> Any:
+        self.steps += 1
+        if self.steps > self.after:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return self.original(items)
+
+    def arm(self, after_steps: int) -> None:
+        self.steps, self.after = 0, after_steps
+        self.runner.execute = self
+
+    def disarm(self) -> None:
+        self.runner.execute = self.original
+
+
+@pytest.fixture(params=["fail_closed", "fail_open"])
+def broken(
+    request: pytest.FixtureRequest,
+    loopback: Loopback,
+    upstream: tuple[FakeUpstream, str],
+    trigger_checkpoint: Path,
+) -> Iterator[tuple[str, str, Breaker]]:
+    proxy, app = start_proxy_app(
+        loopback, proxy_settings(upstream[1], trigger_checkpoint, on_guard_error=request.param)
+    )
+    breaker = Breaker(app)
+    yield request.param, proxy, breaker
+    breaker.disarm()
+
+
+def stream(proxy: str) -> list[Any]:
+    body = json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    req = urllib.request.Request(
+        proxy + "/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        text = r.read().decode()
+    return [
+        b[6:] if b[6:] == "[DONE]" else json.loads(b[6:])
+        for b in text.split("\n\n")
+        if b.startswith("data: ")
+    ]
+
+
+def content(events: list[Any]) -> str:
+    return "".join(
+        c["delta"].get("content") or "" for e in events if isinstance(e, dict) for c in e.get("choices", [])
+    )
+
+
+@pytest.mark.parametrize("after_steps", [0, 1], ids=["at-the-prompt", "mid-answer"])
+def test_guard_failure_follows_the_policy(
+    broken: tuple[str, str, Breaker], fake: FakeUpstream, after_steps: int
+) -> None:
+    mode, proxy, breaker = broken
+    fake.script = Script(pieces=[BENIGN], delay=0.01)
+    breaker.arm(after_steps)
+    if mode == "fail_closed" and after_steps == 0:
+        with (
+            pytest.raises(openai.InternalServerError) as err,
+            openai.OpenAI(base_url=proxy, api_key="k", max_retries=0) as c,
+        ):
+            c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert err.value.status_code == 503 and err.value.code == "guard_error"
+    else:
+        events = stream(proxy)
+        assert events[-1] == "[DONE]"
+        if mode == "fail_closed":  # the stream had started: an error event, and nothing unjudged before it
+            assert "guard" in events[-2]["error"]["message"] and content(events) == ""
+        else:  # fail open: the whole answer, marked as unjudged
+            assert content(events) == "".join(BENIGN)
+            final = next(e for e in events if isinstance(e, dict) and e["choices"][0].get("finish_reason"))
+            assert "out of memory" in final["guardproxy"]["guard_error"]
+    breaker.disarm()
+    fake.script = Script(pieces=[BENIGN])
+    assert content(stream(proxy)) == "".join(BENIGN)  # the engine serves the next request
