@@ -61,6 +61,7 @@ def create_app(
         app[RELOADER] = reloader
         app.cleanup_ctx.append(_watch_config)
     app.cleanup_ctx.append(_services)
+    app.on_shutdown.append(_begin_drain)
     app.on_response_prepare.append(_add_request_id)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
@@ -109,6 +110,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         audit=audit,
         audit_text_chars=settings.audit.max_text_chars,
+        stopping=asyncio.get_running_loop().create_future(),
     )
     log.info("guardproxy ready: guard %s, upstream %s", settings.guard.model, settings.upstream.base_url)
     try:
@@ -118,6 +120,23 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await engine.stop()
         if audit is not None:
             audit.close()
+
+
+async def _begin_drain(app: web.Application) -> None:
+    """Shutdown began (no new connections): streams in flight may finish within the grace period;
+    those still running just before it ends are ended cleanly by their exchanges."""
+    services = app.get(SERVICES)
+    if services is None or services.stopping is None:
+        return
+    grace = app[SETTINGS].server.shutdown_grace_s
+    fut = services.stopping
+    log.info("shutting down: streams in flight have %.1fs to finish", grace)
+
+    def stop() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    asyncio.get_running_loop().call_later(max(0.0, grace - min(0.5, grace / 4)), stop)
 
 
 async def _watch_config(app: web.Application) -> AsyncIterator[None]:

@@ -63,6 +63,9 @@ class GuardServices:
     metrics: Metrics
     audit: AuditLog | None = None
     audit_text_chars: int = 4000
+    # Done a little before the shutdown grace period ends: streams still running end themselves cleanly
+    # (an error event, [DONE], a complete body) instead of being cut by the server's forced close.
+    stopping: asyncio.Future[None] | None = None
 
 
 def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
@@ -444,7 +447,16 @@ class Exchange:
                 waits |= {c.pending[0] for c in self.choices.values() if c.pending}
                 if not waits:
                     break
+                if self.s.stopping is not None:
+                    waits.add(self.s.stopping)
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                if self.s.stopping is not None and self.s.stopping.done():
+                    raise ProxyError(
+                        503,
+                        "the stream was ended by guardproxy (shutting down)",
+                        type="server_error",
+                        code="shutdown",
+                    )
                 if next_read is not None and next_read.done():
                     task, next_read = next_read, None
                     try:
@@ -489,6 +501,18 @@ class Exchange:
         except (aiohttp.ClientError, TimeoutError) as exc:
             msg = f"upstream stream failed: {type(exc).__name__}: {exc}"
             await out.write(ProxyError(502, msg, type="upstream_error").sse())
+        except asyncio.CancelledError:
+            # Shutdown past its grace period (or the client left): end the stream cleanly for a
+            # client still there, then let the cancellation through.
+            end = ProxyError(
+                503,
+                "the stream was ended by guardproxy (shutting down)",
+                type="server_error",
+                code="shutdown",
+            )
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(_end_stream(out, end.sse()))
+            raise
         finally:
             if next_read is not None:
                 next_read.cancel()
@@ -674,3 +698,9 @@ class Exchange:
 
 async def _read(reader: AsyncIterator[bytes]) -> bytes:
     return await anext(reader)
+
+
+async def _end_stream(out: web.StreamResponse, last: bytes) -> None:
+    """The last bytes and the end of the chunked body: a complete response, even when cancelled."""
+    await out.write(last)
+    await out.write_eof()

@@ -59,8 +59,7 @@ class FakeUpstream:
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
 
-    def _chunks(self, body: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-        s = self.script
+    def _chunks(self, body: dict[str, Any], kind: str, s: Script) -> list[dict[str, Any]]:
         base = {"id": "chatcmpl-fake", "created": 1763800000, "model": body.get("model", "fake-model")}
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         if s.style == "ollama":
@@ -121,7 +120,9 @@ class FakeUpstream:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
-        s = self.script
+        # A per-request script (load tests run many different answers at once).
+        own = request.headers.get("x-fake-script")
+        s = Script(**json.loads(own)) if own else self.script
         if s.status != 200:
             return web.Response(status=s.status, body=s.error_body, content_type="application/json")
         if not body.get("stream"):
@@ -157,7 +158,7 @@ class FakeUpstream:
             )
         eol = "\r\n" if s.crlf else "\n"
         events: list[bytes] = []
-        for c in self._chunks(body, kind):
+        for c in self._chunks(body, kind, s):
             ev = ": keep-alive" + eol + eol if s.keepalive else ""
             if s.multiline:  # the JSON spread over several data: lines, as the spec allows
                 lines = json.dumps(c, ensure_ascii=False, indent=1).split("\n")

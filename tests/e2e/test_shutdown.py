@@ -1,0 +1,102 @@
+"""SIGTERM: guardproxy stops accepting, lets streams in flight finish within server.shutdown_grace_s,
+then ends the rest cleanly (an error event and [DONE]), and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .harness import FakeUpstream
+from .test_serve_cli import free_port
+
+
+def read_stream(url: str, script: dict[str, object], out: dict[str, str]) -> None:
+    body = json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    req = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", "x-fake-script": json.dumps(script)}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            out["text"] = r.read().decode()
+    except Exception as exc:  # recorded, then asserted on by the test
+        out["error"] = repr(exc)
+
+
+@pytest.mark.parametrize(
+    ("words", "finishes"), [(60, True), (900, False)], ids=["within-grace", "past-grace"]
+)
+def test_sigterm_drains_then_ends_streams_cleanly(
+    upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path, tmp_path: Path, words: int, finishes: bool
+) -> None:
+    _, url = upstream
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("server: {shutdown_grace_s: 2.0, reload_interval_s: 0}\nguard: {device: cpu}\n")
+    log = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "guardproxy",
+            "serve",
+            "--config",
+            str(cfg),
+            "--upstream",
+            url,
+            "--guard-model",
+            str(trigger_checkpoint),
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.2)
+        result: dict[str, str] = {}
+        # 10 ms a word: 60 words end within the 2 s grace, 900 do not.
+        t = threading.Thread(
+            target=read_stream,
+            args=(base + "/v1/chat/completions", {"pieces": [[" word"] * words], "delay": 0.01}, result),
+        )
+        t.start()
+        time.sleep(0.3)  # the stream is flowing
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        with pytest.raises(urllib.error.URLError):  # no new connections while draining
+            urllib.request.urlopen(base + "/healthz", timeout=2)
+        t.join(30)
+        assert "text" in result, result
+        text = result["text"]
+        assert text.rstrip().endswith("data: [DONE]")
+        if finishes:
+            assert text.count(" word") == 60 and '"finish_reason": "stop"' in text
+        else:
+            assert '"code": "shutdown"' in text and text.count(" word") < 900
+        assert proc.wait(30) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
