@@ -135,7 +135,12 @@ class FakeUpstream:
                 choices = [
                     {
                         "index": i,
-                        "message": {"role": "assistant", "content": t, "tool_calls": calls},
+                        "message": {
+                            "role": "assistant",
+                            "content": t,
+                            "tool_calls": calls,
+                            "reasoning_content": "".join(s.reasoning) or None,
+                        },
                         "logprobs": None,
                         "finish_reason": "tool_calls" if calls else "stop",
                     }

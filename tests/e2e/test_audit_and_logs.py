@@ -85,6 +85,10 @@ def test_audit_records_decisions_without_text(
     assert sent.index("req-benign-1") < sent.index("req-cut-2")
     captured = json_logs.getvalue()
     assert SECRET not in captured
+    import urllib.request
+
+    with urllib.request.urlopen(proxy.removesuffix("/v1") + "/metrics") as r:
+        assert SECRET not in r.read().decode()  # nor in the metrics
     lines = [json.loads(line) for line in captured.splitlines()]
     assert any(x["request_id"] == "req-cut-2" and x["logger"] == "guardproxy.access" for x in lines)
 
