@@ -36,6 +36,7 @@ class Script:
     tool_args: list[str] = field(default_factory=list)  # one tool call whose arguments stream in pieces
     multiline: bool = False  # JSON spread over several data: lines
     delay: float = 0.0  # seconds between events (a slow upstream)
+    first_delay: float = 0.0  # seconds before the response starts (a slow first byte)
     # A fault after `fault_after` events: "bad-json", "bad-utf8", "not-sse" (garbage lines), "reset"
     # (the connection drops), "stall" (stops sending; the proxy's read timeout ends it), "error-event".
     fault: str | None = None
@@ -123,6 +124,12 @@ class FakeUpstream:
         # A per-request script (load tests run many different answers at once).
         own = request.headers.get("x-fake-script")
         s = Script(**json.loads(own)) if own else self.script
+        if s.first_delay:
+            try:
+                await asyncio.sleep(s.first_delay)
+            except asyncio.CancelledError:
+                self.closed_early += 1
+                raise
         if s.status != 200:
             return web.Response(status=s.status, body=s.error_body, content_type="application/json")
         if not body.get("stream"):

@@ -4,6 +4,7 @@ stream started), nothing unjudged leaks, and every guard stream is returned."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.request
@@ -14,6 +15,8 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+
+from guardproxy.guard.scheduler import EngineLimits
 
 from .conftest import proxy_settings
 from .harness import FakeUpstream, Loopback, Script, start_proxy
@@ -118,3 +121,48 @@ def test_oversized_bodies_get_413(
     ):
         c.chat.completions.create(model="m", messages=[{"role": "user", "content": "x" * 10_000}])
     assert err.value.status_code == 413 and "too large" in err.value.message
+
+
+async def test_client_disconnect_before_the_first_byte(proxy: str, fake: FakeUpstream) -> None:
+    closed = fake.closed_early
+    script = json.dumps({"pieces": [["late"]], "first_delay": 5.0})
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as s:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):  # hang up while the upstream has not answered yet
+                await s.post(proxy + "/chat/completions", json=body, headers={"x-fake-script": script})
+    deadline = time.monotonic() + 10
+    while fake.closed_early == closed:
+        assert time.monotonic() < deadline, "the upstream request was not cancelled"
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(wait_idle, proxy)
+
+
+async def test_client_disconnect_while_queued_for_the_guard(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
+) -> None:
+    settings = proxy_settings(upstream[1], trigger_checkpoint)
+    one = EngineLimits(
+        max_streams=1, max_queue=4, queue_timeout_s=30, response_reserve=256, anchor_tokens=256
+    )
+    proxy = start_proxy(loopback, replace(settings, guard=replace(settings.guard, engine=one)))
+    body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    slow = json.dumps({"pieces": [[" word"] * 100], "delay": 0.01})
+    async with aiohttp.ClientSession() as s:
+        holder = asyncio.create_task(
+            s.post(proxy + "/chat/completions", json=body, headers={"x-fake-script": slow})
+        )
+        await asyncio.sleep(0.3)  # the only guard stream is taken
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.5):  # queued behind it; hang up
+                await s.post(proxy + "/chat/completions", json=body)
+        r = await holder
+        await r.read()
+        r.release()
+        async with s.get(proxy.removesuffix("/v1") + "/readyz") as ready:
+            assert (await ready.json())["engine"]["queued"] == 0
+        fine = json.dumps({"pieces": [["ok"]]})
+        async with s.post(
+            proxy + "/chat/completions", json={**body, "stream": False}, headers={"x-fake-script": fine}
+        ) as r2:
+            assert r2.status == 200 and (await r2.json())["choices"][0]["message"]["content"] == "ok"
