@@ -12,7 +12,6 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -260,16 +259,3 @@ def load_guard_model(
     model.eval()
     log.info("loaded guard model from %s (%s, %s)", path, dev, dt)
     return model
-
-
-def model_summary(model: Qwen3GuardStream) -> dict[str, Any]:
-    c = model.config
-    return {
-        "layers": c.num_hidden_layers,
-        "hidden": c.hidden_size,
-        "heads": c.num_attention_heads,
-        "kv_heads": c.num_key_value_heads,
-        "max_positions": c.max_position_embeddings,
-        "dtype": str(next(model.parameters()).dtype),
-        "device": str(next(model.parameters()).device),
-    }

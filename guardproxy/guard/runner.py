@@ -60,9 +60,6 @@ class ModelRunner:
         v[:, :, :used] = handle.v[:, :, :used]
         return KVBlock(k, v)
 
-    def kv_bytes_per_token(self) -> int:
-        return int(2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize)
-
     # -- the step ------------------------------------------------------------------------------------
 
     def execute(self, items: Sequence[WorkItem]) -> list[ItemOutput]:

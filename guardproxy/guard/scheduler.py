@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -297,9 +297,6 @@ class Scheduler:
 
     # -- stepping ------------------------------------------------------------------------------------
 
-    def has_work(self) -> bool:
-        return any(s.pend_ids and not s.closed and s.failed is None for s in self.streams.values())
-
     def schedule(self) -> StepPlan | None:
         """Pack the next step. Must not be called while a plan is in flight."""
         assert not self._inflight, "schedule() while a step is in flight"
@@ -411,10 +408,3 @@ class Scheduler:
 
     def cached_tokens(self) -> int:
         return sum(s.cached for s in self.streams.values())
-
-    def for_each_ticket(self, fn: Callable[[Ticket], None]) -> None:
-        for s in self.streams.values():
-            if s.prompt_ticket:
-                fn(s.prompt_ticket)
-            for t in s.tickets:
-                fn(t)

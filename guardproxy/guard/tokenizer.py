@@ -84,8 +84,3 @@ class GuardTokenizer:
     def decode(self, ids: list[int]) -> str:
         text: str = self._full.decode(ids, skip_special_tokens=False)
         return text
-
-    def token_bytes_text(self, token_id: int) -> str:
-        """The vocabulary string of one id (byte-level form), for display."""
-        tok = self._full.id_to_token(token_id)
-        return tok if tok is not None else f"<{token_id}>"

@@ -16,12 +16,6 @@ class HeadLabels:
     risk: tuple[str, ...]
     category: tuple[str, ...]
 
-    def risk_index(self, name: str) -> int:
-        try:
-            return self.risk.index(name)
-        except ValueError:
-            raise KeyError(f"risk level {name!r} is not one of {list(self.risk)}") from None
-
 
 @dataclass(frozen=True, slots=True)
 class GuardLabels:

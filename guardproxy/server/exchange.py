@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -318,12 +318,6 @@ class Exchange:
                 self._resp.close()
             else:
                 self._resp.release()
-
-    async def _guard_call(self, awaitable: Awaitable[Any]) -> Any:
-        try:
-            return await awaitable
-        except EngineError as exc:
-            raise guard_failed(exc) from None
 
     # -- choices ---------------------------------------------------------------------------------------
 
