@@ -64,6 +64,7 @@ def _load_conversation(args: argparse.Namespace) -> tuple[list[Any], str | None]
 
 
 async def _check(args: argparse.Namespace) -> int:
+    from guardproxy.evaluate import judge_answer
     from guardproxy.guard.engine import GuardEngine
     from guardproxy.guard.loading import load_guard
 
@@ -73,10 +74,12 @@ async def _check(args: argparse.Namespace) -> int:
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     async with GuardEngine(model) as engine:
         prompt = template.render_prompt(messages, max_tokens=engine.max_prompt_tokens)
-        async with await engine.open_prompt(prompt) as stream:
+        async with await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as stream:
             pv = await stream.prompt_verdict()
-            tokens = template.response_ids(response) if response else []
-            verdicts = await stream.judge(tokens) if tokens else []
+            # The answer as the proxy feeds it: the assistant turn's layout, judged token by token.
+            judged = await judge_answer(stream, template, response, len(prompt.ids)) if response else []
+    tokens = [t.id for t in judged]
+    verdicts = [t.verdict for t in judged]
     if args.json:
         out: dict[str, Any] = {"prompt": pv.to_dict(), "response": []}
         for tid, v in zip(tokens, verdicts, strict=True):

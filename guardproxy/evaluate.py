@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardproxy.guard.engine import GuardEngine
+from guardproxy.guard.engine import GuardEngine, GuardStream
 from guardproxy.guard.template import ChatTemplate
-from guardproxy.guard.verdict import CONTROVERSIAL, UNSAFE
+from guardproxy.guard.verdict import CONTROVERSIAL, UNSAFE, Verdict
 from guardproxy.policy import Policy, ResponseJudge
 from guardproxy.stream.guardview import AssistantView
 
@@ -77,6 +77,34 @@ def load_items(path: str | Path, label: str | None = None) -> list[Item]:
     if not isinstance(prompts, list) or not all(isinstance(x, str) for x in prompts):
         raise ValueError(f"{p}: expected a JSON list of strings")
     return [Item([{"role": "user", "content": x}], label) for x in prompts]
+
+
+@dataclass(frozen=True)
+class JudgedToken:
+    id: int
+    position: int  # in the conversation's chat-template ids (what Qwen3GuardTest's indices count)
+    verdict: Verdict
+
+
+async def judge_answer(
+    stream: GuardStream, template: ChatTemplate, text: str, start: int
+) -> list[JudgedToken]:
+    """An assistant answer fed to the guard exactly as the proxy feeds one (the assistant turn's layout,
+    via ``AssistantView``), ``start`` being the position it follows; a verdict per judged token."""
+    view = AssistantView(template)
+    out: list[JudgedToken] = []
+    position = start
+    for feed in [*view.header(), *view.content(text), *view.finish()]:
+        if feed.spans is None:
+            stream.feed_context(feed.ids)
+        else:
+            verdicts = await stream.judge(feed.ids)
+            out += [
+                JudgedToken(i, position + k, v)
+                for k, (i, v) in enumerate(zip(feed.ids, verdicts, strict=True))
+            ]
+        position += len(feed.ids)
+    return out
 
 
 @dataclass
@@ -212,21 +240,13 @@ async def evaluate(
                 pv = await stream.prompt_verdict()
                 first: int | None = None
                 if item.response is not None:
-                    # Exactly as the proxy feeds an answer: the assistant turn's layout, token by token.
-                    view = AssistantView(template)
+                    tokens = await judge_answer(stream, template, item.response, len(prompt.ids))
                     judge = ResponseJudge(policy)
-                    position = len(prompt.ids)
-                    for feed in [*view.header(), *view.content(item.response), *view.finish()]:
-                        if feed.spans is None:
-                            stream.feed_context(feed.ids)
-                            position += len(feed.ids)
-                            continue
-                        for k, verdict in enumerate(await stream.judge(feed.ids)):
-                            decided = judge.judge(verdict)
-                            if first is None and any(d.action > 0 for d in decided):
-                                flagged = min(d.index for d in decided if d.action > 0)
-                                first = position + k - (judge.count - 1 - flagged)
-                        position += len(feed.ids)
+                    for token in tokens:
+                        flagged = [d.index for d in judge.judge(token.verdict) if d.action > 0]
+                        if flagged:
+                            first = tokens[min(flagged)].position
+                            break
         tier = policy.tier(pv)
         report.prompt_verdicts[tier] += 1
         predicted_prompt = tier == UNSAFE or (tier == CONTROVERSIAL and policy.mode == "strict")
