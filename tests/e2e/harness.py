@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import IO, Any, TypeVar
 
 from aiohttp import web
 
@@ -269,3 +274,62 @@ def start_proxy_app(
     app = create_app(settings, config_path=config_path, reload_interval_s=reload_interval_s)
     port = loop.serve(app)
     return f"http://127.0.0.1:{port}/v1", app
+
+
+def sse_events(proxy: str, script: dict[str, Any] | None = None, timeout: float = 30) -> list[Any]:
+    """A streamed chat completion as the client's raw SSE events: JSON objects, then "[DONE]"."""
+    import urllib.request
+
+    body = json.dumps(
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    headers = {"Content-Type": "application/json"}
+    if script is not None:
+        headers["x-fake-script"] = json.dumps(script)
+    req = urllib.request.Request(proxy + "/chat/completions", data=body, headers=headers)
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        text = r.read().decode()
+    return [
+        b[6:] if b[6:] == "[DONE]" else json.loads(b[6:])
+        for b in text.split("\n\n")
+        if b.startswith("data: ")
+    ]
+
+
+def serve_process(
+    config: Path, upstream: str, guard: Path, port: int, log: IO[bytes]
+) -> subprocess.Popen[bytes]:
+    """`guardproxy serve` as a user runs it, in its own process, its output in ``log``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "guardproxy",
+        "serve",
+        "--config",
+        str(config),
+        "--upstream",
+        upstream,
+        "--guard-model",
+        str(guard),
+        "--port",
+        str(port),
+    ]
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+
+
+def wait_ready(base: str, proc: subprocess.Popen[bytes], seconds: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, "guardproxy serve exited"
+        try:
+            with urllib.request.urlopen(base + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "guardproxy serve did not become ready"
+        time.sleep(0.2)

@@ -10,7 +10,6 @@ import time
 import urllib.request
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import openai
@@ -19,7 +18,7 @@ import pytest
 from guardproxy.guard.scheduler import EngineLimits
 
 from .conftest import proxy_settings
-from .harness import FakeUpstream, Loopback, Script, start_proxy
+from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy
 
 BENIGN = ["The", " weather", " in", " Paris", " is", " mild", "."]
 
@@ -29,24 +28,6 @@ def fault_proxy(loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_
     settings = proxy_settings(upstream[1], trigger_checkpoint)
     # A short read timeout so a stalled upstream ends the test quickly.
     return start_proxy(loopback, replace(settings, upstream=replace(settings.upstream, read_timeout_s=0.5)))
-
-
-def raw_stream(proxy: str) -> tuple[list[Any], str]:
-    """The SSE events as the client gets them (JSON objects, or the [DONE] marker)."""
-    body = json.dumps(
-        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    ).encode()
-    req = urllib.request.Request(
-        proxy + "/chat/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        text = r.read().decode()
-    events: list[Any] = []
-    for block in text.split("\n\n"):
-        if block.startswith("data: "):
-            data = block[6:]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events, text
 
 
 def engine_idle(proxy: str) -> bool:
@@ -75,7 +56,7 @@ def test_upstream_faults_mid_stream_end_with_an_error_event(
     fault_proxy: str, fake: FakeUpstream, fault: str, message: str
 ) -> None:
     fake.script = Script(pieces=[BENIGN], fault=fault, fault_after=3)
-    events, _ = raw_stream(fault_proxy)
+    events = sse_events(fault_proxy)
     assert events[-1] == "[DONE]"
     error = events[-2]["error"]
     assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
@@ -87,7 +68,7 @@ def test_upstream_faults_mid_stream_end_with_an_error_event(
 
 def test_lines_without_a_field_are_ignored_as_the_spec_says(fault_proxy: str, fake: FakeUpstream) -> None:
     fake.script = Script(pieces=[BENIGN], fault="not-sse", fault_after=3)
-    events, _ = raw_stream(fault_proxy)
+    events = sse_events(fault_proxy)
     text = "".join(c["delta"].get("content") or "" for e in events[:-1] for c in e.get("choices", []))
     assert text == "".join(BENIGN) and events[-1] == "[DONE]"
 

@@ -3,8 +3,6 @@ nothing unjudged, fail_open passes the answer through marked, and the engine ser
 
 from __future__ import annotations
 
-import json
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ import pytest
 from guardproxy.server.app import SERVICES
 
 from .conftest import proxy_settings
-from .harness import FakeUpstream, Loopback, Script, start_proxy_app
+from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy_app
 
 BENIGN = ["Fine", " words", " only", "."]
 
@@ -58,22 +56,6 @@ def broken(
     breaker.disarm()
 
 
-def stream(proxy: str) -> list[Any]:
-    body = json.dumps(
-        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    ).encode()
-    req = urllib.request.Request(
-        proxy + "/chat/completions", data=body, headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=30) as r:
-        text = r.read().decode()
-    return [
-        b[6:] if b[6:] == "[DONE]" else json.loads(b[6:])
-        for b in text.split("\n\n")
-        if b.startswith("data: ")
-    ]
-
-
 def content(events: list[Any]) -> str:
     return "".join(
         c["delta"].get("content") or "" for e in events if isinstance(e, dict) for c in e.get("choices", [])
@@ -95,7 +77,7 @@ def test_guard_failure_follows_the_policy(
             c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         assert err.value.status_code == 503 and err.value.code == "guard_error"
     else:
-        events = stream(proxy)
+        events = sse_events(proxy)
         assert events[-1] == "[DONE]"
         if mode == "fail_closed":  # the stream had started: an error event, and nothing unjudged before it
             assert "guard" in events[-2]["error"]["message"] and content(events) == ""
@@ -105,4 +87,4 @@ def test_guard_failure_follows_the_policy(
             assert "out of memory" in final["guardproxy"]["guard_error"]
     breaker.disarm()
     fake.script = Script(pieces=[BENIGN])
-    assert content(stream(proxy)) == "".join(BENIGN)  # the engine serves the next request
+    assert content(sse_events(proxy)) == "".join(BENIGN)  # the engine serves the next request

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import openai
 
-from .harness import FakeUpstream, Script
+from .harness import FakeUpstream, Script, serve_process, wait_ready
 
 
 def free_port() -> int:
@@ -34,34 +30,11 @@ def test_serve_runs_the_proxy_until_sigterm(
         "server: {reload_interval_s: 0}\npolicy:\n  notice: ' [cut]'\n"
         "guard:\n  device: cpu\n  engine: {max_cached_tokens: 8192}\n"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "guardproxy",
-        "serve",
-        "--config",
-        str(config),
-        "--upstream",
-        url,
-        "--guard-model",
-        str(trigger_checkpoint),
-        "--port",
-        str(port),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    log_path = tmp_path / "serve.log"
+    log = log_path.open("wb")
+    proc = serve_process(config, url, trigger_checkpoint, port, log)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "guardproxy serve did not become ready"
-            time.sleep(0.2)
+        wait_ready(f"http://127.0.0.1:{port}", proc)
         with openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0) as c:
             r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
             assert r.choices[0].message.content == "All good here."
@@ -83,6 +56,8 @@ def test_serve_runs_the_proxy_until_sigterm(
                 time.sleep(0.1)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0].decode()
+        proc.wait(60)
+        log.close()
+    out = log_path.read_text()
     assert proc.returncode == 0, out
     assert "guardproxy ready" in out and "policy reloaded" in out

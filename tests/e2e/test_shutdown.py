@@ -4,10 +4,7 @@ then ends the rest cleanly (an error event and [DONE]), and exits 0."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -16,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import FakeUpstream
+from .harness import FakeUpstream, serve_process, wait_ready
 from .test_serve_cli import free_port
 
 
@@ -45,35 +42,10 @@ def test_sigterm_drains_then_ends_streams_cleanly(
     cfg = tmp_path / "c.yaml"
     cfg.write_text("server: {shutdown_grace_s: 2.0, reload_interval_s: 0}\nguard: {device: cpu}\n")
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "guardproxy",
-            "serve",
-            "--config",
-            str(cfg),
-            "--upstream",
-            url,
-            "--guard-model",
-            str(trigger_checkpoint),
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    proc = serve_process(cfg, url, trigger_checkpoint, port, log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=2):
-                    break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_ready(base, proc)
         result: dict[str, str] = {}
         # 10 ms a word: 60 words end within the 2 s grace, 900 do not.
         t = threading.Thread(
