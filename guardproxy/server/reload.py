@@ -47,7 +47,15 @@ class ConfigReloader:
         """Load the file now; True when the new policy is in force."""
         self._stamp = self._read_stamp()
         try:
+            # A file caught empty (truncated mid-write by an editor) would load as all defaults and
+            # quietly replace the policy in force: refuse it like any invalid file.
+            if not self.path.read_text(encoding="utf-8").strip():
+                raise ConfigError(f"{self.path}: the file is empty")
             new = load_settings_file(self.path)
+        except OSError as exc:
+            log.error("configuration reload failed, the policy in force is kept: %s", exc)
+            self.rejected += 1
+            return False
         except ConfigError as exc:
             log.error("configuration reload rejected, the policy in force is kept: %s", exc)
             self.rejected += 1
@@ -70,7 +78,11 @@ class ConfigReloader:
         while True:
             await asyncio.sleep(self.interval_s)
             stamp = self._read_stamp()
-            if stamp is not None and stamp != self._stamp:
+            if stamp is None or stamp == self._stamp:
+                continue
+            # Let a write finish: load only once the file has stopped changing.
+            await asyncio.sleep(min(0.2, self.interval_s))
+            if self._read_stamp() == stamp:
                 self.reload()
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> bool:

@@ -16,7 +16,7 @@ from guardproxy.config import AuthSettings, key_hash, load_settings, load_settin
 from guardproxy.server.app import RELOADER, STORE
 
 from .conftest import proxy_settings
-from .harness import FakeUpstream, Loopback, Script, start_proxy, start_proxy_app
+from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy, start_proxy_app
 
 
 def write_config(path: Path, upstream: str, guard: Path, notice: str, extra: str = "") -> None:
@@ -72,15 +72,37 @@ def test_a_stream_in_flight_keeps_its_policy(
     proxy, app = start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=3600)
     result: dict[str, str] = {}
     started = len(fake.requests)
-    # A slow answer (20 ms an event); the policy changes while it streams.
-    worker = threading.Thread(target=lambda: result.update(text=cut_text(proxy, fake, delay=0.02)))
+    # A slow streamed answer (about 40 events, 20 ms apart); the policy changes while it streams.
+    script = {"pieces": [["Safe"] * 36 + [" words", " then", " a", " bomb"]], "delay": 0.02}
+
+    def read() -> None:
+        events = sse_events(proxy, script)
+        result["text"] = "".join(
+            c["delta"].get("content") or "" for e in events if isinstance(e, dict) for c in e["choices"]
+        )
+
+    worker = threading.Thread(target=read)
     worker.start()
     wait_until(lambda: len(fake.requests) > started)
     write_config(cfg, url, trigger_checkpoint, "[new]")
     assert loopback.call(_reload(app))
+    assert worker.is_alive(), "the answer ended before the reload: nothing was in flight"
     worker.join(30)
     assert result["text"].endswith("[old]")
     assert cut_text(proxy, fake).endswith("[new]")
+
+
+def test_an_empty_file_never_replaces_the_policy(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path, tmp_path: Path
+) -> None:
+    # An editor's non-atomic save passes through an empty file; loading it would mean "all defaults".
+    fake, url = upstream
+    cfg = tmp_path / "guardproxy.yaml"
+    write_config(cfg, url, trigger_checkpoint, "[kept]")
+    proxy, app = start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=3600)
+    cfg.write_text("")
+    assert not loopback.call(_reload(app))
+    assert app[RELOADER].rejected == 1 and cut_text(proxy, fake).endswith("[kept]")
 
 
 def _reload(app: Any) -> Any:
