@@ -361,12 +361,9 @@ async def moderations(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.StreamResponse:
     upstream = request.app[SERVICES].upstream
-    headers = {
-        k: v
-        for k, v in request.headers.items()
-        if forward_client_key(request) or k.lower() != "authorization"
-    }
-    resp = await upstream.request("GET", "/v1/models", headers)
+    resp = await upstream.request(
+        "GET", "/v1/models", request.headers, forward_auth=forward_client_key(request)
+    )
     async with resp:
         raw = await resp.read()
         if resp.status != 200:

@@ -293,14 +293,10 @@ class Exchange:
     def _start_upstream(self) -> None:
         self._upstream_started = time.perf_counter()
         data = json.dumps(self.body, ensure_ascii=False).encode()
-        # The client's headers go on (the upstream client drops hop-by-hop ones), with our request id.
-        ours = {"x-request-id", "content-type"} | (set() if self.forward_key else {"authorization"})
-        headers = {k: v for k, v in self.request.headers.items() if k.lower() not in ours}
-        headers["X-Request-Id"] = request_id.get()
-        headers["Content-Type"] = "application/json"
-        self._upstream = asyncio.create_task(
-            self.s.upstream.request("POST", self.shape.path, headers, data), name="guardproxy-upstream"
+        request = self.s.upstream.request(
+            "POST", self.shape.path, self.request.headers, data, forward_auth=self.forward_key
         )
+        self._upstream = asyncio.create_task(request, name="guardproxy-upstream")
 
     async def _cancel_upstream(self, *, abort: bool = False) -> None:
         """Stop waiting on the upstream. ``abort`` (a blocked prompt, a cut) closes the connection so

@@ -12,6 +12,7 @@ from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from guardproxy.config import UpstreamSettings
+from guardproxy.observe.logs import request_id
 from guardproxy.server.errors import ProxyError
 
 # Never forwarded: hop-by-hop headers (RFC 9110 7.6.1), and what the proxy sets itself.
@@ -35,6 +36,7 @@ _DROP = frozenset(
         "Forwarded",
     )
 )
+_SET_HERE = frozenset({"x-request-id", "content-type"})  # set by headers() itself
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
@@ -64,21 +66,38 @@ class Upstream:
         rest = path[3:] if path.startswith("/v1/") else path
         return self.base + rest
 
-    def headers(self, incoming: Mapping[str, str]) -> CIMultiDict[str]:
+    def headers(
+        self, incoming: Mapping[str, str], *, forward_auth: bool = True, json_body: bool = False
+    ) -> CIMultiDict[str]:
+        """Every decision about what the upstream sees, in one place: the client's end-to-end
+        headers, without hop-by-hop ones, without the client's key when guardproxy has keys of its
+        own (``forward_auth`` False), with the upstream key when one is configured, and our request id."""
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in incoming.items():
-            if name.lower() not in _DROP:
-                out.add(name, value)
+            low = name.lower()
+            if low in _DROP or low in _SET_HERE or (low == "authorization" and not forward_auth):
+                continue
+            out.add(name, value)
         if self.settings.api_key is not None:
             out["Authorization"] = f"Bearer {self.settings.api_key}"
         out["Accept-Encoding"] = "identity"
+        out["X-Request-Id"] = request_id.get()
+        if json_body:
+            out["Content-Type"] = "application/json"
         return out
 
     async def request(
-        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes | None = None,
+        *,
+        forward_auth: bool = True,
     ) -> aiohttp.ClientResponse:
         """The upstream's response with its headers read (the body not yet). Retried while nothing
-        has been sent to the client; the last retryable status is returned as it is."""
+        has been sent to the client; the last retryable status is returned as it is. ``headers`` are
+        the client's, as received (``headers()`` decides what goes on); a ``body`` is JSON."""
         attempts = self.settings.retries + 1
         retrying = AsyncRetrying(
             stop=stop_after_attempt(attempts),
@@ -88,7 +107,7 @@ class Upstream:
             ),
             reraise=True,
         )
-        fwd = self.headers(headers)
+        fwd = self.headers(headers, forward_auth=forward_auth, json_body=body is not None)
         try:
             async for attempt in retrying:
                 with attempt:
