@@ -127,8 +127,6 @@ class ChatTemplate:
         self.scaffold = self.encode(
             [self.im_start, "assistant\n", self.think, "\n\n", self.think_end, "\n\n"]
         )
-        # For a response with reasoning: header, then "\n{reasoning}\n", </think>, "\n\n", then content.
-        self.reasoning_open = self.encode([self.im_start, "assistant\n", self.think])
 
     def encode(self, segments: Sequence[Segment]) -> list[int]:
         """Markup ids as they are; each maximal run of text encoded as plain text."""
@@ -261,5 +259,6 @@ class ChatTemplate:
         )
 
     def response_ids(self, text: str) -> list[int]:
-        """A final assistant answer as the guard reads it (the template strips its leading newlines)."""
+        """The chat template's ids for a finished answer after the scaffold (it strips leading newlines).
+        Streamed answers are fed through ``stream.guardview.AssistantView``, which gives these ids."""
         return self.tok.encode_text(text.lstrip("\n"))

@@ -34,13 +34,15 @@ def fake(upstream: tuple[FakeUpstream, str]) -> Iterator[FakeUpstream]:
     yield upstream[0]
 
 
-def proxy_settings(upstream_url: str, guard: Path, **policy: object) -> Settings:
+def proxy_settings(
+    upstream_url: str, guard: Path, engine: EngineLimits | None = None, **policy: object
+) -> Settings:
     base = Settings(
         upstream=UpstreamSettings(base_url=upstream_url, retries=1),
         guard=GuardSettings(
             model=str(guard),
             device="cpu",
-            engine=EngineLimits(max_batch_tokens=512, response_reserve=256, anchor_tokens=512),
+            engine=engine or EngineLimits(max_batch_tokens=512, response_reserve=256, anchor_tokens=512),
         ),
     )
     return replace(base, policy=replace(base.policy, **policy)) if policy else base

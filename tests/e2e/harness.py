@@ -333,3 +333,23 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], seconds: float = 90) ->
             pass
         assert time.monotonic() < deadline, "guardproxy serve did not become ready"
         time.sleep(0.2)
+
+
+IDLE = {"active_streams": 0, "queued": 0, "cached_tokens": 0}
+
+
+def engine_state(proxy: str) -> dict[str, int]:
+    """The guard engine's live streams, queue and cache, from /readyz."""
+    import urllib.request
+
+    with urllib.request.urlopen(proxy.removesuffix("/v1") + "/readyz", timeout=10) as r:
+        state: dict[str, int] = json.loads(r.read())["engine"]
+        return state
+
+
+def wait_idle(proxy: str, seconds: float = 10) -> None:
+    """Every guard stream returned: nothing live, nothing queued, no cache held."""
+    deadline = time.monotonic() + seconds
+    while (state := engine_state(proxy)) != IDLE:
+        assert time.monotonic() < deadline, f"guard resources were not returned: {state}"
+        time.sleep(0.05)

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import json
 import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from guardproxy.guard.scheduler import EngineLimits
 
 from .conftest import proxy_settings
-from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy
+from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy, wait_idle
 
 BENIGN = ["The", " weather", " in", " Paris", " is", " mild", "."]
 
@@ -28,18 +27,6 @@ def fault_proxy(loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_
     settings = proxy_settings(upstream[1], trigger_checkpoint)
     # A short read timeout so a stalled upstream ends the test quickly.
     return start_proxy(loopback, replace(settings, upstream=replace(settings.upstream, read_timeout_s=0.5)))
-
-
-def engine_idle(proxy: str) -> bool:
-    with urllib.request.urlopen(proxy.removesuffix("/v1") + "/readyz") as r:
-        return json.loads(r.read())["engine"]["active_streams"] == 0
-
-
-def wait_idle(proxy: str) -> None:
-    deadline = time.monotonic() + 10
-    while not engine_idle(proxy):
-        assert time.monotonic() < deadline, "guard streams were not returned"
-        time.sleep(0.05)
 
 
 @pytest.mark.parametrize(
@@ -122,11 +109,10 @@ async def test_client_disconnect_before_the_first_byte(proxy: str, fake: FakeUps
 async def test_client_disconnect_while_queued_for_the_guard(
     loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
 ) -> None:
-    settings = proxy_settings(upstream[1], trigger_checkpoint)
     one = EngineLimits(
         max_streams=1, max_queue=4, queue_timeout_s=30, response_reserve=256, anchor_tokens=256
     )
-    proxy = start_proxy(loopback, replace(settings, guard=replace(settings.guard, engine=one)))
+    proxy = start_proxy(loopback, proxy_settings(upstream[1], trigger_checkpoint, engine=one))
     body = {"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
     slow = json.dumps({"pieces": [[" word"] * 100], "delay": 0.01})
     async with aiohttp.ClientSession() as s:

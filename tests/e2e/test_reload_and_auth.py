@@ -37,6 +37,14 @@ def cut_text(proxy: str, fake: FakeUpstream, key: str = "k", **script: Any) -> s
     return r.choices[0].message.content or ""
 
 
+def reloading_proxy(
+    loopback: Loopback, cfg: Path, url: str, guard: Path, notice: str, interval: float
+) -> tuple[str, Any]:
+    """A proxy started from ``cfg`` (written with ``notice``) that reloads it every ``interval`` s."""
+    write_config(cfg, url, guard, notice)
+    return start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=interval)
+
+
 def wait_until(check: Any, seconds: float = 10.0) -> None:
     deadline = time.monotonic() + seconds
     while not check():
@@ -49,8 +57,7 @@ def test_file_change_reloads_and_bad_files_are_rejected(
 ) -> None:
     fake, url = upstream
     cfg = tmp_path / "guardproxy.yaml"
-    write_config(cfg, url, trigger_checkpoint, "[v1]")
-    proxy, app = start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=0.05)
+    proxy, app = reloading_proxy(loopback, cfg, url, trigger_checkpoint, "[v1]", 0.05)
     assert cut_text(proxy, fake).endswith("[v1]")
     write_config(cfg, url, trigger_checkpoint, "[v2]")
     # (The write and the mtime bump may be seen as one change or two: count reloads, not exact ones.)
@@ -68,8 +75,7 @@ def test_a_stream_in_flight_keeps_its_policy(
 ) -> None:
     fake, url = upstream
     cfg = tmp_path / "guardproxy.yaml"
-    write_config(cfg, url, trigger_checkpoint, "[old]")
-    proxy, app = start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=3600)
+    proxy, app = reloading_proxy(loopback, cfg, url, trigger_checkpoint, "[old]", 3600)
     result: dict[str, str] = {}
     started = len(fake.requests)
     # A slow streamed answer (about 40 events, 20 ms apart); the policy changes while it streams.
@@ -98,8 +104,7 @@ def test_an_empty_file_never_replaces_the_policy(
     # An editor's non-atomic save passes through an empty file; loading it would mean "all defaults".
     fake, url = upstream
     cfg = tmp_path / "guardproxy.yaml"
-    write_config(cfg, url, trigger_checkpoint, "[kept]")
-    proxy, app = start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=3600)
+    proxy, app = reloading_proxy(loopback, cfg, url, trigger_checkpoint, "[kept]", 3600)
     cfg.write_text("")
     assert not loopback.call(_reload(app))
     assert app[RELOADER].rejected == 1 and cut_text(proxy, fake).endswith("[kept]")

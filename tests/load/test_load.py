@@ -15,7 +15,6 @@ import random
 import resource
 import time
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ import aiohttp
 
 from guardproxy.guard.scheduler import EngineLimits
 from tests.e2e.conftest import proxy_settings
-from tests.e2e.harness import FakeUpstream, Loopback, start_proxy
+from tests.e2e.harness import IDLE, FakeUpstream, Loopback, engine_state, start_proxy, wait_idle
 
 SECONDS = float(os.environ.get("GUARDPROXY_LOAD_SECONDS", "6"))
 CLIENTS = int(os.environ.get("GUARDPROXY_LOAD_CLIENTS", "64"))
@@ -94,12 +93,6 @@ async def drive(proxy: str, seconds: float, clients: int, seed: int) -> Counter[
     return tally
 
 
-async def engine_state(proxy: str) -> dict[str, int]:
-    async with aiohttp.ClientSession() as s, s.get(proxy.removesuffix("/v1") + "/readyz") as r:
-        engine: dict[str, int] = (await r.json())["engine"]
-        return engine
-
-
 async def test_sustained_load(proxy: str, fake: FakeUpstream) -> None:
     warm = await drive(proxy, min(2.0, SECONDS / 3), CLIENTS, seed=1)
     after_warmup = rss_mb()
@@ -112,22 +105,16 @@ async def test_sustained_load(proxy: str, fake: FakeUpstream) -> None:
     assert tally["unexpected"] == 0 and warm["unexpected"] == 0
     assert tally["cut"] > 0 and tally["benign"] > 0 and tally["blocked"] > 0
     assert rss_mb() - after_warmup < 200  # flat: peak RSS grows by less than this after warm-up
-    for _ in range(100):  # every guard stream is returned
-        state = await engine_state(proxy)
-        if state["active_streams"] == 0:
-            break
-        await asyncio.sleep(0.05)
-    assert state == {"active_streams": 0, "queued": 0, "cached_tokens": 0}
+    await asyncio.to_thread(wait_idle, proxy)  # every guard stream is returned
 
 
 async def test_over_capacity_is_429_with_retry_after(
     loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
 ) -> None:
-    settings = proxy_settings(upstream[1], trigger_checkpoint)
     tight = EngineLimits(
         max_streams=4, max_queue=0, max_batch_tokens=512, response_reserve=256, anchor_tokens=256
     )
-    proxy = start_proxy(loopback, replace(settings, guard=replace(settings.guard, engine=tight)))
+    proxy = start_proxy(loopback, proxy_settings(upstream[1], trigger_checkpoint, engine=tight))
     statuses: Counter[int] = Counter()
     retry_after: set[str] = set()
     script = json.dumps({"pieces": [[" slow"] * 40], "delay": 0.01})
@@ -147,4 +134,4 @@ async def test_over_capacity_is_429_with_retry_after(
         await asyncio.wait_for(asyncio.gather(*(call() for _ in range(24))), 60)  # never a hang
     assert statuses[200] >= 4 and statuses[429] > 0 and set(statuses) <= {200, 429}
     assert all(v.isdigit() and int(v) >= 1 for v in retry_after)
-    assert await engine_state(proxy) == {"active_streams": 0, "queued": 0, "cached_tokens": 0}
+    assert await asyncio.to_thread(engine_state, proxy) == IDLE
