@@ -36,12 +36,15 @@ class ConfigReloader:
         self._stamp = self._read_stamp()
         self.rejected = 0
 
-    def _read_stamp(self) -> tuple[int, int] | None:
+    def _read_stamp(self) -> tuple[int, int, int] | None:
+        # stat() follows symlinks: a Kubernetes ConfigMap update swaps the `..data` link to a new
+        # directory, so the file seen through the link is another inode (kept in the stamp even when
+        # its time and size happen to match).
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def reload(self) -> bool:
         """Load the file now; True when the new policy is in force."""

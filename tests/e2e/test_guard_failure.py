@@ -14,6 +14,7 @@ from guardproxy.server.app import SERVICES
 
 from .conftest import proxy_settings
 from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy_app
+from .test_metrics import scrape, value
 
 BENIGN = ["Fine", " words", " only", "."]
 
@@ -86,5 +87,7 @@ def test_guard_failure_follows_the_policy(
             final = next(e for e in events if isinstance(e, dict) and e["choices"][0].get("finish_reason"))
             assert "out of memory" in final["guardproxy"]["guard_error"]
     breaker.disarm()
+    failures = value(scrape(proxy), "guardproxy_guard_failures_total", mode=mode)
+    assert failures >= 1  # counted under the policy's mode
     fake.script = Script(pieces=[BENIGN])
     assert content(sse_events(proxy)) == "".join(BENIGN)  # the engine serves the next request

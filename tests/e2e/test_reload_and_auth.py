@@ -70,6 +70,32 @@ def test_file_change_reloads_and_bad_files_are_rejected(
     assert cut_text(proxy, fake).endswith("[v2]") and app[STORE].reloads == reloads
 
 
+def test_a_kubernetes_configmap_update_is_picked_up(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path, tmp_path: Path
+) -> None:
+    # The kubelet's layout: guardproxy.yaml -> ..data/guardproxy.yaml, ..data -> ..<timestamp>/; an
+    # update writes a new timestamped directory and swaps the ..data link atomically.
+    fake, url = upstream
+    mount = tmp_path / "config"
+    mount.mkdir()
+    (mount / "..2026_11_22_1").mkdir()
+    write_config(mount / "..2026_11_22_1" / "guardproxy.yaml", url, trigger_checkpoint, "[cm-1]")
+    (mount / "..data").symlink_to("..2026_11_22_1")
+    cfg = mount / "guardproxy.yaml"
+    cfg.symlink_to("..data/guardproxy.yaml")
+    proxy, app = start_proxy_app(loopback, load_settings_file(cfg), str(cfg), reload_interval_s=0.05)
+    assert cut_text(proxy, fake).endswith("[cm-1]")
+    (mount / "..2026_11_22_2").mkdir()
+    new = mount / "..2026_11_22_2" / "guardproxy.yaml"
+    write_config(new, url, trigger_checkpoint, "[cm-2]")
+    old = (mount / "..2026_11_22_1" / "guardproxy.yaml").stat()
+    os.utime(new, ns=(old.st_atime_ns, old.st_mtime_ns))  # even the same time and size: another file
+    (mount / "..data_tmp").symlink_to("..2026_11_22_2")
+    os.replace(mount / "..data_tmp", mount / "..data")
+    wait_until(lambda: app[STORE].current.policy.notice == "[cm-2]")
+    assert cut_text(proxy, fake).endswith("[cm-2]")
+
+
 def test_a_stream_in_flight_keeps_its_policy(
     loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path, tmp_path: Path
 ) -> None:
