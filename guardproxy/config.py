@@ -241,6 +241,7 @@ _POLICY_SCALARS: dict[str, type] = {
     "mode": str,
     "holdback_tokens": int,
     "debounce": bool,
+    "early_release": bool,
     "prompt_check": str,
     "blocked_prompt": str,
     "refusal": str,

@@ -63,6 +63,7 @@ class Policy:
     controversial_threshold: float | None = None
     holdback_tokens: int = 0
     debounce: bool = False
+    early_release: bool = True  # streamed words are released once judged as they stand (moderator)
     prompt_check: Literal["parallel", "before"] = "parallel"
     prompt_unsafe: TierRule = TierRule(Action.CUT)  # CUT: the prompt is blocked
     prompt_controversial: TierRule = TierRule(Action.FLAG)

@@ -33,6 +33,7 @@ from guardproxy.guard.scheduler import (
     EngineError,
     EngineLimits,
     EngineOverloaded,
+    GuardFailure,
     RawProbs,
     Scheduler,
     StreamClosed,
@@ -88,6 +89,17 @@ class GuardStream:
     def feed_context(self, ids: Sequence[int]) -> None:
         """Queue tokens the guard must read but whose verdicts are not wanted (markup, scaffold)."""
         self._engine._feed(self, ids, judge=False)
+
+    def retract(self, n: int) -> None:
+        """Take back the last ``n`` judged tokens fed (see ``Scheduler.retract``): the futures of their
+        feeds resolve without their verdicts."""
+        if self.closed or n <= 0:
+            return
+        try:
+            done = self._engine.scheduler.retract(self.sid, n)
+        except (StreamClosed, GuardFailure):
+            return  # the futures of its feeds carry that already
+        self._engine._resolve(done)
 
     def close(self) -> None:
         """Free the stream's memory (now, or after the step using it). Idempotent."""

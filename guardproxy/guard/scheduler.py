@@ -130,6 +130,9 @@ class StreamState:
     failed: BaseException | None = None
     slides: int = 0
     judged: int = 0
+    inflight_at: int = 0  # position of the first token of this stream's item in the step in flight
+    inflight_kinds: list[int] = field(default_factory=list)
+    drop: int = 0  # verdicts of the step in flight to discard (their tokens were retracted)
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,38 @@ class Scheduler:
             self._enqueue(s, ids, [CONTEXT] * len(ids))
         return None
 
+    def retract(self, sid: int, n: int) -> list[Ticket]:
+        """Take back the last ``n`` tokens fed, all of them judged ones (a tentative tail that the exact
+        re-tokenization changed). Pending ones are dropped; cached ones are forgotten (what is fed next
+        overwrites their positions) and their verdicts from the step in flight, if any, discarded.
+        Their tickets shrink; returns the tickets that are done now."""
+        s = self._live(sid)
+        if n <= 0:
+            return []
+        unsent = min(n, len(s.pend_ids))
+        cached = n - unsent
+        if cached > len(s.tail):  # judged tokens after a slide are still in the replayed tail
+            raise EngineError(f"cannot retract {n} tokens of guard stream {sid}: they are not all fed")
+        del s.pend_ids[len(s.pend_ids) - unsent :], s.pend_kind[len(s.pend_kind) - unsent :]
+        if cached:
+            if sid in self._inflight and s.cached > s.inflight_at:
+                first = max(s.cached - cached, s.inflight_at) - s.inflight_at
+                s.drop += sum(1 for k in s.inflight_kinds[first:] if k == RESPONSE)
+            s.cached -= cached
+            for _ in range(cached):
+                s.tail.pop()
+        left = n
+        for t in reversed(s.tickets):
+            take = min(left, t.need)
+            t.need -= take
+            del t.results[t.need :]
+            left -= take
+            if not left:
+                break
+        done = [t for t in s.tickets if t.done]
+        s.tickets = deque(t for t in s.tickets if not t.done)
+        return done
+
     def close(self, sid: int) -> list[Ticket]:
         """Forget a stream; its unfinished tickets are returned failed. Memory is freed now, or after
         the step that is using it."""
@@ -318,6 +353,7 @@ class Scheduler:
             if s.pend_ids:
                 s.pend_since = next(self._arrivals)  # back of the line for the rest
             items.append(WorkItem(sid=s.sid, kv=s.kv, start=s.cached, ids=ids, kinds=kinds))
+            s.inflight_at, s.inflight_kinds = s.cached, kinds
             s.cached += n
             s.tail.extend(i for i, k in zip(ids, kinds, strict=True) if k in _TAIL_KINDS)
             while len(s.tail) > s.window:
@@ -366,7 +402,9 @@ class Scheduler:
                 s.prompt_ticket.results.append(out.query[-1])
                 done.append(s.prompt_ticket)
                 s.prompt_ticket = None
-            for probs in out.response:
+            responses = out.response[: len(out.response) - s.drop]
+            s.drop = 0
+            for probs in responses:
                 ticket = s.tickets[0]
                 ticket.results.append(probs)
                 s.judged += 1
@@ -400,7 +438,10 @@ class Scheduler:
     def _end_step(self) -> None:
         for sid in self._inflight:
             s = self.streams.get(sid)
-            if s is not None and s.closed:
+            if s is None:
+                continue
+            s.inflight_kinds, s.drop = [], 0
+            if s.closed:
                 self._free(s)
         self._inflight.clear()
 

@@ -103,10 +103,24 @@ class _Choice:
         self.error: str | None = None  # why the guard failed, when it failed open
         self.submit(moderator.start())
 
+    def delta(self, delta: Mapping[str, Any], now: float = 0.0) -> None:
+        # Verdicts already back go to the moderator first: the delta may take tentative tokens back,
+        # and a verdict of a token taken back must not still be on its way (ChoiceModerator.judged).
+        self.settle()
+        self.submit(self.moderator.delta(delta, now))
+
+    def finish(self, finish_reason: str | None) -> None:
+        self.settle()
+        self.submit(self.moderator.finish(finish_reason))
+
     def submit(self, feeds: list[GuardFeed]) -> None:
         if self.moderator.unguarded:
             return
         for f in feeds:
+            if f.retract:
+                self.stream.retract(f.retract)
+            if not f.ids:
+                continue
             if f.spans is None:
                 self.stream.feed_context(f.ids)
             else:
@@ -333,7 +347,10 @@ class Exchange:
             except EngineError as exc:
                 raise guard_failed(exc) from None
             owned = True
-        c = _Choice(index, ChoiceModerator(self.s.template, self.policy), stream, owned, self.s.metrics)
+        # Streamed answers release each word as soon as it is judged as it stands (speculation); a
+        # whole answer is judged at once and gains nothing from it.
+        moderator = ChoiceModerator(self.s.template, self.policy, speculate=self.streaming)
+        c = _Choice(index, moderator, stream, owned, self.s.metrics)
         if self.guard_error is not None:
             c.unguard(self.guard_error)
         self.choices[index] = c
@@ -473,7 +490,7 @@ class Exchange:
                             next_read.cancel()
                             next_read = None
                         for choice in self.choices.values():
-                            choice.submit(choice.moderator.finish(None))
+                            choice.finish(None)
                 for choice in self.choices.values():
                     choice.settle()
                 cut = await self._emit(out, envelope)
@@ -520,9 +537,9 @@ class Exchange:
         now = time.perf_counter()
         if self._first_upstream_text is None and any(delta.get(k) for k in ("content", "reasoning_content")):
             self._first_upstream_text = now
-        choice.submit(choice.moderator.delta(delta, now))
+        choice.delta(delta, now)
         if c.get("finish_reason"):
-            choice.submit(choice.moderator.finish(str(c["finish_reason"])))
+            choice.finish(str(c["finish_reason"]))
 
     async def _emit(self, out: web.StreamResponse, envelope: dict[str, Any]) -> bool:
         """Write what every choice may release; on a cut, end every choice and stop reading.
@@ -632,8 +649,8 @@ class Exchange:
                 delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(msg.get("tool_calls") or [])]
             else:
                 delta = {"content": c.get("text") or ""}
-            choice.submit(choice.moderator.delta(delta))
-            choice.submit(choice.moderator.finish(c.get("finish_reason")))
+            choice.delta(delta)
+            choice.finish(c.get("finish_reason"))
         rebuilt = []
         for c in body["choices"]:
             choice = self.choices[int(c.get("index", 0))]

@@ -7,6 +7,15 @@ No I/O here. The proxy feeds the ``GuardFeed``s to the engine in order and hands
 - after the first token the policy cuts on, nothing more of the answer is released, not one character
   of that token's text included; the notice and ``finish_reason: "content_filter"`` follow;
 - text of tokens to redact is replaced by the policy's mask (adjacent tokens share one mask).
+
+With ``speculate`` (a streamed answer, policy ``early_release``, and ``holdback_tokens`` 0: a holdback
+waits for later tokens anyway), the held last word is judged tentatively (see ``guardview``) and its
+text released as soon as its tentative verdict asks for no more than ``flag``; decisions (cut, redact,
+the flag recorded) come only from final tokens, exactly as without speculation. So every released
+character was judged before release, as the text stood; when a word then grows (" bo" + "mb") and
+the grown token is cut, the part released before stays released and the cut holds back the rest.
+That is the guard's own streaming use (each token judged as the model emits it); ``early_release:
+false`` holds every word until the next text shows it is complete.
 """
 
 from __future__ import annotations
@@ -40,6 +49,14 @@ class _Field:
 
 
 @dataclass
+class _Tentative:
+    """A tentative token fed to the guard, and its verdict once back."""
+
+    span: Span
+    verdict: Verdict | None = None
+
+
+@dataclass
 class _Item:
     """The output queue: text of a field up to ``end``, or a non-text delta released in order."""
 
@@ -58,16 +75,23 @@ class OutDelta:
 
 class ChoiceModerator:
     def __init__(
-        self, template: ChatTemplate, policy: Policy, *, reasoning_key: str = "reasoning_content"
+        self,
+        template: ChatTemplate,
+        policy: Policy,
+        *,
+        reasoning_key: str = "reasoning_content",
+        speculate: bool = False,
     ) -> None:
         self.policy = policy
-        self.view = AssistantView(template)
+        self.speculate = speculate and policy.early_release and policy.holdback_tokens == 0
+        self.view = AssistantView(template, speculate=self.speculate)
         self.judge = ResponseJudge(policy)
         self.reasoning_key = reasoning_key
         self.fields: dict[str, _Field] = {}
         self.queue: list[_Item] = []
         self.tokens: list[tuple[Span, Decision | None]] = []  # judged tokens in order (span, decision)
         self.pending_spans: list[Span] = []  # submitted for judging, verdicts not back yet
+        self.tentative: list[_Tentative] = []  # fed after every pending span (see ``speculate``)
         self.cut_at: Decision | None = None
         self.finished = False
         self.closed = False  # the client has its final delta
@@ -135,9 +159,33 @@ class ChoiceModerator:
 
     def _track(self, feeds: list[GuardFeed]) -> list[GuardFeed]:
         for f in feeds:
-            if f.spans is not None:
+            if f.confirm or f.retract:
+                self._revise(f.confirm, f.retract)
+            if f.spans is None:
+                continue
+            if f.tentative:
+                self.tentative += [_Tentative(span) for span in f.spans]
+            else:
                 self.pending_spans += f.spans
         return feeds
+
+    def _revise(self, confirm: int, retract: int) -> None:
+        """The first ``confirm`` tentative tokens are final, the last ``retract`` are gone. Confirmed
+        tokens join the final ones in feed order: a verdict already back is decided on now."""
+        if self.unguarded:
+            return
+        if confirm + retract > len(self.tentative):
+            raise RuntimeError("guard view revised more tentative tokens than it fed")
+        if retract:
+            del self.tentative[len(self.tentative) - retract :]
+        confirmed, self.tentative = self.tentative[:confirm], self.tentative[confirm:]
+        for t in confirmed:
+            if t.verdict is None:
+                self.pending_spans.append(t.span)
+            elif self.pending_spans:
+                raise RuntimeError("a tentative verdict came back before an earlier token's")
+            else:
+                self._decide(t.span, t.verdict)
 
     # -- guard side ------------------------------------------------------------------------------------
 
@@ -146,23 +194,35 @@ class ChoiceModerator:
         already decided still stands)."""
         self.unguarded = True
         self.pending_spans.clear()
+        self.tentative.clear()
 
     def judged(self, verdicts: list[Verdict]) -> None:
-        """Verdicts for the next judged tokens, in the order their feeds were made."""
+        """Verdicts for the next judged tokens, in the order their feeds were made (the caller hands
+        over every verdict that is back before it passes the next delta in: a revision must not
+        race a verdict of a token it takes back)."""
         if self.unguarded:
             return
         for v in verdicts:
-            span = self.pending_spans.pop(0)
-            self.tokens.append((span, None))
-            for d in self.judge.judge(v):
-                prev_span, prev = self.tokens[d.index]
-                if prev is None or d.action > prev.action:
-                    self.tokens[d.index] = (prev_span, d)
-                if d.action == Action.CUT and (self.cut_at is None or d.index < self.cut_at.index):
-                    self.cut_at = d
-                if d.action == Action.REDACT:
-                    f = self.fields[prev_span.field]
-                    f.redact.append((prev_span.start, prev_span.end))
+            if self.pending_spans:
+                self._decide(self.pending_spans.pop(0), v)
+                continue
+            waiting = next((t for t in self.tentative if t.verdict is None), None)
+            if waiting is None:
+                raise RuntimeError("a guard verdict for no token fed")
+            waiting.verdict = v
+
+    def _decide(self, span: Span, v: Verdict) -> None:
+        """The policy's decision on the next final token."""
+        self.tokens.append((span, None))
+        for d in self.judge.judge(v):
+            prev_span, prev = self.tokens[d.index]
+            if prev is None or d.action > prev.action:
+                self.tokens[d.index] = (prev_span, d)
+            if d.action == Action.CUT and (self.cut_at is None or d.index < self.cut_at.index):
+                self.cut_at = d
+            if d.action == Action.REDACT:
+                f = self.fields[prev_span.field]
+                f.redact.append((prev_span.start, prev_span.end))
 
     @property
     def flagged(self) -> Decision | None:
@@ -190,11 +250,19 @@ class ChoiceModerator:
             if span.end > self.fields[span.field].released:
                 break
             self._scan += 1
-        spans = [span for span, _ in self.tokens[self._scan :]] + self.pending_spans
-        for i, span in enumerate(spans, start=self._scan):
+        entries = [
+            (span, i < releasable) for i, (span, _) in enumerate(self.tokens[self._scan :], self._scan)
+        ]
+        entries += [(span, False) for span in self.pending_spans]
+        # Tentative text goes once everything before it is out and its own verdict passes alone.
+        early = self.cut_at is None and not self.pending_spans and releasable == len(self.tokens)
+        for t in self.tentative:
+            early = early and t.verdict is not None and self.policy.action(t.verdict) <= Action.FLAG
+            entries.append((t.span, early))
+        for span, ok in entries:
             if span.field in blocked:
                 continue
-            if i < releasable:
+            if ok:
                 bound[span.field] = max(bound.get(span.field, 0), span.end)
             else:
                 # Stop at the first token not releasable; a character it shares with the token

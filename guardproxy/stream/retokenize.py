@@ -64,6 +64,13 @@ class Retokenizer:
             return self._force()
         return []
 
+    def peek(self, max_chars: int) -> list[Piece]:
+        """The held text's tokens as if the text ended now (nothing is committed). The next push may
+        still change them (" hello" + "s"), so they are tentative; longer held text gives none."""
+        if not self._held or len(self._held) > max_chars:
+            return []
+        return self._pieces(self._tok.encode_pieces(self._held), len(self._held))
+
     def flush(self) -> list[Piece]:
         """End of the text: everything held becomes tokens."""
         pieces = self._pieces(self._tok.encode_pieces(self._held), len(self._held))

@@ -31,6 +31,7 @@ def fake(upstream: tuple[FakeUpstream, str]) -> Iterator[FakeUpstream]:
     upstream[0].script = Script()
     upstream[0].requests.clear()
     upstream[0].headers.clear()
+    upstream[0].gate, upstream[0].gate_timeouts = None, 0
     yield upstream[0]
 
 

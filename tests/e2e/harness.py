@@ -41,6 +41,9 @@ class Script:
     tool_args: list[str] = field(default_factory=list)  # one tool call whose arguments stream in pieces
     multiline: bool = False  # JSON spread over several data: lines
     delay: float = 0.0  # seconds between events (a slow upstream)
+    # Lockstep: after each content event, wait (at most this long) for the client's go-ahead
+    # (``FakeUpstream.go_ahead``) before the next one; a wait that runs out is counted.
+    lockstep: float = 0.0
     first_delay: float = 0.0  # seconds before the response starts (a slow first byte)
     # A fault after `fault_after` events: "bad-json", "bad-utf8", "not-sse" (garbage lines), "reset"
     # (the connection drops), "stall" (stops sending; the proxy's read timeout ends it), "error-event".
@@ -54,6 +57,12 @@ class FakeUpstream:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.closed_early = 0
+        self.gate: asyncio.Semaphore | None = None  # lockstep go-aheads (made on the serving loop)
+        self.gate_timeouts = 0
+
+    def go_ahead(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Let a lockstep upstream send its next event (callable from any thread)."""
+        loop.call_soon_threadsafe(lambda: self.gate.release() if self.gate is not None else None)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -175,7 +184,9 @@ class FakeUpstream:
             )
         eol = "\r\n" if s.crlf else "\n"
         events: list[bytes] = []
+        gated: list[bool] = []
         for c in self._chunks(body, kind, s):
+            gated.append(any((ch.get("delta") or {}).get("content") for ch in c.get("choices", [])))
             ev = ": keep-alive" + eol + eol if s.keepalive else ""
             if s.multiline:  # the JSON spread over several data: lines, as the spec allows
                 lines = json.dumps(c, ensure_ascii=False, indent=1).split("\n")
@@ -206,6 +217,17 @@ class FakeUpstream:
                 else:
                     assert request.transport is not None
                     request.transport.close()  # mid-body: the chunked response never completes
+                return resp
+            if s.lockstep:
+                if self.gate is None:
+                    self.gate = asyncio.Semaphore(0)
+                for event, wait in zip(events, [*gated, False], strict=True):
+                    await resp.write(event)
+                    if wait:
+                        try:
+                            await asyncio.wait_for(self.gate.acquire(), s.lockstep)
+                        except TimeoutError:
+                            self.gate_timeouts += 1
                 return resp
             if s.delay:  # event by event, slowly, as a real model generates
                 for event in data.split(b"\n\n"):

@@ -67,6 +67,31 @@ def test_benign_stream_is_unchanged(proxy: str, fake: FakeUpstream, style: str, 
     assert fake.requests[-1]["stream_options"] == {"include_usage": True}  # unknown/extra fields forwarded
 
 
+@pytest.mark.parametrize("early", [True, False])
+def test_each_word_reaches_the_client_before_the_upstream_sends_the_next(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path, early: bool
+) -> None:
+    # The upstream sends a word, then waits for the client to have it before sending the next. With
+    # early_release each word is judged as it stands and goes out at once; without, exact
+    # re-tokenization holds it until the next text shows it is complete, so the first wait runs out.
+    fake, url = upstream
+    fake.gate, fake.gate_timeouts = None, 0
+    words = ["The", " weather", " in", " Paris", " is", " mild", "."]
+    fake.script = Script(pieces=[words], lockstep=10.0 if early else 0.3)
+    proxy = start_proxy(loopback, proxy_settings(url, trigger_checkpoint, early_release=early))
+    got = ""
+    for chunk in ask(proxy, stream=True):
+        for c in chunk.choices:
+            if c.delta.content:
+                got += c.delta.content
+                fake.go_ahead(loopback.loop)
+    assert got == "".join(words)
+    if early:
+        assert fake.gate_timeouts == 0
+    else:
+        assert fake.gate_timeouts >= 1
+
+
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 10_000), cut_at=st.integers(0, len(BENIGN) - 1))
 def test_trigger_in_response_is_cut_at_its_first_token(

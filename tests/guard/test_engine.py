@@ -1,7 +1,8 @@
 """Engine parity and behaviour on real (tiny) checkpoints loaded through the production path.
 
-Parity: whatever the chunking of prompts and responses, the token budget, and the interleaving of up to
-16 streams, every verdict equals the one a single full-sequence forward gives for the same ids.
+Parity: whatever the chunking of prompts and responses, the token budget, the interleaving of up to
+16 streams, and tentative tokens taken back (before, after or during the step that judges them), every
+verdict equals the one a single full-sequence forward gives for the ids that stay.
 Tolerance: 1e-9 in float64 (the packed path and transformers' forward differ only by summation
 order), 2e-5 in float32; arg-max verdicts identical.
 """
@@ -112,35 +113,70 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
         prompt_tickets.append(scheduler.streams[sid].prompt_ticket)
         scheduler.feed(sid, p.scaffold, judge=False)
         sids.append(sid)
-    tickets: list[list[Ticket]] = [[] for _ in range(n)]
+    # Per stream: (ticket, how many of its verdicts count): the kept ids are ``final``.
+    tickets: list[list[tuple[Ticket, int]]] = [[] for _ in range(n)]
+    final: list[list[int]] = [[] for _ in range(n)]
     runner = ModelRunner(model64)
 
-    def step() -> bool:
+    def step(during: Any = None) -> bool:
         plan = scheduler.schedule()
         if plan is None:
             return False
+        if during is not None:
+            during()  # while the step is in flight
         scheduler.complete(plan, runner.execute(plan.items))
         return True
 
-    # A random interleaving of feeds (each stream in its own order) and engine steps.
+    # A random interleaving of feeds (each stream in its own order) and engine steps; now and then a
+    # tentative chunk that is partly or wholly taken back.
     while any(chunks):
         if data.draw(st.booleans(), label="step now"):
             step()
         k = data.draw(st.sampled_from([i for i in range(n) if chunks[i]]), label="which stream")
-        t = scheduler.feed(sids[k], chunks[k].pop(0))
+        if data.draw(st.integers(0, 3), label="tentative?") == 0:
+            guess = data.draw(st.lists(st.integers(0, 151642), min_size=1, max_size=4), label="tentative")
+            t = scheduler.feed(sids[k], guess)
+            back = data.draw(st.integers(0, len(guess)), label="taken back")
+            when = data.draw(st.sampled_from(["now", "after a step", "in flight"]), label="when")
+            was_done = False
+
+            def take_back(k: int = k, back: int = back) -> None:
+                scheduler.retract(sids[k], back)
+
+            if when == "now":
+                take_back()
+            elif when == "after a step":
+                step()
+                was_done = t is not None and t.done
+                take_back()
+            elif not step(take_back):
+                take_back()
+            assert t is not None
+            kept = len(guess) - back
+            if not was_done:  # verdicts of taken-back tokens not yet handed out never are
+                step_until = 0
+                while not t.done and step_until < 10_000:
+                    step()
+                    step_until += 1
+                assert len(t.results) == kept
+            tickets[k].append((t, kept))
+            final[k] += guess[:kept]
+        chunk = chunks[k].pop(0)
+        t = scheduler.feed(sids[k], chunk)
         assert t is not None
-        tickets[k].append(t)
+        tickets[k].append((t, len(chunk)))
+        final[k] += chunk
     while step():
         pass
 
     for k in range(n):
-        ref_q, ref_r = reference(model64, prompts[k], responses[k])
+        ref_q, ref_r = reference(model64, prompts[k], final[k])
         pt = prompt_tickets[k]
         assert pt is not None and pt.done
         got_q = torch.tensor(pt.results[0][0], dtype=torch.float64)
         torch.testing.assert_close(got_q, ref_q, atol=1e-9, rtol=0)
-        got = [r[0] for t in tickets[k] for r in t.results]
-        assert len(got) == len(responses[k])
+        got = [r[0] for t, kept in tickets[k] for r in t.results[:kept]]
+        assert len(got) == len(final[k])
         if got:
             got_r = torch.tensor(got, dtype=torch.float64)
             torch.testing.assert_close(got_r, ref_r, atol=1e-9, rtol=0)

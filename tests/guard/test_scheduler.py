@@ -13,6 +13,7 @@ from guardproxy.guard.scheduler import (
     NO_OUTPUT,
     QUERY,
     RESPONSE,
+    EngineError,
     EngineLimits,
     EngineOverloaded,
     GuardFailure,
@@ -21,6 +22,7 @@ from guardproxy.guard.scheduler import (
     Scheduler,
     StepPlan,
     StreamClosed,
+    Ticket,
     fair_shares,
 )
 
@@ -160,7 +162,7 @@ def test_memory_never_exceeds_the_cap_and_long_responses_keep_being_judged(data:
         if s.can_admit(s.cost(n)):
             streams.append(s.add_stream(list(range(n)), verdict_index=n - 1))
     tickets = []
-    for _ in range(data.draw(st.integers(1, 30))):
+    for _ in range(data.draw(st.integers(1, 40))):
         sid = data.draw(st.sampled_from(streams))
         tickets.append(s.feed(sid, [9] * data.draw(st.integers(1, 40))))
         plan = s.schedule()
@@ -240,3 +242,75 @@ def test_a_failed_step_kills_its_streams_only() -> None:
     tb = s.feed(b, [6])
     run_all(s)
     assert tb is not None and tb.done and tb.error is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_retracted_tokens_never_get_verdicts_even_across_slides(data: st.DataObject) -> None:
+    # Small memory: streams grow and slide while tentative tokens come and go.
+    lim = EngineLimits(
+        max_streams=2,
+        max_cached_tokens=96,
+        response_reserve=32,
+        anchor_tokens=8,
+        window_tokens=24,
+        prefill_chunk=data.draw(st.integers(1, 32)),
+        max_batch_tokens=data.draw(st.integers(1, 64)),
+        max_positions=1024,
+    )
+    s = Scheduler(lim, FakeAllocator())
+    sid = s.add_stream(list(range(500, 520)), verdict_index=19)
+    s.feed(sid, [1, 2], judge=False)
+    tickets: list[tuple[Ticket, int]] = []
+    kept_ids: list[int] = []
+    next_id = 1000
+    for _ in range(data.draw(st.integers(1, 40))):
+        n = data.draw(st.integers(1, 6))
+        ids = list(range(next_id, next_id + n))
+        next_id += n
+        t = s.feed(sid, ids)
+        assert t is not None
+        back = data.draw(st.integers(0, n)) if data.draw(st.booleans()) else 0
+        when = data.draw(st.sampled_from(["now", "after a step", "in flight"]))
+        if when == "after a step" and (plan := s.schedule()) is not None:
+            s.complete(plan, outputs_for(plan))
+            s.retract(sid, back)
+        elif when == "in flight" and (plan := s.schedule()) is not None:
+            s.retract(sid, back)
+            s.complete(plan, outputs_for(plan))
+        else:
+            s.retract(sid, back)
+        tickets.append((t, n - back))
+        kept_ids += ids[: n - back]
+    run_all(s)
+    got = [r[0][0] for t, kept in tickets for r in t.results[:kept]]
+    assert got == [float(i) for i in kept_ids]
+    assert all(t.done and len(t.results) >= kept for t, kept in tickets)
+    # What the cache holds ends with the kept ids, in order (positions of taken-back ones reused).
+    st_ = s.streams[sid]
+    assert (
+        list(st_.tail)[-min(len(st_.tail), len(kept_ids)) :] == kept_ids[-min(len(st_.tail), len(kept_ids)) :]
+    )
+
+
+def test_retract_in_flight_discards_its_verdicts_and_reuses_the_positions() -> None:
+    s = Scheduler(EngineLimits(), FakeAllocator())
+    sid = s.add_stream([1, 2, 3], 2)
+    run_all(s)
+    t = s.feed(sid, [10, 11, 12])
+    plan = s.schedule()
+    assert plan is not None and plan.items[0].start == 3
+    done = s.retract(sid, 2)  # 11 and 12 are in the step in flight
+    assert done == [] and t is not None and t.need == 1
+    s.complete(plan, outputs_for(plan))
+    assert t.done and [r[0][0] for r in t.results] == [10.0]
+    t2 = s.feed(sid, [13])
+    plan = s.schedule()
+    assert plan is not None and plan.items[0].start == 4  # where 11 was
+    s.complete(plan, outputs_for(plan))
+    assert t2 is not None and [r[0][0] for r in t2.results] == [13.0]
+    # Everything pending taken back: the ticket is done at once, with no verdicts.
+    t3 = s.feed(sid, [14, 15])
+    assert s.retract(sid, 2) == [t3] and t3 is not None and t3.results == [] and not s.streams[sid].pend_ids
+    with pytest.raises(EngineError):
+        s.retract(sid, 50)  # more than was fed after the head

@@ -25,10 +25,13 @@ PII = Verdict((0.01, 0.98, 0.01), (0.1, 0.9), LABELS)
 class Harness:
     """Plays the proxy: feeds go to a fake guard that judges each token by its text."""
 
-    def __init__(self, tok: GuardTokenizer, template: ChatTemplate, policy: Policy) -> None:
+    def __init__(
+        self, tok: GuardTokenizer, template: ChatTemplate, policy: Policy, speculate: bool = False
+    ) -> None:
         self.tok = tok
-        self.m = ChoiceModerator(template, policy)
+        self.m = ChoiceModerator(template, policy, speculate=speculate)
         self.queue: list[list[int]] = []  # judged feeds not yet answered
+        self.retracted = 0
         self.out: list[OutDelta] = []
         self._submit(self.m.start())
 
@@ -37,7 +40,19 @@ class Harness:
         return UNSAFE if text in ("bomb", "bombs") else PII if text == "passport" else SAFE
 
     def _submit(self, feeds: list[GuardFeed]) -> None:
-        self.queue += [f.ids for f in feeds if f.spans is not None]
+        for f in feeds:
+            # As the engine retracts: the newest tokens go; those not yet judged never get a verdict.
+            left = f.retract
+            self.retracted += left
+            while left and self.queue:
+                last = self.queue[-1]
+                k = min(left, len(last))
+                del last[len(last) - k :]
+                left -= k
+                if not last:
+                    self.queue.pop()
+            if f.spans is not None:
+                self.queue.append(list(f.ids))
 
     def delta(self, d: dict[str, Any]) -> None:
         self._submit(self.m.delta(d))
@@ -85,11 +100,18 @@ texts = st.lists(
     cuts=st.lists(st.integers(0, 200), max_size=10),
     holdback=st.integers(0, 3),
     every=st.integers(1, 3),
+    speculate=st.booleans(),
 )
 def test_benign_text_passes_unchanged(
-    tokenizer: GuardTokenizer, template: ChatTemplate, text: str, cuts: list[int], holdback: int, every: int
+    tokenizer: GuardTokenizer,
+    template: ChatTemplate,
+    text: str,
+    cuts: list[int],
+    holdback: int,
+    every: int,
+    speculate: bool,
 ) -> None:
-    h = Harness(tokenizer, template, Policy(holdback_tokens=holdback))
+    h = Harness(tokenizer, template, Policy(holdback_tokens=holdback), speculate)
     stream(h, split(text, cuts), every)
     assert h.content() == text
     assert h.out[0].delta == {"role": "assistant"} and h.out[-1].finish_reason == "stop"
@@ -97,19 +119,83 @@ def test_benign_text_passes_unchanged(
 
 
 @settings(max_examples=80, deadline=None)
-@given(text=texts, cuts=st.lists(st.integers(0, 200), max_size=10), holdback=st.integers(0, 3))
+@given(
+    text=texts,
+    cuts=st.lists(st.integers(0, 200), max_size=10),
+    holdback=st.integers(0, 3),
+    speculate=st.booleans(),
+)
 def test_cut_releases_nothing_of_the_cut_token_or_after(
-    tokenizer: GuardTokenizer, template: ChatTemplate, text: str, cuts: list[int], holdback: int
+    tokenizer: GuardTokenizer,
+    template: ChatTemplate,
+    text: str,
+    cuts: list[int],
+    holdback: int,
+    speculate: bool,
 ) -> None:
-    h = Harness(tokenizer, template, Policy(holdback_tokens=holdback, notice="[cut]"))
+    h = Harness(tokenizer, template, Policy(holdback_tokens=holdback, notice="[cut]"), speculate)
     stream(h, split(text, cuts))
     if "bomb" not in text:
         assert h.content() == text
         return
     released = h.content()
     assert released.endswith("[cut]") and h.out[-1].finish_reason == CONTENT_FILTER
-    assert released[: -len("[cut]")] == text[: text.index(" bomb")]
+    before = text[: text.index(" bomb")]
+    if speculate and holdback == 0:
+        # A chunk boundary inside " bomb" lets its head (" bo", judged Safe as it stood) out first.
+        assert released[: -len("[cut]")] in {before + " bomb"[:k] for k in range(len(" bomb"))}
+    else:
+        assert released[: -len("[cut]")] == before
     assert sum(o.finish_reason is not None for o in h.out) == 1
+
+
+def test_speculation_releases_each_word_before_the_next_arrives(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    exact = Harness(tokenizer, template, Policy())
+    early = Harness(tokenizer, template, Policy(), speculate=True)
+    sent = ""
+    for word in ["One", " two", " three", " four"]:
+        sent += word
+        for h in (exact, early):
+            h.delta({"content": word})
+            h.answer_all()
+        assert early.content() == sent  # judged as it stands: out at once
+        # exact: the last word waits for the next text to show it is complete
+        assert exact.content() == (sent.rsplit(" ", 1)[0] if " " in sent else "")
+    for h in (exact, early):
+        h.finish()
+        h.answer_all()
+        assert h.content() == sent and h.out[-1].finish_reason == "stop"
+    assert early.retracted == 0  # whole words: every tentative token was confirmed, none re-run
+
+
+def test_speculation_holds_an_unsafe_looking_word_and_decides_on_the_final_one(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    h = Harness(tokenizer, template, Policy(notice=""), speculate=True)
+    h.delta({"content": "A bo"})
+    h.answer_all()
+    assert h.content() == "A bo"  # " bo" judged Safe as it stands
+    h.delta({"content": "mb"})  # " bo" grows into " bomb": taken back, judged again
+    assert h.retracted == 1
+    h.answer_all()
+    assert h.content() == "A bo"  # the tentative " bomb" is Unsafe: held, not yet a decision
+    assert h.m.cut_at is None
+    h.delta({"content": " here"})  # " bomb" is final now: the policy cuts on it
+    h.answer_all()
+    assert h.m.cut_at is not None and h.out[-1].finish_reason == CONTENT_FILTER
+    assert h.content() == "A bo"
+
+
+def test_speculation_is_off_with_a_holdback_or_early_release_off(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    for policy in (Policy(holdback_tokens=1), Policy(early_release=False)):
+        h = Harness(tokenizer, template, policy, speculate=True)
+        h.delta({"content": "One two"})
+        h.answer_all()
+        assert not h.m.speculate and h.content() == ("One" if policy.holdback_tokens == 0 else "")
 
 
 def test_nothing_is_released_before_it_is_judged_and_held_back(
