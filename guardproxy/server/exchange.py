@@ -118,7 +118,11 @@ class _Choice:
             return
         for f in feeds:
             if f.retract:
-                self.stream.retract(f.retract)
+                try:
+                    self.stream.retract(f.retract)
+                except EngineError as exc:  # the guard lost track of this stream: a guard failure
+                    self._failed(exc)
+                    return
             if not f.ids:
                 continue
             if f.spans is None:
@@ -136,12 +140,15 @@ class _Choice:
             try:
                 verdicts = fut.result()
             except EngineError as exc:
-                if not self.fail_open:
-                    self.metrics.guard_failures.labels("fail_closed").inc()
-                    raise guard_failed(exc) from None
-                self.unguard(str(exc))
+                self._failed(exc)
                 return
             self.moderator.judged(verdicts)
+
+    def _failed(self, exc: EngineError) -> None:
+        if not self.fail_open:
+            self.metrics.guard_failures.labels("fail_closed").inc()
+            raise guard_failed(exc) from None
+        self.unguard(str(exc))
 
     def unguard(self, reason: str) -> None:
         if self.error is None:

@@ -91,3 +91,30 @@ def test_guard_failure_follows_the_policy(
     assert failures >= 1  # counted under the policy's mode
     fake.script = Script(pieces=[BENIGN])
     assert content(sse_events(proxy)) == "".join(BENIGN)  # the engine serves the next request
+
+
+def test_a_retraction_the_engine_refuses_is_a_guard_failure(
+    broken: tuple[str, str, Breaker], fake: FakeUpstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # " wor" + "ds" takes the tentative " wor" back; here the engine refuses, as it would if it had
+    # lost track of the stream. Never a crash: the policy's guard-failure rule applies.
+    from guardproxy.guard.scheduler import EngineError, Scheduler
+
+    def refuse(self: Scheduler, sid: int, n: int) -> Any:
+        raise EngineError("cannot retract (simulated)")
+
+    mode, proxy, _ = broken
+    monkeypatch.setattr(Scheduler, "retract", refuse)
+    fake.script = Script(pieces=[["Fine", " wor", "ds", " only", "."]], delay=0.01)
+    events = sse_events(proxy)
+    assert events[-1] == "[DONE]"
+    if mode == "fail_closed":
+        # what was judged before the failure may be out ("Fine", " wor" as it stood); nothing after
+        assert "guard" in events[-2]["error"]["message"] and content(events) in {"", "Fine", "Fine wor"}
+    else:
+        assert content(events) == "Fine words only."
+        final = next(e for e in events if isinstance(e, dict) and e["choices"][0].get("finish_reason"))
+        assert "cannot retract" in final["guardproxy"]["guard_error"]
+    monkeypatch.undo()
+    fake.script = Script(pieces=[BENIGN])
+    assert content(sse_events(proxy)) == "".join(BENIGN)
