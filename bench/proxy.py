@@ -13,9 +13,11 @@ times after the run (by stream id and word index), so latency is measured per wo
 
 Guards: a tiny random checkpoint (isolates the proxy's own cost) and the random 0.6B-shape one
 (the real model's compute), with an audit-only policy (random verdicts must not cut the streams).
-All processes share this machine's cores: compare rows of one run only.
+``tiny:exact`` is the tiny guard with ``early_release: false``: each word then waits for the next
+text to show it is complete, the cost early release removes. All processes share this machine's
+cores: compare rows of one run only.
 
-    python bench/proxy.py                       # both guards, 64 streams (tiny) / 8 streams (0.6B)
+    python bench/proxy.py                       # tiny, tiny:exact, 0.6b at their default stream counts
     python bench/proxy.py --guards tiny --streams 16 --words 32     # quick
 """
 
@@ -196,7 +198,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream", nargs=3, metavar=("PORT", "WORDS", "DELAY_MS"), help=argparse.SUPPRESS)
-    ap.add_argument("--guards", default="tiny,0.6b")
+    ap.add_argument("--guards", default="tiny,tiny:exact,0.6b", help="tiny, tiny:exact, 0.6b (a list)")
     ap.add_argument("--streams", default="16,64", help="concurrent streams with the tiny guard (a list)")
     ap.add_argument("--streams-0.6b", dest="streams_big", default="2,8", help="with the 0.6B-shape guard")
     ap.add_argument("--words", type=int, default=64)
@@ -219,31 +221,34 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(f"http://127.0.0.1:{up_port}/", upstream)
         with tempfile.TemporaryDirectory() as tmp:
             for guard in args.guards.split(","):
-                counts = [int(x) for x in (args.streams if guard == "tiny" else args.streams_big).split(",")]
-                ckpt = Path(tmp) / guard
-                subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "guardproxy",
-                        "make-test-model",
-                        str(ckpt),
-                        "--random",
-                        "--preset",
-                        guard,
-                    ],
-                    check=True,
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                )
+                preset, _, variant = guard.partition(":")
+                counts = [int(x) for x in (args.streams if preset == "tiny" else args.streams_big).split(",")]
+                ckpt = Path(tmp) / preset
+                if not ckpt.exists():  # one checkpoint per preset, shared by its variants
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "guardproxy",
+                            "make-test-model",
+                            str(ckpt),
+                            "--random",
+                            "--preset",
+                            preset,
+                        ],
+                        check=True,
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                    )
                 port = free_port()
-                cfg = Path(tmp) / f"{guard}.yaml"
+                cfg = Path(tmp) / f"{preset}-{variant or 'early'}.yaml"
                 # Random weights judge at random: an audit-only policy (flag, never block or cut) keeps
                 # every stream whole, with exactly the same guard work.
                 flag = "{unsafe: {action: flag}, controversial: {action: flag}}"
                 cfg.write_text(
                     f"guard: {{device: cpu, threads: {args.threads}}}\nlogging: {{level: warning}}\n"
-                    f"policy: {{details: false, response: {flag}, prompt: {flag}}}\n"
+                    f"policy: {{details: false, early_release: {str(variant != 'exact').lower()}, "
+                    f"response: {flag}, prompt: {flag}}}\n"
                 )
                 proxy = subprocess.Popen(
                     [
@@ -292,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads}; {os.cpu_count()} cores shared by upstream, proxy and clients"
     )
     head = (
-        f"{'guard':<6}{'streams':>8}{'p50 direct':>12}{'p50 proxy':>11}{'p99 direct':>12}{'p99 proxy':>11}"
+        f"{'guard':<11}{'streams':>8}{'p50 direct':>12}{'p50 proxy':>11}{'p99 direct':>12}{'p99 proxy':>11}"
         f"{'p99 added':>11}{'p50/p99 after final':>21}{'TTFT +':>9}{'words/s d/p':>14}{'RSS MB':>8}"
     )
     print(head)
@@ -320,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["p99_added_ms"] = rec["p99_proxy_ms"] - rec["p99_direct_ms"]
         out.append(rec)
         print(
-            f"{rec['guard']:<6}{rec['streams']:>8}{rec['p50_direct_ms']:>12.2f}{rec['p50_proxy_ms']:>11.2f}"
+            f"{rec['guard']:<11}{rec['streams']:>8}{rec['p50_direct_ms']:>12.2f}{rec['p50_proxy_ms']:>11.2f}"
             f"{rec['p99_direct_ms']:>12.2f}{rec['p99_proxy_ms']:>11.2f}{rec['p99_added_ms']:>11.2f}"
             f"{rec['p50_after_final_ms']:>10.2f}/{rec['p99_after_final_ms']:<10.2f}"
             f"{rec['ttft_proxy_s'] - rec['ttft_direct_s']:>8.3f}s"
