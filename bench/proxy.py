@@ -6,9 +6,11 @@ times after the run (by stream id and word index), so latency is measured per wo
 
 - added latency per chunk = client arrival - upstream send, through the proxy, minus the same
   straight to the upstream (p50/p99 of each side);
-- "after final": arrival - the send time of the NEXT word. Exact re-tokenization cannot release a
-  word before the next text shows it is complete (" hello" may still become " hellos"), so at best a
-  word leaves when the next one arrives; this column is the proxy's own processing time after that;
+- "after final": arrival - the send time of the NEXT word. Exact re-tokenization cannot know a word
+  is complete before the next text shows it (" hello" may still become " hellos"). With early release
+  (the default) the word is judged as it stands and may leave before the next one is sent (negative
+  values); with ``early_release: false`` (``tiny:exact``) it leaves when the next one arrives, and this
+  column is the proxy's own processing time after that;
 - time to first token (TTFT) both ways, throughput (words/s), and the proxy process's peak RSS.
 
 Guards: a tiny random checkpoint (isolates the proxy's own cost) and the random 0.6B-shape one
