@@ -284,8 +284,10 @@ class Scheduler:
         del s.pend_ids[len(s.pend_ids) - unsent :], s.pend_kind[len(s.pend_kind) - unsent :]
         if cached:
             if sid in self._inflight and s.cached > s.inflight_at:
-                first = max(s.cached - cached, s.inflight_at) - s.inflight_at
-                s.drop += sum(1 for k in s.inflight_kinds[first:] if k == RESPONSE)
+                # Positions [cached - n, cached) that the step in flight is judging now (an earlier
+                # retraction in the same step has already moved ``cached`` below the rest).
+                lo, hi = max(s.cached - cached, s.inflight_at) - s.inflight_at, s.cached - s.inflight_at
+                s.drop += sum(1 for k in s.inflight_kinds[lo:hi] if k == RESPONSE)
             s.cached -= cached
             for _ in range(cached):
                 s.tail.pop()

@@ -277,7 +277,18 @@ def test_retracted_tokens_never_get_verdicts_even_across_slides(data: st.DataObj
             s.retract(sid, back)
         elif when == "in flight" and (plan := s.schedule()) is not None:
             s.retract(sid, back)
+            # and again in the same step: a second guess, taken back as far as into the first
+            more = list(range(next_id, next_id + 3))
+            next_id += 3
+            t2 = s.feed(sid, more)
+            assert t2 is not None
+            back2 = data.draw(st.integers(0, 3 + n - back))
+            s.retract(sid, back2)
             s.complete(plan, outputs_for(plan))
+            kept = n - back - max(0, back2 - 3)
+            tickets.append((t, kept))
+            kept_ids += ids[:kept]
+            t, ids, n, back = t2, more, 3, min(back2, 3)
         else:
             s.retract(sid, back)
         tickets.append((t, n - back))
@@ -309,6 +320,16 @@ def test_retract_in_flight_discards_its_verdicts_and_reuses_the_positions() -> N
     assert plan is not None and plan.items[0].start == 4  # where 11 was
     s.complete(plan, outputs_for(plan))
     assert t2 is not None and [r[0][0] for r in t2.results] == [13.0]
+    # Two retractions during one step: each discards only its own verdicts.
+    t4 = s.feed(sid, [20, 21, 22])
+    plan = s.schedule()
+    assert plan is not None
+    s.retract(sid, 1)  # 22
+    t5 = s.feed(sid, [23])
+    s.retract(sid, 2)  # 23 (pending) and 21 (in flight)
+    s.complete(plan, outputs_for(plan))
+    assert t4 is not None and t4.done and [r[0][0] for r in t4.results] == [20.0]
+    assert t5 is not None and t5.done and t5.results == []
     # Everything pending taken back: the ticket is done at once, with no verdicts.
     t3 = s.feed(sid, [14, 15])
     assert s.retract(sid, 2) == [t3] and t3 is not None and t3.results == [] and not s.streams[sid].pend_ids
