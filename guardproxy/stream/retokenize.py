@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from guardproxy.guard.tokenizer import GuardTokenizer
 
+_CUT_TRIES = 3  # pre-token boundaries tried, from the last, before holding everything
+
 
 @dataclass(frozen=True, slots=True)
 class Piece:
@@ -56,8 +58,11 @@ class Retokenizer:
         trailing_ws = len(self._held.rstrip())  # str.isspace covers Unicode White_Space (regex \s)
         if trailing_ws < len(self._held):
             cut = max((s for s in starts if s <= min(cut, trailing_ws)), default=0)
-        if cut > 0:
-            pieces = self._commit_checked(cut)
+        # A cut that fails the check may still have a good one a piece or two before it ("  " + "4"
+        # at the end of the head is one piece, in the whole text two): commit up to that one, so the
+        # held text stays short (and early release does not wait on template text held with it).
+        for c in [c for c in starts if 0 < c <= cut][::-1][:_CUT_TRIES]:
+            pieces = self._commit_checked(c)
             if pieces is not None:
                 return pieces
         if len(self._held) > self._max_hold:
@@ -69,14 +74,17 @@ class Retokenizer:
         still change them (" hello" + "s"), so they are tentative; longer held text gives none."""
         if not self._held or len(self._held) > max_chars:
             return []
-        return self._pieces(self._tok.encode_pieces(self._held), len(self._held))
+        return self._held_pieces()
 
     def flush(self) -> list[Piece]:
         """End of the text: everything held becomes tokens."""
-        pieces = self._pieces(self._tok.encode_pieces(self._held), len(self._held))
+        pieces = self._held_pieces()
         self._base += len(self._held)
         self._held = ""
         return pieces
+
+    def _held_pieces(self) -> list[Piece]:
+        return self._pieces(self._tok.encode_pieces(self._held), len(self._held))
 
     def _commit_checked(self, cut: int) -> list[Piece] | None:
         whole = self._tok.encode_pieces(self._held)
