@@ -404,9 +404,7 @@ class Scheduler:
                 s.prompt_ticket.results.append(out.query[-1])
                 done.append(s.prompt_ticket)
                 s.prompt_ticket = None
-            responses = out.response[: len(out.response) - s.drop]
-            s.drop = 0
-            for probs in responses:
+            for probs in out.response[: len(out.response) - s.drop]:  # _end_step resets drop
                 ticket = s.tickets[0]
                 ticket.results.append(probs)
                 s.judged += 1
