@@ -11,7 +11,8 @@ times after the run (by stream id and word index), so latency is measured per wo
   (the default) the word is judged as it stands and may leave before the next one is sent (negative
   values); with ``early_release: false`` (``tiny:exact``) it leaves when the next one arrives, and this
   column is the proxy's own processing time after that;
-- time to first token (TTFT) both ways, throughput (words/s), and the proxy process's peak RSS.
+- time to first token (TTFT) both ways, throughput (words/s), the proxy process's peak RSS, and its CPU time
+  per word streamed (user + system, all threads: the cost that decides how many streams a core carries).
 
 Guards: a tiny random checkpoint (isolates the proxy's own cost) and the random 0.6B-shape one
 (the real model's compute), with an audit-only policy (random verdicts must not cut the streams).
@@ -179,6 +180,15 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
     import urllib.request
 
@@ -277,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                     asyncio.run(run_clients(f"http://127.0.0.1:{port}/v1", 2, root))  # warm-up
                     for streams in counts:
                         direct = asyncio.run(run_clients(up_url, streams, root))
+                        cpu0 = cpu_seconds(proxy.pid)
                         through = asyncio.run(run_clients(f"http://127.0.0.1:{port}/v1", streams, root))
+                        through["cpu_s"] = cpu_seconds(proxy.pid) - cpu0
                         rss = peak_rss_mb(proxy.pid)
                         row = {
                             "guard": guard,
@@ -301,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     head = (
         f"{'guard':<11}{'streams':>8}{'p50 direct':>12}{'p50 proxy':>11}{'p99 direct':>12}{'p99 proxy':>11}"
         f"{'p99 added':>11}{'p50/p99 after final':>21}{'TTFT +':>9}{'words/s d/p':>14}{'RSS MB':>8}"
+        f"{'CPU us/word':>13}"
     )
     print(head)
     print("-" * len(head))
@@ -323,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             "words_direct": d["words"],
             "words_proxy": p["words"],
             "peak_rss_mb": r["rss_mb"],
+            "proxy_cpu_us_per_word": p["cpu_s"] / max(1, p["words"]) * 1e6,
         }
         rec["p99_added_ms"] = rec["p99_proxy_ms"] - rec["p99_direct_ms"]
         out.append(rec)
@@ -332,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{rec['p50_after_final_ms']:>10.2f}/{rec['p99_after_final_ms']:<10.2f}"
             f"{rec['ttft_proxy_s'] - rec['ttft_direct_s']:>8.3f}s"
             f"{rec['words_s_direct']:>7.0f}/{rec['words_s_proxy']:<6.0f}{rec['peak_rss_mb']:>8.0f}"
+            f"{rec['proxy_cpu_us_per_word']:>13.0f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

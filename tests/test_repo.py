@@ -60,3 +60,16 @@ def test_engine_benchmark_runs_and_reports_ratios(
         r["response_tokens"] == (10 * r["streams"] if r["name"].startswith("engine") else 10) for r in rows
     )
     assert rows[1]["x_r1"] == pytest.approx(1.0)
+
+
+def test_step_benchmark_runs_both_ways_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--streams", "1,4", "--min-len", "8", "--max-len", "40", "--steps", "2", "--rounds", "1"]
+    assert bench.main(argv) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["1", "4"]
+    for r in rows:  # streams, batched ms, per-stream ms, their ratio
+        assert float(r[3]) == pytest.approx(float(r[2]) / float(r[1]), rel=0.03, abs=0.01)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from guardproxy.guard.model import Qwen3GuardStream
-from guardproxy.guard.runner import ModelRunner
+from guardproxy.guard.runner import PAGE_SIZE, ModelRunner
 from guardproxy.guard.scheduler import (
     EngineError,
     EngineLimits,
@@ -132,7 +132,10 @@ class GuardEngine:
         if limits.max_positions > max_positions:
             raise ValueError(f"engine.max_positions {limits.max_positions} > the model's {max_positions}")
         self.limits = limits
-        self.runner = ModelRunner(model)
+        # The scheduler never reserves more than max_cached_tokens; a stream's last page may be part
+        # empty, hence one more page each.
+        max_pages = -(-limits.max_cached_tokens // PAGE_SIZE) + limits.max_streams
+        self.runner = ModelRunner(model, max_pages=max_pages)
         self.scheduler = Scheduler(limits, self.runner)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-engine")
         self._wake: asyncio.Event | None = None

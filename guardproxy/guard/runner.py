@@ -1,13 +1,19 @@
 """Executes a scheduler plan: one packed forward over the new tokens of every stream in the step.
 
 The linear layers (projections, MLP: nearly all the FLOPs) run once over all the step's tokens packed
-into one [T, hidden] matrix. Attention runs per stream, each stream's new queries against its own KV
-cache, so no stream ever sees another's context and no prefix is re-run. Runs in the engine's worker
-thread; nothing here touches asyncio.
+into one [T, hidden] matrix. The KV cache is paged: one pool of fixed-size pages per layer, a stream
+owns a list of pages, so growing a stream copies nothing and every new key/value of a step is written
+with one indexed copy. Attention never mixes streams: a stream that brings one token (the steady
+state of streaming) is batched with the other one-token streams of similar length into one attention
+call over their gathered pages (shorter ones masked), which makes a step's cost nearly independent of
+how many streams it serves; a stream that brings several tokens (prefill, a burst) attends causally
+over its own gathered pages. Runs in the engine's worker thread; nothing here touches asyncio.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,17 +24,68 @@ from transformers.models.qwen3.modeling_qwen3 import rotate_half
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.scheduler import QUERY, RESPONSE, ItemOutput, RawProbs, WorkItem
 
+PAGE_SIZE = 16  # positions a page; the scheduler reserves capacity in multiples of 16 too
+
+# One-token streams are batched while the padded attention (longest x count) stays within twice their
+# real total plus this many positions: batching two streams of 100 and 4000 tokens would do 39x the
+# shorter one's work for it, while two of 100 and 120 cost less together than apart.
+_PAD_SLACK = 256
+
+# Batched attention gathers a group's pages into one tensor. On CPU that costs about what it saves
+# (bench/step.py: per-stream / batched 0.85-1.0 for the tiny guard at 16-64 streams) and for large
+# caches it is a loss (0.6B shape, 8 streams of ~300 tokens: about 1.5x slower a step), so streams
+# attend alone, in place. On CUDA each call is a kernel launch a layer a stream: batched, unlimited
+# (not measured here: no GPU lent yet; ``python bench/step.py --device cuda`` is the check).
+_GATHER_MAX = {"cpu": 0}
+
 
 @dataclass(eq=False)
-class KVBlock:
-    """One stream's cache: ``k``/``v`` are [layers, kv_heads, capacity, head_dim]."""
+class KVPages:
+    """One stream's cache: the pool pages holding its positions, in order (``PAGE_SIZE`` each).
+    ``first`` is the first page when they are one run (attention then reads them in place), else -1."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    pages: list[int]
+    capacity: int
+    first: int = -1
 
-    @property
-    def capacity(self) -> int:
-        return int(self.k.shape[2])
+    def __post_init__(self) -> None:
+        self.check_run()
+
+    def check_run(self) -> None:
+        p = self.pages
+        self.first = p[0] if p and p == list(range(p[0], p[0] + len(p))) else -1
+
+
+@dataclass(frozen=True)
+class _Attend:
+    """One attention call of a step, the same in every layer: queries ``row..row+n`` of the packed
+    step; keys ``0..keys`` of ``streams`` streams, read in place from slot ``first`` (one stream, one
+    run of pages) or gathered by ``table`` (pages, streams x pages); ``mask`` hides padding or the
+    future (None: every key is visible)."""
+
+    row: int
+    n: int
+    streams: int
+    keys: int
+    first: int
+    table: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+def decode_groups(lengths: Sequence[int], slack: int = _PAD_SLACK) -> list[list[int]]:
+    """Indices of one-token items grouped for batched attention, longest first: a group's padded size
+    (its longest x its count) stays within twice its real size plus ``slack``."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    total = 0
+    for i in order:
+        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= 2 * (total + lengths[i]) + slack:
+            groups[-1].append(i)
+            total += lengths[i]
+        else:
+            groups.append([i])
+            total = lengths[i]
+    return groups
 
 
 def _rows(t: torch.Tensor) -> list[tuple[float, ...]]:
@@ -36,7 +93,14 @@ def _rows(t: torch.Tensor) -> list[tuple[float, ...]]:
 
 
 class ModelRunner:
-    def __init__(self, model: Qwen3GuardStream) -> None:
+    def __init__(
+        self,
+        model: Qwen3GuardStream,
+        *,
+        max_pages: int | None = None,
+        pad_slack: int = _PAD_SLACK,
+        gather_max: int | None = None,
+    ) -> None:
         self.model = model
         c = model.config
         self.layers = list(model.model.layers)
@@ -44,21 +108,114 @@ class ModelRunner:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.scaling = self.head_dim**-0.5
+        self.pad_slack = pad_slack
+        # Largest group gathered for batched attention, in key elements a layer (0: every stream attends
+        # alone; None: the device's default, see ``_GATHER_MAX``; no entry: no limit).
+        self.gather_max = gather_max if gather_max is not None else _GATHER_MAX.get(p.device.type)
+        # The page pool: [layers, pages * PAGE_SIZE, kv_heads, head_dim]. Page ids are handed out on the
+        # event loop's thread (allocate/grow/release); the tensors are (re)sized only in ``execute``, on
+        # the worker thread, so a step never sees them swapped under it.
+        self.max_pages = max_pages  # fresh pages past this are taken only when no free ones are left
+        self._free: list[int] = []  # released page ids, sorted
+        self._pages = 0  # ids ever handed out (the pool must hold this many)
+        self._k = self._pool(0)
+        self._v = self._pool(0)
 
     # -- KV memory (the scheduler's Allocator) -------------------------------------------------------
 
-    def _empty(self, capacity: int) -> torch.Tensor:
-        shape = (len(self.layers), self.n_kv, capacity, self.head_dim)
-        return torch.empty(shape, device=self.device, dtype=self.dtype)
+    def _pool(self, pages: int) -> torch.Tensor:
+        shape = (len(self.layers), pages * PAGE_SIZE, self.n_kv, self.head_dim)
+        # Zeros, not empty: batched attention reads (masked) slots never written, and a masked slot
+        # holding NaN would still poison the sum (0 * NaN).
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
 
-    def allocate(self, capacity: int) -> KVBlock:
-        return KVBlock(self._empty(capacity), self._empty(capacity))
+    def _is_free(self, page: int) -> bool:
+        if page >= self._pages:
+            return self.max_pages is None or page < self.max_pages
+        i = bisect.bisect_left(self._free, page)
+        return i < len(self._free) and self._free[i] == page
 
-    def grow(self, handle: KVBlock, used: int, capacity: int) -> KVBlock:
-        k, v = self._empty(capacity), self._empty(capacity)
-        k[:, :, :used] = handle.k[:, :, :used]
-        v[:, :, :used] = handle.v[:, :, :used]
-        return KVBlock(k, v)
+    def _claim(self, first: int, n: int) -> list[int] | None:
+        """Pages ``first..first+n`` if all are free (released, or fresh within ``max_pages``)."""
+        if not all(self._is_free(p) for p in range(first, first + n)):
+            return None
+        lo = bisect.bisect_left(self._free, first)
+        hi = bisect.bisect_left(self._free, first + n)
+        del self._free[lo:hi]
+        self._pages = max(self._pages, first + n)
+        return list(range(first, first + n))
+
+    def _take(self, n: int, after: int | None = None) -> list[int]:
+        """``n`` pages, as one run where possible (attention then reads a stream in place): right
+        after page ``after`` (a stream growing), else the first free run, else fresh at the end, else
+        whatever is free (the scheduler never reserves more positions than the pool may hold)."""
+        if n <= 0:
+            return []
+        if after is not None and (run := self._claim(after + 1, n)) is not None:
+            return run
+        start = count = 0
+        for k, page in enumerate(self._free):
+            start, count = (start, count + 1) if k and page == self._free[k - 1] + 1 else (page, 1)
+            if count == n or (page == self._pages - 1 and self._is_free(page + n - count)):
+                got = self._claim(start, n)
+                if got is not None:
+                    return got
+        if (got := self._claim(self._pages, n)) is not None:
+            return got
+        got, self._free = self._free[:n], self._free[n:]
+        fresh = n - len(got)
+        got += range(self._pages, self._pages + fresh)
+        self._pages += fresh
+        return got
+
+    def allocate(self, capacity: int) -> KVPages:
+        return KVPages(self._take(math.ceil(capacity / PAGE_SIZE)), capacity)
+
+    def grow(self, handle: KVPages, used: int, capacity: int) -> KVPages:
+        last = handle.pages[-1] if handle.pages else None
+        handle.pages += self._take(math.ceil(capacity / PAGE_SIZE) - len(handle.pages), after=last)
+        handle.capacity = capacity
+        handle.check_run()
+        return handle
+
+    def release(self, handle: KVPages) -> None:
+        self._free = sorted(self._free + handle.pages)
+        handle.pages = []
+        handle.first = -1
+
+    @property
+    def pool_positions(self) -> int:
+        return int(self._k.shape[1])
+
+    def _ensure_pool(self, items: Sequence[WorkItem]) -> None:
+        need = max((max(item.kv.pages, default=-1) + 1 for item in items), default=0) * PAGE_SIZE
+        have = self.pool_positions
+        if need <= have:
+            return
+        # Grow by doubling (amortised copies), but never past what has been handed out.
+        size = max(need, min(2 * have, self._pages * PAGE_SIZE))
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = self._pool(size // PAGE_SIZE)
+            new[:, :have] = old
+            setattr(self, name, new)
+
+    def _table(self, kvs: Sequence[KVPages], length: int) -> torch.Tensor:
+        """The pages holding positions ``0..length`` of each stream, flat (streams x pages). A stream
+        with fewer pages is padded with its first page: those keys are masked out."""
+        n_pages = math.ceil(length / PAGE_SIZE)
+        table = [kv.pages[:n_pages] + [kv.pages[0]] * (n_pages - len(kv.pages)) for kv in kvs]
+        return torch.tensor(table, device=self.device).view(-1)
+
+    def _own(self, row: int, n: int, kv: KVPages, end: int, mask: torch.Tensor | None) -> _Attend:
+        """One stream attending over its own keys ``0..end``: in place when its pages are one run."""
+        if kv.first >= 0:
+            return _Attend(row, n, 1, end, kv.first * PAGE_SIZE, None, mask)
+        return _Attend(row, n, 1, end, -1, self._table([kv], end), mask)
+
+    def _positions(self, kv: KVPages, start: int, end: int) -> list[int]:
+        pages = kv.pages
+        return [pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in range(start, end)]
 
     # -- the step ------------------------------------------------------------------------------------
 
@@ -69,39 +226,67 @@ class ModelRunner:
 
     def _execute(self, items: Sequence[WorkItem]) -> list[ItemOutput]:
         dev = self.device
+        self._ensure_pool(items)
+        # Pack one-token items first, group by group, so each group's queries are one slice.
+        singles = [i for i, item in enumerate(items) if len(item.ids) == 1]
+        groups = [
+            [singles[j] for j in g]
+            for g in decode_groups([items[i].start + 1 for i in singles], self.pad_slack)
+        ]
+        order = [i for g in groups for i in g] + [i for i, item in enumerate(items) if len(item.ids) != 1]
+
         ids: list[int] = []
         positions: list[int] = []
-        spans: list[tuple[int, int]] = []
+        slots: list[int] = []  # where each new token's key/value goes in the pool
+        offsets = [0] * len(items)
         query_rows: list[int] = []
         response_rows: list[int] = []
-        for item in items:
-            offset = len(ids)
-            spans.append((offset, len(item.ids)))
+        for i in order:
+            item = items[i]
+            offsets[i] = len(ids)
             ids += item.ids
-            positions += range(item.start, item.start + len(item.ids))
+            end = item.start + len(item.ids)
+            positions += range(item.start, end)
+            slots += self._positions(item.kv, item.start, end)
             for j, kind in enumerate(item.kinds):
                 if kind == QUERY:
-                    query_rows.append(offset + j)
+                    query_rows.append(offsets[i] + j)
                 elif kind == RESPONSE:
-                    response_rows.append(offset + j)
+                    response_rows.append(offsets[i] + j)
         total = len(ids)
         input_ids = torch.tensor(ids, device=dev)
         pos = torch.tensor(positions, device=dev)
+        write = torch.tensor(slots, device=dev)
         hidden = self.model.model.embed_tokens(input_ids)
         cos, sin = self.model.model.rotary_emb(hidden, pos[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]: broadcast over heads
-
-        # Causal masks against each stream's cache, built once per step and shared by all layers.
-        masks: list[torch.Tensor | None] = []
-        for item, (_, n) in zip(items, spans, strict=True):
-            if n == 1:
-                masks.append(None)  # one new query sees the whole cache
-                continue
-            keys = torch.arange(item.start + n, device=dev)
-            queries = torch.arange(item.start, item.start + n, device=dev)
-            masks.append(keys[None, :] <= queries[:, None])
-
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
+
+        # What each attention call reads, built once per step and shared by all layers.
+        calls: list[_Attend] = []
+        for g in groups:
+            lengths = [items[i].start + 1 for i in g]
+            longest = lengths[0]
+            if len(g) == 1 or (self.gather_max is not None and len(g) * longest * nkv * hd > self.gather_max):
+                calls += [
+                    self._own(offsets[i], 1, items[i].kv, n, None) for i, n in zip(g, lengths, strict=True)
+                ]
+                continue
+            mask = None
+            if lengths[-1] != longest:
+                keys = torch.arange(longest, device=dev)
+                mask = (keys[None, :] < torch.tensor(lengths, device=dev)[:, None])[:, None, None, :]
+            table = self._table([items[i].kv for i in g], longest)
+            calls.append(_Attend(offsets[g[0]], len(g), len(g), longest, -1, table, mask))
+        for i, item in enumerate(items):
+            n = len(item.ids)
+            if n == 1:
+                continue
+            end = item.start + n
+            keys = torch.arange(end, device=dev)
+            queries = torch.arange(item.start, end, device=dev)
+            calls.append(self._own(offsets[i], n, item.kv, end, keys[None, :] <= queries[:, None]))
+
         attn_out = torch.empty(total, nh, hd, device=dev, dtype=self.dtype)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -111,20 +296,29 @@ class ModelRunner:
             v = attn.v_proj(x).view(total, nkv, hd)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
-            for item, (off, n), mask in zip(items, spans, masks, strict=True):
-                kv: KVBlock = item.kv
-                end = item.start + n
-                kv.k[li, :, item.start : end] = k[off : off + n].transpose(0, 1)
-                kv.v[li, :, item.start : end] = v[off : off + n].transpose(0, 1)
+            k_pool, v_pool = self._k[li], self._v[li]
+            k_pool.index_copy_(0, write, k)
+            v_pool.index_copy_(0, write, v)
+            k_pages, v_pages = k_pool.view(-1, PAGE_SIZE, nkv, hd), v_pool.view(-1, PAGE_SIZE, nkv, hd)
+            for c in calls:
+                if c.table is not None:  # whole pages gathered (few large copies): [streams, kv, L, d]
+                    kk = k_pages.index_select(0, c.table).view(c.streams, -1, nkv, hd)[:, : c.keys]
+                    vv = v_pages.index_select(0, c.table).view(c.streams, -1, nkv, hd)[:, : c.keys]
+                else:  # one stream's run of pages, read in place
+                    kk = k_pool[c.first : c.first + c.keys][None]
+                    vv = v_pool[c.first : c.first + c.keys][None]
+                rows = q[c.row : c.row + c.n]
+                # One query a stream: [streams, heads, 1, d]; else one stream's n queries: [1, heads, n, d].
+                query = rows[:, :, None] if c.n == c.streams else rows.transpose(0, 1)[None]
                 out = F.scaled_dot_product_attention(
-                    q[off : off + n].transpose(0, 1)[None],
-                    kv.k[li, :, :end][None],
-                    kv.v[li, :, :end][None],
-                    attn_mask=mask,
+                    query,
+                    kk.transpose(1, 2),
+                    vv.transpose(1, 2),
+                    attn_mask=c.mask,
                     scale=self.scaling,
                     enable_gqa=nkv != nh,
                 )
-                attn_out[off : off + n] = out[0].transpose(0, 1)
+                attn_out[c.row : c.row + c.n] = out[:, :, 0] if c.n == c.streams else out[0].transpose(0, 1)
             hidden = hidden + attn.o_proj(attn_out.view(total, nh * hd))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
@@ -137,13 +331,14 @@ class ModelRunner:
             rp = self.model.response_probs(self.model.model.norm(hidden[response_rows]))
             response_probs = list(zip(_rows(rp.risk), _rows(rp.category), strict=True))
 
-        # Hand each item its rows, in order.
-        outputs: list[ItemOutput] = []
+        # Hand each item its rows: they were packed in ``order``.
+        outputs: list[ItemOutput | None] = [None] * len(items)
         qi = ri = 0
-        for item in items:
-            nq = sum(1 for kind in item.kinds if kind == QUERY)
-            nr = sum(1 for kind in item.kinds if kind == RESPONSE)
-            outputs.append(ItemOutput(query=query_probs[qi : qi + nq], response=response_probs[ri : ri + nr]))
+        for i in order:
+            kinds = items[i].kinds
+            nq = sum(1 for kind in kinds if kind == QUERY)
+            nr = sum(1 for kind in kinds if kind == RESPONSE)
+            outputs[i] = ItemOutput(query=query_probs[qi : qi + nq], response=response_probs[ri : ri + nr])
             qi += nq
             ri += nr
-        return outputs
+        return [out for out in outputs if out is not None]

@@ -96,6 +96,8 @@ class Allocator(Protocol):
 
     def grow(self, handle: Any, used: int, capacity: int) -> Any: ...
 
+    def release(self, handle: Any) -> None: ...
+
 
 @dataclass(eq=False)
 class Ticket:
@@ -317,6 +319,7 @@ class Scheduler:
 
     def _free(self, s: StreamState) -> None:
         self.reserved -= s.capacity
+        self.allocator.release(s.kv)
         s.kv = None
         del self.streams[s.sid]
 

@@ -10,6 +10,7 @@ order), 2e-5 in float32; arg-max verdicts identical.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import random
 import threading
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
-from guardproxy.guard.runner import ModelRunner
+from guardproxy.guard.runner import ModelRunner, decode_groups
 from guardproxy.guard.scheduler import (
     EngineLimits,
     EngineOverloaded,
@@ -97,7 +98,15 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
         anchor_tokens=256,
         window_tokens=1024,
     )
-    scheduler = Scheduler(limits, ModelRunner(model64))
+    # The scheduler's allocator: its pages hold the cache. No slack splits one-token streams of
+    # different lengths into separate batched-attention groups more often.
+    # A huge gather limit batches every group of one-token streams; 0 makes each attend alone.
+    runner = ModelRunner(
+        model64,
+        pad_slack=data.draw(st.sampled_from([0, 256]), label="pad slack"),
+        gather_max=data.draw(st.sampled_from([1 << 40, 0, 5000]), label="gather max"),
+    )
+    scheduler = Scheduler(limits, runner)
     n = data.draw(st.integers(1, 16), label="streams")
     prompts = [template.render_prompt(data.draw(conversations())) for _ in range(n)]
     responses = [data.draw(st.lists(st.integers(0, 151642), max_size=40)) for _ in range(n)]
@@ -116,7 +125,6 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
     # Per stream: (ticket, how many of its verdicts count): the kept ids are ``final``.
     tickets: list[list[tuple[Ticket, int]]] = [[] for _ in range(n)]
     final: list[list[int]] = [[] for _ in range(n)]
-    runner = ModelRunner(model64)
 
     def step(during: Any = None) -> bool:
         plan = scheduler.schedule()
@@ -181,6 +189,59 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
             got_r = torch.tensor(got, dtype=torch.float64)
             torch.testing.assert_close(got_r, ref_r, atol=1e-9, rtol=0)
             assert torch.equal(got_r.argmax(-1), ref_r.argmax(-1))
+
+
+def test_one_token_streams_of_any_length_batch_and_reuse_pages(
+    model64: Qwen3GuardStream, template: ChatTemplate
+) -> None:
+    """Streams of very different lengths judging one token each per step: the batched attention
+    splits them into groups (no slack), pads and masks the shorter ones, and a stream opened on the
+    pages of closed ones (stale keys and values in them) still matches a full forward."""
+    rng = random.Random(3)
+    limits = EngineLimits(max_cached_tokens=4096, response_reserve=32, anchor_tokens=256, prefill_chunk=512)
+    runner = ModelRunner(model64, pad_slack=0, gather_max=1 << 40)  # batched, as on CUDA
+    scheduler = Scheduler(limits, runner)
+
+    def open_stream(words: int) -> tuple[int, GuardPrompt]:
+        prompt = template.render_prompt([{"role": "user", "content": " ".join(rng.choices(WORDS, k=words))}])
+        sid = scheduler.add_stream(prompt.ids, prompt.verdict_index, prompt.anchor_start)
+        scheduler.feed(sid, prompt.scaffold, judge=False)
+        return sid, prompt
+
+    def judge_in_lockstep(streams: list[tuple[int, GuardPrompt]], n: int) -> None:
+        while (plan := scheduler.schedule()) is not None:  # prefill
+            scheduler.complete(plan, runner.execute(plan.items))
+        for _ in range(n):
+            plan_ids = {sid: [rng.randrange(151643)] for sid, _ in streams}
+            tickets = [scheduler.feed(sid, plan_ids[sid]) for sid, _ in streams]
+            plan = scheduler.schedule()
+            assert plan is not None and all(len(item.ids) == 1 for item in plan.items)
+            splits.append(len(decode_groups([item.start + 1 for item in plan.items], 0)))
+            scheduler.complete(plan, runner.execute(plan.items))
+            for (sid, _), t in zip(streams, tickets, strict=True):
+                assert t is not None and t.done
+                fed[sid] += plan_ids[sid]
+                got[sid] += [r[0] for r in t.results]
+
+    def check(streams: list[tuple[int, GuardPrompt]]) -> None:
+        for sid, prompt in streams:
+            _, ref_r = reference(model64, prompt, fed[sid])
+            torch.testing.assert_close(torch.tensor(got[sid], dtype=torch.float64), ref_r, atol=1e-9, rtol=0)
+
+    fed: dict[int, list[int]] = collections.defaultdict(list)
+    got: dict[int, list[Any]] = collections.defaultdict(list)
+    splits: list[int] = []
+    first = [open_stream(w) for w in (150, 1, 2, 60, 3, 1)]
+    judge_in_lockstep(first, 6)
+    check(first)
+    assert max(splits) > 1  # the lengths forced more than one group
+    pages = runner.pool_positions
+    for sid, _ in first[:4]:
+        scheduler.close(sid)
+    second = [open_stream(w) for w in (2, 120)] + first[4:]
+    judge_in_lockstep(second, 5)
+    check(second)
+    assert runner.pool_positions == pages  # the new streams live on the freed pages
 
 
 async def test_async_engine_concurrent_streams_match_in_fp32(

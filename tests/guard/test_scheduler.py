@@ -46,6 +46,9 @@ class FakeAllocator:
         self.live.remove(handle)
         return self.allocate(capacity)
 
+    def release(self, handle: FakeKV) -> None:
+        self.live.remove(handle)
+
 
 def outputs_for(plan: StepPlan) -> list[ItemOutput]:
     """Hand-made outputs: each verdict's risk probs encode the token id, so routing is checkable."""
@@ -173,6 +176,17 @@ def test_memory_never_exceeds_the_cap_and_long_responses_keep_being_judged(data:
         assert all(st_.capacity <= lim.max_positions for st_ in s.streams.values())
     run_all(s)
     assert all(t is not None and t.done and t.error is None for t in tickets)
+    # Closing gives every stream's memory back to the allocator (one closed while in flight too).
+    plan = None
+    if streams:
+        s.feed(streams[0], [9])
+        plan = s.schedule()
+    for sid in streams:
+        s.close(sid)
+    if plan is not None:
+        assert alloc.live, "freed while a step was using it"
+        s.complete(plan, outputs_for(plan))
+    assert alloc.live == [] and s.reserved == 0
 
 
 def test_slide_replays_head_and_recent_window() -> None:

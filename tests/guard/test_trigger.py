@@ -185,7 +185,8 @@ def test_verdicts_after_a_slide_equal_a_forward_of_the_replayed_context(random_c
         prefill_chunk=24,
         max_batch_tokens=24,
     )
-    sched, runner = Scheduler(limits, ModelRunner(model)), ModelRunner(model)
+    runner = ModelRunner(model)
+    sched = Scheduler(limits, runner)
     sid = sched.add_stream(list(range(1000, 1030)), 29, anchor_start=10)
     sched.feed(sid, [151644, 77091, 198], judge=False)
     ticket = sched.feed(sid, list(range(5000, 5400)))
