@@ -32,7 +32,7 @@ PAGE_SIZE = 16  # positions a page; the scheduler reserves capacity in multiples
 _PAD_SLACK = 256
 
 # Batched attention gathers a group's pages into one tensor. On CPU that costs about what it saves
-# (bench/step.py: per-stream / batched 0.85-1.0 for the tiny guard at 16-64 streams) and for large
+# (bench/step.py: per-stream / batched about 0.85-1.12 for the tiny guard at 16-64 streams) and for large
 # caches it is a loss (0.6B shape, 8 streams of ~300 tokens: about 1.5x slower a step), so streams
 # attend alone, in place. On CUDA each call is a kernel launch a layer a stream: batched, unlimited
 # (not measured here: no GPU lent yet; ``python bench/step.py --device cuda`` is the check).
