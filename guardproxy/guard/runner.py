@@ -3,11 +3,11 @@
 The linear layers (projections, MLP: nearly all the FLOPs) run once over all the step's tokens packed
 into one [T, hidden] matrix. The KV cache is paged: one pool of fixed-size pages per layer, a stream
 owns a list of pages, so growing a stream copies nothing and every new key/value of a step is written
-with one indexed copy. Attention never mixes streams: a stream that brings one token (the steady
-state of streaming) is batched with the other one-token streams of similar length into one attention
-call over their gathered pages (shorter ones masked), which makes a step's cost nearly independent of
-how many streams it serves; a stream that brings several tokens (prefill, a burst) attends causally
-over its own gathered pages. Runs in the engine's worker thread; nothing here touches asyncio.
+with one indexed copy. Attention never mixes streams. A stream whose pages form one run is read in
+place; otherwise its pages are gathered. One-token streams (the steady state of streaming) can be
+batched instead: those of similar length share one attention call a layer over their gathered pages,
+shorter ones masked, which makes the number of calls independent of the number of streams (the
+default on CUDA; see ``_GATHER_MAX``). Runs in the engine's worker thread; nothing here touches asyncio.
 """
 
 from __future__ import annotations
