@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import re
@@ -218,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the proxy")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
+    # Neither the upstream nor the clients may add collector pauses to what is measured (as
+    # ``guardproxy serve`` does for itself): their startup heap is frozen.
+    gc.collect()
+    gc.freeze()
     if args.upstream:
         run_upstream(int(args.upstream[0]), int(args.upstream[1]), float(args.upstream[2]))
         return 0

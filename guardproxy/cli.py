@@ -110,7 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from guardproxy.config import Settings, load_settings_file, with_overrides
     from guardproxy.observe import logs
-    from guardproxy.server.app import create_app
+    from guardproxy.server.app import create_app, freeze_startup_heap
 
     settings = load_settings_file(args.config) if args.config else Settings()
     logs.configure(settings.logging.format, settings.logging.level)
@@ -122,8 +122,10 @@ def _serve(args: argparse.Namespace) -> int:
         server_host=args.host,
         server_port=args.port,
     )
+    app = create_app(settings, config_path=args.config, reload_interval_s=settings.server.reload_interval_s)
+    app.on_startup.append(freeze_startup_heap)  # runs after the services are up (cleanup_ctx is first)
     web.run_app(
-        create_app(settings, config_path=args.config, reload_interval_s=settings.server.reload_interval_s),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         shutdown_timeout=settings.server.shutdown_grace_s,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import re
@@ -120,6 +121,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await engine.stop()
         if audit is not None:
             audit.close()
+
+
+async def freeze_startup_heap(app: web.Application) -> None:
+    """Take what exists once the services are up (modules, the model, the tokenizer: ~360k objects,
+    alive as long as the process) out of the cyclic collector's sight, so that a full collection
+    scans only what requests created since. Unfrozen, each full collection paused the event loop for
+    up to ~200 ms: bench/proxy.py at 16 streams had a p99 of 180-290 ms per word, 30-37 ms frozen.
+    Registered by ``serve`` after the services (a process-wide setting: not for in-process tests)."""
+    gc.collect()
+    gc.freeze()
+    log.info("froze %d startup objects out of the garbage collector's scans", gc.get_freeze_count())
 
 
 async def _begin_drain(app: web.Application) -> None:
