@@ -73,3 +73,14 @@ def test_step_benchmark_runs_both_ways_side_by_side(capsys: pytest.CaptureFixtur
     assert [r[0] for r in rows] == ["1", "4"]
     for r in rows:  # streams, batched ms, per-stream ms, their ratio
         assert float(r[3]) == pytest.approx(float(r[2]) / float(r[1]), rel=0.03, abs=0.01)
+
+
+def test_moderator_benchmark_runs_and_reports_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_moderator", ROOT / "bench" / "moderator.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--words", "50", "--backlogs", "0,20", "--rounds", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [r[0] for r in rows] == ["0", "20"] and rows[0][2] == "1.00"
+    assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / float(rows[0][1]), rel=0.03, abs=0.01)

@@ -20,7 +20,8 @@ false`` holds every word until the next text shows it is complete.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,7 @@ class ChoiceModerator:
         self.fields: dict[str, _Field] = {}
         self.queue: list[_Item] = []
         self.tokens: list[tuple[Span, Decision | None]] = []  # judged tokens in order (span, decision)
-        self.pending_spans: list[Span] = []  # submitted for judging, verdicts not back yet
+        self.pending_spans: deque[Span] = deque()  # submitted for judging, verdicts not back yet
         self.tentative: list[_Tentative] = []  # fed after every pending span (see ``speculate``)
         self.cut_at: Decision | None = None
         self.finished = False
@@ -166,7 +167,7 @@ class ChoiceModerator:
             if f.tentative:
                 self.tentative += [_Tentative(span) for span in f.spans]
             else:
-                self.pending_spans += f.spans
+                self.pending_spans.extend(f.spans)
         return feeds
 
     def _revise(self, confirm: int, retract: int) -> None:
@@ -204,7 +205,7 @@ class ChoiceModerator:
             return
         for v in verdicts:
             if self.pending_spans:
-                self._decide(self.pending_spans.pop(0), v)
+                self._decide(self.pending_spans.popleft(), v)
                 continue
             waiting = next((t for t in self.tentative if t.verdict is None), None)
             if waiting is None:
@@ -243,23 +244,19 @@ class ChoiceModerator:
             releasable = len(self.tokens)
         else:
             releasable = max(0, len(self.tokens) - self.policy.holdback_tokens)
-        bound: dict[str, int] = {}
-        blocked: set[str] = set()
         while self._scan < len(self.tokens):
             span = self.tokens[self._scan][0]
             if span.end > self.fields[span.field].released:
                 break
             self._scan += 1
-        entries = [
-            (span, i < releasable) for i, (span, _) in enumerate(self.tokens[self._scan :], self._scan)
-        ]
-        entries += [(span, False) for span in self.pending_spans]
-        # Tentative text goes once everything before it is out and its own verdict passes alone.
-        early = self.cut_at is None and not self.pending_spans and releasable == len(self.tokens)
-        for t in self.tentative:
-            early = early and t.verdict is not None and self.policy.action(t.verdict) <= Action.FLAG
-            entries.append((t.span, early))
-        for span, ok in entries:
+        # Only fields with text still unreleased can be held back; once each is blocked, nothing
+        # later in the order can change a bound (the pending backlog can be long under load).
+        unreleased = {name for name, f in self.fields.items() if f.released < len(f.text)}
+        bound: dict[str, int] = {}
+        blocked: set[str] = set()
+        for span, ok in self._entries(releasable):
+            if unreleased <= blocked:
+                break
             if span.field in blocked:
                 continue
             if ok:
@@ -270,6 +267,18 @@ class ChoiceModerator:
                 bound[span.field] = min(bound.get(span.field, span.start), span.start)
                 blocked.add(span.field)
         return bound
+
+    def _entries(self, releasable: int) -> Iterator[tuple[Span, bool]]:
+        """Every span not yet known released, in feed order, with whether it may be released now."""
+        for i in range(self._scan, len(self.tokens)):
+            yield self.tokens[i][0], i < releasable
+        for span in self.pending_spans:
+            yield span, False
+        # Tentative text goes once everything before it is out and its own verdict passes alone.
+        early = self.cut_at is None and not self.pending_spans and releasable == len(self.tokens)
+        for t in self.tentative:
+            early = early and t.verdict is not None and self.policy.action(t.verdict) <= Action.FLAG
+            yield t.span, early
 
     def drain(self) -> list[OutDelta]:
         """Deltas the client may now see, in upstream order; after a cut, the notice and the end."""
