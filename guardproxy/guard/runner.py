@@ -92,42 +92,14 @@ def _rows(t: torch.Tensor) -> list[tuple[float, ...]]:
     return [tuple(r) for r in t.tolist()]
 
 
-class ModelRunner:
-    def __init__(
-        self,
-        model: Qwen3GuardStream,
-        *,
-        max_pages: int | None = None,
-        pad_slack: int = _PAD_SLACK,
-        gather_max: int | None = None,
-    ) -> None:
-        self.model = model
-        c = model.config
-        self.layers = list(model.model.layers)
-        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.scaling = self.head_dim**-0.5
-        self.pad_slack = pad_slack
-        # Largest group gathered for batched attention, in key elements a layer (0: every stream attends
-        # alone; None: the device's default, see ``_GATHER_MAX``; no entry: no limit).
-        self.gather_max = gather_max if gather_max is not None else _GATHER_MAX.get(p.device.type)
-        # The page pool: [layers, pages * PAGE_SIZE, kv_heads, head_dim]. Page ids are handed out on the
-        # event loop's thread (allocate/grow/release); the tensors are (re)sized only in ``execute``, on
-        # the worker thread, so a step never sees them swapped under it.
+class PagePool:
+    """Hands out KV page ids (the scheduler's Allocator): pure bookkeeping, no tensors, so it can live
+    apart from the model (the engine's worker process holds the tensors)."""
+
+    def __init__(self, max_pages: int | None = None) -> None:
         self.max_pages = max_pages  # fresh pages past this are taken only when no free ones are left
         self._free: list[int] = []  # released page ids, sorted
-        self._pages = 0  # ids ever handed out (the pool must hold this many)
-        self._k = self._pool(0)
-        self._v = self._pool(0)
-
-    # -- KV memory (the scheduler's Allocator) -------------------------------------------------------
-
-    def _pool(self, pages: int) -> torch.Tensor:
-        shape = (len(self.layers), pages * PAGE_SIZE, self.n_kv, self.head_dim)
-        # Zeros, not empty: batched attention reads (masked) slots never written, and a masked slot
-        # holding NaN would still poison the sum (0 * NaN).
-        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self._pages = 0  # ids ever handed out
 
     def _is_free(self, page: int) -> bool:
         if page >= self._pages:
@@ -183,6 +155,52 @@ class ModelRunner:
         handle.pages = []
         handle.first = -1
 
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Qwen3GuardStream,
+        *,
+        max_pages: int | None = None,
+        pad_slack: int = _PAD_SLACK,
+        gather_max: int | None = None,
+    ) -> None:
+        self.model = model
+        c = model.config
+        self.layers = list(model.model.layers)
+        self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.scaling = self.head_dim**-0.5
+        self.pad_slack = pad_slack
+        # Largest group gathered for batched attention, in key elements a layer (0: every stream attends
+        # alone; None: the device's default, see ``_GATHER_MAX``; no entry: no limit).
+        self.gather_max = gather_max if gather_max is not None else _GATHER_MAX.get(p.device.type)
+        # The page pool: [layers, pages * PAGE_SIZE, kv_heads, head_dim]. Page ids are handed out on the
+        # event loop's thread (allocate/grow/release, ``PagePool``); the tensors are (re)sized only in
+        # ``execute``, on the worker thread (or process), so a step never sees them swapped under it.
+        self.pages = PagePool(max_pages)  # the page ids, when this runner is also the allocator
+        self.max_pages = max_pages
+        self._k = self._pool(0)
+        self._v = self._pool(0)
+
+    # -- KV memory (the scheduler's Allocator) -------------------------------------------------------
+
+    def _pool(self, pages: int) -> torch.Tensor:
+        shape = (len(self.layers), pages * PAGE_SIZE, self.n_kv, self.head_dim)
+        # Zeros, not empty: batched attention reads (masked) slots never written, and a masked slot
+        # holding NaN would still poison the sum (0 * NaN).
+        return torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    def allocate(self, capacity: int) -> KVPages:
+        return self.pages.allocate(capacity)
+
+    def grow(self, handle: KVPages, used: int, capacity: int) -> KVPages:
+        return self.pages.grow(handle, used, capacity)
+
+    def release(self, handle: KVPages) -> None:
+        self.pages.release(handle)
+
     @property
     def pool_positions(self) -> int:
         return int(self._k.shape[1])
@@ -192,8 +210,10 @@ class ModelRunner:
         have = self.pool_positions
         if need <= have:
             return
-        # Grow by doubling (amortised copies), but never past what has been handed out.
-        size = max(need, min(2 * have, self._pages * PAGE_SIZE))
+        # Grow by doubling (amortised copies), never past the cap on pages when there is one.
+        size = max(need, 2 * have)
+        if self.max_pages is not None:
+            size = max(need, min(size, self.max_pages * PAGE_SIZE))
         for name in ("_k", "_v"):
             old = getattr(self, name)
             new = self._pool(size // PAGE_SIZE)

@@ -3,18 +3,10 @@ them against a full forward)."""
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guardproxy.guard.model import Qwen3GuardStream
-from guardproxy.guard.runner import PAGE_SIZE, KVPages, ModelRunner, decode_groups
-from guardproxy.guard.testing import random_guard_model
-
-
-@pytest.fixture(scope="module")
-def tiny() -> Qwen3GuardStream:
-    return random_guard_model("tiny")
+from guardproxy.guard.runner import PAGE_SIZE, KVPages, PagePool, decode_groups
 
 
 @given(st.lists(st.integers(1, 5000), max_size=40), st.sampled_from([0, 16, 256]))
@@ -28,8 +20,8 @@ def test_decode_groups_cover_every_stream_once_with_bounded_padding(lengths: lis
             assert ls[0] * len(g) <= 2 * sum(ls) + slack
 
 
-def test_streams_get_runs_grow_in_place_and_reuse_freed_runs(tiny: Qwen3GuardStream) -> None:
-    r = ModelRunner(tiny, max_pages=64)
+def test_streams_get_runs_grow_in_place_and_reuse_freed_runs() -> None:
+    r = PagePool(max_pages=64)
     a = r.allocate(3 * PAGE_SIZE)
     b = r.allocate(2 * PAGE_SIZE - 5)  # a part page still takes a page
     assert (a.pages, a.first, b.pages, b.first) == ([0, 1, 2], 0, [3, 4], 3)
@@ -44,8 +36,8 @@ def test_streams_get_runs_grow_in_place_and_reuse_freed_runs(tiny: Qwen3GuardStr
     assert d.pages == [7, 8] and d.first == 7
 
 
-def test_a_full_pool_hands_out_scattered_pages_before_going_past_its_cap(tiny: Qwen3GuardStream) -> None:
-    r = ModelRunner(tiny, max_pages=8)
+def test_a_full_pool_hands_out_scattered_pages_before_going_past_its_cap() -> None:
+    r = PagePool(max_pages=8)
     held = [r.allocate(PAGE_SIZE) for _ in range(8)]
     for h in held[::2]:
         r.release(h)  # pages 0, 2, 4, 6 free: no run of two
@@ -56,8 +48,8 @@ def test_a_full_pool_hands_out_scattered_pages_before_going_past_its_cap(tiny: Q
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["alloc", "grow", "free"]), st.integers(1, 6), st.integers(0, 9))))
-def test_no_page_is_ever_held_twice(tiny: Qwen3GuardStream, ops: list[tuple[str, int, int]]) -> None:
-    r = ModelRunner(tiny, max_pages=24)
+def test_no_page_is_ever_held_twice(ops: list[tuple[str, int, int]]) -> None:
+    r = PagePool(max_pages=24)
     live: list[KVPages] = []
     most = 0
     for op, pages, which in ops:
