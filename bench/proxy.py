@@ -11,16 +11,18 @@ times after the run (by stream id and word index), so latency is measured per wo
   (the default) the word is judged as it stands and may leave before the next one is sent (negative
   values); with ``early_release: false`` (``tiny:exact``) it leaves when the next one arrives, and this
   column is the proxy's own processing time after that;
-- time to first token (TTFT) both ways, throughput (words/s), the proxy process's peak RSS, and its CPU time
-  per word streamed (user + system, all threads: the cost that decides how many streams a core carries).
+- time to first token (TTFT) both ways, throughput (words/s), the proxy's peak RSS and its CPU time
+  per word streamed (user + system, all threads, the guard's process included: the cost that decides
+  how many streams a core carries).
 
 Guards: a tiny random checkpoint (isolates the proxy's own cost) and the random 0.6B-shape one
 (the real model's compute), with an audit-only policy (random verdicts must not cut the streams).
 ``tiny:exact`` is the tiny guard with ``early_release: false``: each word then waits for the next
-text to show it is complete, the cost early release removes. All processes share this machine's
-cores: compare rows of one run only.
+text to show it is complete, the cost early release removes. ``tiny:thread`` runs the guard in a
+thread of the proxy's process (``guard.process: false``) instead of its own process (the default),
+sharing the event loop's GIL. All processes share this machine's cores: compare rows of one run only.
 
-    python bench/proxy.py                       # tiny, tiny:exact, 0.6b at their default stream counts
+    python bench/proxy.py                # tiny, tiny:thread, tiny:exact, 0.6b at their default stream counts
     python bench/proxy.py --guards tiny --streams 16 --words 32     # quick
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import json
 import os
@@ -172,22 +175,40 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    """Peak resident memory of a process and its descendants, summed."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return total
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (guardproxy's guard runs in a child process)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in task.read_text().split()]
+    return out
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (Linux /proc)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time a process and its descendants have used so far (Linux /proc)."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
@@ -211,7 +232,11 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) ->
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream", nargs=3, metavar=("PORT", "WORDS", "DELAY_MS"), help=argparse.SUPPRESS)
-    ap.add_argument("--guards", default="tiny,tiny:exact,0.6b", help="tiny, tiny:exact, 0.6b (a list)")
+    ap.add_argument(
+        "--guards",
+        default="tiny,tiny:thread,tiny:exact,0.6b",
+        help="tiny, tiny:thread, tiny:exact, 0.6b (a list)",
+    )
     ap.add_argument("--streams", default="16,64", help="concurrent streams with the tiny guard (a list)")
     ap.add_argument("--streams-0.6b", dest="streams_big", default="2,8", help="with the 0.6B-shape guard")
     ap.add_argument("--words", type=int, default=64)
@@ -262,8 +287,10 @@ def main(argv: list[str] | None = None) -> int:
                 # Random weights judge at random: an audit-only policy (flag, never block or cut) keeps
                 # every stream whole, with exactly the same guard work.
                 flag = "{unsafe: {action: flag}, controversial: {action: flag}}"
+                process = str(variant != "thread").lower()
                 cfg.write_text(
-                    f"guard: {{device: cpu, threads: {args.threads}}}\nlogging: {{level: warning}}\n"
+                    f"guard: {{device: cpu, threads: {args.threads}, process: {process}}}\n"
+                    "logging: {level: warning}\n"
                     f"policy: {{details: false, early_release: {str(variant != 'exact').lower()}, "
                     f"response: {flag}, prompt: {flag}}}\n"
                 )

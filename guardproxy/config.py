@@ -52,6 +52,7 @@ class GuardSettings:
     device: str | None = None
     dtype: str | None = None  # float32 | bfloat16 | float16; default: bf16 on CUDA, fp32 on CPU
     threads: int | None = None
+    process: bool = True  # the model runs in its own process (off the proxy's GIL)
     engine: EngineLimits = field(default_factory=EngineLimits)
 
 
@@ -210,7 +211,7 @@ _UPSTREAM = {
     "max_connections": int,
 }
 _ENGINE = {f.name: (float if f.name.endswith("_s") else int) for f in fields(EngineLimits)}
-_GUARD = {"model": str, "revision": str, "device": str, "dtype": str, "threads": int}
+_GUARD = {"model": str, "revision": str, "device": str, "dtype": str, "threads": int, "process": bool}
 
 
 def _tier(data: Any, path: str, default: TierRule, *, prompt: bool) -> TierRule:

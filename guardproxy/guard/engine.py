@@ -28,21 +28,30 @@ from typing import Any
 import torch
 
 from guardproxy.guard.model import Qwen3GuardStream
-from guardproxy.guard.runner import PAGE_SIZE, ModelRunner
+from guardproxy.guard.runner import PAGE_SIZE, ModelRunner, PagePool
 from guardproxy.guard.scheduler import (
     EngineError,
     EngineLimits,
     EngineOverloaded,
     GuardFailure,
+    ItemOutput,
     RawProbs,
     Scheduler,
     StreamClosed,
     Ticket,
+    WorkItem,
 )
 from guardproxy.guard.template import GuardPrompt
 from guardproxy.guard.verdict import HeadLabels, Verdict
+from guardproxy.guard.worker import GuardWorker, WorkerDied
 
 log = logging.getLogger(__name__)
+
+
+def max_pages(limits: EngineLimits) -> int:
+    """KV pages the engine may need: the scheduler never reserves more than max_cached_tokens, and a
+    stream's last page may be part empty, hence one more page each."""
+    return -(-limits.max_cached_tokens // PAGE_SIZE) + limits.max_streams
 
 
 def _quiet(fut: asyncio.Future[Any]) -> None:
@@ -117,26 +126,37 @@ class GuardStream:
 class GuardEngine:
     def __init__(
         self,
-        model: Qwen3GuardStream,
+        model: Qwen3GuardStream | None = None,
         limits: EngineLimits | None = None,
         *,
         threads: int | None = None,
         on_step: Callable[[int, int, float], None] | None = None,
+        worker: GuardWorker | None = None,
     ) -> None:
+        """With ``model``, steps run in this process (a worker thread); with ``worker``, in the
+        worker's process (the engine then owns it and closes it on ``stop``)."""
+        if (model is None) == (worker is None):
+            raise ValueError("a guard engine needs a model or a worker process, not both")
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model
-        self.labels = model.labels
-        max_positions = int(model.config.max_position_embeddings)
+        self.worker = worker
+        if model is not None:
+            self.labels = model.labels
+            max_positions = int(model.config.max_position_embeddings)
+        else:
+            assert worker is not None
+            self.labels, max_positions = worker.labels, worker.max_positions
         limits = limits or EngineLimits(max_positions=max_positions)
         if limits.max_positions > max_positions:
             raise ValueError(f"engine.max_positions {limits.max_positions} > the model's {max_positions}")
         self.limits = limits
-        # The scheduler never reserves more than max_cached_tokens; a stream's last page may be part
-        # empty, hence one more page each.
-        max_pages = -(-limits.max_cached_tokens // PAGE_SIZE) + limits.max_streams
-        self.runner = ModelRunner(model, max_pages=max_pages)
-        self.scheduler = Scheduler(limits, self.runner)
+        if model is not None:
+            self.runner: ModelRunner | None = ModelRunner(model, max_pages=max_pages(limits))
+            self.scheduler = Scheduler(limits, self.runner)
+        else:
+            self.runner = None
+            self.scheduler = Scheduler(limits, PagePool(max_pages(limits)))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-engine")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -171,6 +191,8 @@ class GuardEngine:
                 fut.set_exception(EngineOverloaded("guard engine stopped"))
         # Wait for a step that may still be running in the worker before tearing it down.
         await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
+        if self.worker is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
 
     async def __aenter__(self) -> GuardEngine:
         await self.start()
@@ -325,6 +347,12 @@ class GuardEngine:
                 else:
                     waiter.set_result(t.results)
 
+    def _step(self, items: Sequence[WorkItem]) -> list[ItemOutput]:
+        if self.worker is not None:
+            return self.worker.execute(items)
+        assert self.runner is not None
+        return self.runner.execute(items)
+
     async def _run(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
@@ -337,7 +365,10 @@ class GuardEngine:
                     continue
                 started = time.perf_counter()
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self.runner.execute, plan.items)
+                    outputs = await loop.run_in_executor(self._executor, self._step, plan.items)
+                except WorkerDied as exc:  # every stream's cache died with the process
+                    log.error("%s: failing every live guard stream; the next step starts a new one", exc)
+                    done = self.scheduler.fail(plan, exc) + self.scheduler.fail_all(exc)
                 except Exception as exc:  # the engine survives a failed step; its streams do not
                     log.exception("guard step failed (%d streams, %d tokens)", len(plan.items), plan.tokens)
                     done = self.scheduler.fail(plan, exc)

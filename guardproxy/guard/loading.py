@@ -20,3 +20,10 @@ def load_guard(
     model = load_guard_model(source, device=device, dtype=DTYPES[dtype] if dtype else None, revision=revision)
     tokenizer = GuardTokenizer.from_checkpoint(resolve_checkpoint(source, revision))
     return model, ChatTemplate(tokenizer)
+
+
+def load_template(source: str | Path, *, revision: str | None = None) -> tuple[Path, ChatTemplate]:
+    """The checkpoint's local directory (fetched if a hub id) and the template on its tokenizer, for a
+    process that leaves the weights to the guard's own process."""
+    path = resolve_checkpoint(source, revision)
+    return path, ChatTemplate(GuardTokenizer.from_checkpoint(path))

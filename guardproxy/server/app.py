@@ -22,10 +22,11 @@ from typing import Any
 from aiohttp import web
 
 from guardproxy.config import Settings, key_hash
-from guardproxy.guard.engine import GuardEngine
-from guardproxy.guard.loading import load_guard
+from guardproxy.guard.engine import GuardEngine, max_pages
+from guardproxy.guard.loading import load_guard, load_template
 from guardproxy.guard.scheduler import EngineError, EngineOverloaded
 from guardproxy.guard.template import ConversationError
+from guardproxy.guard.worker import GuardWorker
 from guardproxy.observe.audit import AuditLog
 from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
@@ -78,18 +79,30 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     # Loading weights takes seconds to minutes: off the event loop.
     g = settings.guard
-    model, template = await asyncio.get_running_loop().run_in_executor(
-        None, lambda: load_guard(g.model, device=g.device, dtype=g.dtype, revision=g.revision)
-    )
     limits = settings.guard.engine
-    max_positions = min(limits.max_positions, int(model.config.max_position_embeddings))
     metrics = app[METRICS]
-    engine = GuardEngine(
-        model,
-        replace(limits, max_positions=max_positions),
-        threads=settings.guard.threads,
-        on_step=metrics.observe_step,
-    )
+    loop = asyncio.get_running_loop()
+    if g.process:
+        path, template = await loop.run_in_executor(None, lambda: load_template(g.model, revision=g.revision))
+        worker = await loop.run_in_executor(
+            None,
+            lambda: GuardWorker(
+                path, device=g.device, dtype=g.dtype, threads=g.threads, max_pages=max_pages(limits)
+            ),
+        )
+        limits = replace(limits, max_positions=min(limits.max_positions, worker.max_positions))
+        engine = GuardEngine(limits=limits, threads=g.threads, on_step=metrics.observe_step, worker=worker)
+    else:
+        model, template = await loop.run_in_executor(
+            None, lambda: load_guard(g.model, device=g.device, dtype=g.dtype, revision=g.revision)
+        )
+        max_positions = min(limits.max_positions, int(model.config.max_position_embeddings))
+        engine = GuardEngine(
+            model,
+            replace(limits, max_positions=max_positions),
+            threads=g.threads,
+            on_step=metrics.observe_step,
+        )
 
     def engine_stats() -> tuple[int, int, int]:
         s = engine.stats()

@@ -43,6 +43,9 @@ def proxy_settings(
         guard=GuardSettings(
             model=str(guard),
             device="cpu",
+            # In-process model: these tests start many apps in this process and some reach into the
+            # engine's runner; the guard's own process is tested by test_serve_cli and the engine tests.
+            process=False,
             engine=engine or EngineLimits(max_batch_tokens=512, response_reserve=256, anchor_tokens=512),
         ),
     )
