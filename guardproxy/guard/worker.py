@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import signal
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,6 +37,9 @@ def _serve(
     threads: int | None,
     max_pages: int | None,
 ) -> None:
+    # Ctrl+C reaches the whole process group: the parent decides when this process ends (it closes
+    # the pipe, or sends None), so an interrupt here would only print a traceback mid-shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import torch
 
