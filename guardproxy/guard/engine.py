@@ -1,8 +1,9 @@
 """The guard engine: many concurrent guard streams, judged by continuous batching.
 
 ``GuardEngine`` is the asyncio side. A single loop task asks the scheduler for the next step, runs it
-on the model in a dedicated worker thread (the event loop never blocks on a forward pass), and resolves
-the futures of the feeds whose tokens were judged. Opening a stream waits in a bounded FIFO queue when
+from a dedicated worker thread (the event loop never blocks on a forward pass) on the model here or in
+the guard's own process (``GuardWorker``), and resolves the futures of the feeds whose tokens were
+judged. Opening a stream waits in a bounded FIFO queue when
 the engine is full, and raises ``EngineOverloaded`` when the queue is full or the wait times out.
 
     async with GuardEngine(model, limits) as engine:
@@ -10,6 +11,8 @@ the engine is full, and raises ``EngineOverloaded`` when the queue is full or th
         prompt_verdict = await stream.prompt_verdict()
         verdicts = await stream.judge(response_token_ids)
         stream.close()
+
+    engine = GuardEngine(limits=limits, worker=GuardWorker(checkpoint_dir))   # the model in its own process
 """
 
 from __future__ import annotations
@@ -136,7 +139,7 @@ class GuardEngine:
         """With ``model``, steps run in this process (a worker thread); with ``worker``, in the
         worker's process (the engine then owns it and closes it on ``stop``)."""
         if (model is None) == (worker is None):
-            raise ValueError("a guard engine needs a model or a worker process, not both")
+            raise ValueError("a guard engine needs exactly one of a model and a worker process")
         if threads is not None:
             torch.set_num_threads(threads)
         self.model = model
