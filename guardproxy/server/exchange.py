@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,7 +90,13 @@ class _Choice:
     """One choice: its moderator, its guard stream, and the verdicts it waits for, in order."""
 
     def __init__(
-        self, index: int, moderator: ChoiceModerator, stream: GuardStream, owned: bool, metrics: Metrics
+        self,
+        index: int,
+        moderator: ChoiceModerator,
+        stream: GuardStream,
+        owned: bool,
+        metrics: Metrics,
+        on_failure: Callable[[EngineError], str],
     ) -> None:
         self.index = index
         self.moderator = moderator
@@ -99,7 +105,7 @@ class _Choice:
         self.metrics = metrics
         self.pending: deque[asyncio.Future[list[Verdict]]] = deque()
         self._fed_at: deque[float] = deque()
-        self.fail_open = moderator.policy.on_guard_error == "fail_open"
+        self.on_failure = on_failure  # the exchange's rule for a failed guard (raises, or the reason)
         self.error: str | None = None  # why the guard failed, when it failed open
         self.submit(moderator.start())
 
@@ -145,15 +151,11 @@ class _Choice:
             self.moderator.judged(verdicts)
 
     def _failed(self, exc: EngineError) -> None:
-        if not self.fail_open:
-            self.metrics.guard_failures.labels("fail_closed").inc()
-            raise guard_failed(exc) from None
-        self.unguard(str(exc))
+        self.unguard(self.on_failure(exc))
 
     def unguard(self, reason: str) -> None:
         if self.error is None:
             self.error = reason
-            self.metrics.guard_failures.labels("fail_open").inc()
         self.moderator.unguard()
         for fut in self.pending:
             fut.cancel()
@@ -183,7 +185,8 @@ class Exchange:
         self.choices: dict[int, _Choice] = {}
         self.prompt_verdict: Verdict | None = None
         self.prompt_action = Action.ALLOW
-        self.guard_error: str | None = None  # the guard failed and the policy failed open
+        self.guard_error: str | None = None  # the prompt's guard failed and the policy failed open
+        self._failure_counted = False
         self._guard: GuardStream | None = None
         self._upstream: asyncio.Task[aiohttp.ClientResponse] | None = None
         self._resp: aiohttp.ClientResponse | None = None
@@ -216,11 +219,7 @@ class Exchange:
             try:
                 self.prompt_verdict = await self._guard.prompt_verdict()
             except EngineError as exc:
-                if self.policy.on_guard_error != "fail_open":
-                    self.s.metrics.guard_failures.labels("fail_closed").inc()
-                    raise guard_failed(exc) from None
-                self.guard_error = str(exc)  # fail open: the request goes on, unjudged and marked
-                self.s.metrics.guard_failures.labels("fail_open").inc()
+                self.guard_error = self._guard_failure(exc)  # fail open: on, unjudged and marked
             if self.prompt_verdict is not None:
                 v = self.prompt_verdict
                 self.prompt_action = self.policy.action(v, prompt=True)
@@ -336,6 +335,17 @@ class Exchange:
             else:
                 self._resp.release()
 
+    def _guard_failure(self, exc: EngineError) -> str:
+        """The policy's rule for a failed guard, counted once a request however many choices fail:
+        fail_closed raises (503 before the stream starts, an error event after), fail_open gives the
+        reason to mark what goes out unjudged."""
+        if not self._failure_counted:
+            self._failure_counted = True
+            self.s.metrics.guard_failures.labels(self.policy.on_guard_error).inc()
+        if self.policy.on_guard_error != "fail_open":
+            raise guard_failed(exc) from None
+        return str(exc)
+
     # -- choices ---------------------------------------------------------------------------------------
 
     async def _choice(self, index: int) -> _Choice:
@@ -357,7 +367,7 @@ class Exchange:
         # Streamed answers release each word as soon as it is judged as it stands (speculation); a
         # whole answer is judged at once and gains nothing from it.
         moderator = ChoiceModerator(self.s.template, self.policy, speculate=self.streaming)
-        c = _Choice(index, moderator, stream, owned, self.s.metrics)
+        c = _Choice(index, moderator, stream, owned, self.s.metrics, self._guard_failure)
         if self.guard_error is not None:
             c.unguard(self.guard_error)
         self.choices[index] = c
