@@ -13,13 +13,11 @@ from guardproxy.guard.tokenizer import GuardTokenizer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_guard(
+def load_model(
     source: str | Path, *, device: str | None = None, dtype: str | None = None, revision: str | None = None
-) -> tuple[Qwen3GuardStream, ChatTemplate]:
-    """The checkpoint's model (strictly loaded) and the template built on its own tokenizer."""
-    model = load_guard_model(source, device=device, dtype=DTYPES[dtype] if dtype else None, revision=revision)
-    tokenizer = GuardTokenizer.from_checkpoint(resolve_checkpoint(source, revision))
-    return model, ChatTemplate(tokenizer)
+) -> Qwen3GuardStream:
+    """The checkpoint's model, strictly loaded; ``dtype`` by name (the configuration's spelling)."""
+    return load_guard_model(source, device=device, dtype=DTYPES[dtype] if dtype else None, revision=revision)
 
 
 def load_template(source: str | Path, *, revision: str | None = None) -> tuple[Path, ChatTemplate]:
@@ -27,3 +25,11 @@ def load_template(source: str | Path, *, revision: str | None = None) -> tuple[P
     process that leaves the weights to the guard's own process."""
     path = resolve_checkpoint(source, revision)
     return path, ChatTemplate(GuardTokenizer.from_checkpoint(path))
+
+
+def load_guard(
+    source: str | Path, *, device: str | None = None, dtype: str | None = None, revision: str | None = None
+) -> tuple[Qwen3GuardStream, ChatTemplate]:
+    """The checkpoint's model and the template built on its own tokenizer (a hub id is resolved once)."""
+    path, template = load_template(source, revision=revision)
+    return load_model(path, device=device, dtype=dtype), template

@@ -33,7 +33,7 @@ _PAD_SLACK = 256
 
 # Batched attention gathers a group's pages into one tensor. On CPU that costs about what it saves
 # (bench/step.py: per-stream / batched about 0.85-1.12 for the tiny guard at 16-64 streams) and for large
-# caches it is a loss (0.6B shape, 8 streams of ~300 tokens: about 1.5x slower a step), so streams
+# caches it is a loss (bench/step.py, 0.6B shape, 8 streams: per-stream / batched 0.80), so streams
 # attend alone, in place. On CUDA each call is a kernel launch a layer a stream: batched, unlimited
 # (not measured here: no GPU lent yet; ``python bench/step.py --device cuda`` is the check).
 _GATHER_MAX = {"cpu": 0}
@@ -180,7 +180,6 @@ class ModelRunner:
         # event loop's thread (allocate/grow/release, ``PagePool``); the tensors are (re)sized only in
         # ``execute``, on the worker thread (or process), so a step never sees them swapped under it.
         self.pages = PagePool(max_pages)  # the page ids, when this runner is also the allocator
-        self.max_pages = max_pages
         self._k = self._pool(0)
         self._v = self._pool(0)
 
@@ -212,8 +211,8 @@ class ModelRunner:
             return
         # Grow by doubling (amortised copies), never past the cap on pages when there is one.
         size = max(need, 2 * have)
-        if self.max_pages is not None:
-            size = max(need, min(size, self.max_pages * PAGE_SIZE))
+        if self.pages.max_pages is not None:
+            size = max(need, min(size, self.pages.max_pages * PAGE_SIZE))
         for name in ("_k", "_v"):
             old = getattr(self, name)
             new = self._pool(size // PAGE_SIZE)

@@ -43,13 +43,12 @@ def _serve(
     try:
         import torch
 
-        from guardproxy.guard.loading import DTYPES
-        from guardproxy.guard.model import load_guard_model
+        from guardproxy.guard.loading import load_model
         from guardproxy.guard.runner import ModelRunner
 
         if threads is not None:
             torch.set_num_threads(threads)
-        model = load_guard_model(path, device=device, dtype=DTYPES[dtype] if dtype else None)
+        model = load_model(path, device=device, dtype=dtype)
         runner = ModelRunner(model, max_pages=max_pages)
     except Exception as exc:  # tell the parent why, instead of dying silently
         conn.send(("error", f"{type(exc).__name__}: {exc}"))

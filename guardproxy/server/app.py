@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -82,27 +83,21 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     limits = settings.guard.engine
     metrics = app[METRICS]
     loop = asyncio.get_running_loop()
-    if g.process:
+    model, worker = None, None
+    if g.process:  # the weights load only in the guard's own process
         path, template = await loop.run_in_executor(None, lambda: load_template(g.model, revision=g.revision))
-        worker = await loop.run_in_executor(
-            None,
-            lambda: GuardWorker(
-                path, device=g.device, dtype=g.dtype, threads=g.threads, max_pages=max_pages(limits)
-            ),
+        spawn = functools.partial(
+            GuardWorker, path, device=g.device, dtype=g.dtype, threads=g.threads, max_pages=max_pages(limits)
         )
-        limits = replace(limits, max_positions=min(limits.max_positions, worker.max_positions))
-        engine = GuardEngine(limits=limits, threads=g.threads, on_step=metrics.observe_step, worker=worker)
+        worker = await loop.run_in_executor(None, spawn)
+        model_positions = worker.max_positions
     else:
         model, template = await loop.run_in_executor(
             None, lambda: load_guard(g.model, device=g.device, dtype=g.dtype, revision=g.revision)
         )
-        max_positions = min(limits.max_positions, int(model.config.max_position_embeddings))
-        engine = GuardEngine(
-            model,
-            replace(limits, max_positions=max_positions),
-            threads=g.threads,
-            on_step=metrics.observe_step,
-        )
+        model_positions = int(model.config.max_position_embeddings)
+    limits = replace(limits, max_positions=min(limits.max_positions, model_positions))
+    engine = GuardEngine(model, limits, threads=g.threads, on_step=metrics.observe_step, worker=worker)
 
     def engine_stats() -> tuple[int, int, int]:
         s = engine.stats()
@@ -314,7 +309,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = body["messages"]
     if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
         raise bad_request(f"at most {MAX_MESSAGES} messages per request", param="messages")
-    return await _exchange(request, body, body["messages"], CHAT)
+    return await _exchange(request, body, messages, CHAT)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
