@@ -243,6 +243,7 @@ _POLICY_SCALARS: dict[str, type] = {
     "holdback_tokens": int,
     "debounce": bool,
     "early_release": bool,
+    "think_in_content": bool,
     "prompt_check": str,
     "blocked_prompt": str,
     "refusal": str,

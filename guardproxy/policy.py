@@ -7,10 +7,14 @@ probability thresholds, then to an action: ``allow`` (pass), ``flag`` (pass, ann
 ``controversial`` tier's own actions (``allow`` there is the report's loose mode). Each tier has a
 default action and per-category overrides.
 
-``ResponseJudge`` applies a policy to one response's verdicts in order. With ``debounce`` (the report's
-rule) a token is flagged only when it and the token before it are both non-Safe; the decision then
-covers both, which is why debounce needs ``holdback_tokens >= 1``: the earlier token must still be in
-hand when the later one decides.
+``ResponseJudge`` applies a policy to one response's verdicts in order. ``debounce`` (on by default) is
+the Qwen3Guard authors' rule, ``consecutive_unsafe`` in their streaming evaluation, taken online: token
+i counts as Unsafe only when tokens i-1 and i are both Unsafe, as Controversial only when both are
+Controversial (a mixed pair counts as neither), on the tiers after thresholds; ``mode`` applies after
+it. The pair's decision covers both tokens with the category of the second. So a token whose own tier
+is not Safe must wait for the next verdict before its text may go (``ResponseJudge.awaiting``); a Safe
+token's text goes exactly as early as without debounce. ``debounce: false`` decides each token alone:
+stricter, and noisier than the published figures (one spiky token cuts).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import IntEnum
 from types import MappingProxyType
-from typing import Literal
+from typing import Any, Literal
 
 from guardproxy.guard.verdict import CONTROVERSIAL, SAFE, UNSAFE, Verdict
 
@@ -62,8 +66,9 @@ class Policy:
     unsafe_threshold: float | None = None
     controversial_threshold: float | None = None
     holdback_tokens: int = 0
-    debounce: bool = False
+    debounce: bool = True  # the authors' rule: two consecutive tokens of the same non-Safe tier
     early_release: bool = True  # streamed words are released once judged as they stand (moderator)
+    think_in_content: bool = True  # a <think>...</think> block opening the content is read as reasoning
     prompt_check: Literal["parallel", "before"] = "parallel"
     prompt_unsafe: TierRule = TierRule(Action.CUT)  # CUT: the prompt is blocked
     prompt_controversial: TierRule = TierRule(Action.FLAG)
@@ -82,8 +87,6 @@ class Policy:
                 raise ValueError(f"policy.{name} must be in (0, 1], got {value}")
         if self.holdback_tokens < 0:
             raise ValueError("policy.holdback_tokens must be >= 0")
-        if self.debounce and self.holdback_tokens < 1:
-            raise ValueError("policy.debounce needs policy.holdback_tokens >= 1 to act before release")
         if self.on_guard_error not in ("fail_closed", "fail_open"):
             raise ValueError(
                 f"policy.on_guard_error must be fail_closed or fail_open, got {self.on_guard_error!r}"
@@ -130,7 +133,8 @@ class Policy:
 
 @dataclass(frozen=True)
 class Decision:
-    """The policy's word on one response token (``index`` counts judged tokens from 0)."""
+    """The policy's word on one response token (``index`` counts judged tokens from 0). ``tier`` is the
+    tier it was decided on (with debounce, the pair's), before ``mode``."""
 
     index: int
     action: Action
@@ -139,33 +143,112 @@ class Decision:
     p_unsafe: float
     p_controversial: float
 
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "token_index": self.index,
+            "action": str(self.action),
+            "risk": self.tier,
+            "category": self.category,
+            "p_unsafe": round(self.p_unsafe, 6),
+            "p_controversial": round(self.p_controversial, 6),
+        }
+
 
 class ResponseJudge:
-    """One response's verdicts in order -> decisions in order (debounce may revise the one before)."""
+    """One response's verdicts in order -> decisions in order (debounce may raise the one before).
+
+    It keeps what details and audit report: the first flag (the first decision stronger than allow),
+    the cut, the first redaction and how many tokens were redacted."""
 
     def __init__(self, policy: Policy) -> None:
         self.policy = policy
         self.count = 0
         self.first_flagged: Decision | None = None
-        self._prev: tuple[str, float, float] | None = None  # the previous token's tier and probs
+        self.cut: Decision | None = None
+        self.first_redaction: Decision | None = None
+        self.redacted = 0  # tokens redacted (a token raised twice by two pairs counts once)
+        # Where each tier was first decided (the pair's second token under debounce), whatever the
+        # action: the authors' response verdict and its position (guardproxy eval).
+        self.first_at: dict[str, int] = {}
+        self._last_redacted = -1
+        self._prev: tuple[str, Verdict] | None = None  # the previous token's tier (after thresholds)
+
+    @property
+    def awaiting(self) -> bool:
+        """Under debounce, whether the last token's decision can still be raised by the next verdict
+        (its own tier is not Safe): its text must wait for that verdict."""
+        return self.policy.debounce and self._prev is not None and self._prev[0] != SAFE
 
     def judge(self, verdict: Verdict) -> list[Decision]:
-        """This token's decision, preceded under debounce by the previous token's when a run of two
-        non-Safe tokens starts a flag. Earlier decisions are never weakened."""
+        """This token's decision, preceded under debounce by the previous token's when the two make a
+        pair. Earlier decisions are never weakened."""
         p = self.policy
         index = self.count
         self.count += 1
         tier = p.tier(verdict)
-        prev, self._prev = self._prev, (tier, verdict.p_unsafe, verdict.p_controversial)
-        if p.debounce and (prev is None or prev[0] == SAFE):
-            tier = SAFE  # a lone non-Safe token is not flagged under debounce
+        prev, self._prev = self._prev, (tier, verdict)
+        paired = prev is not None and prev[0] == tier
+        if p.debounce and not paired:
+            tier = SAFE  # a lone non-Safe token, or a mixed pair, is not flagged under debounce
         rule = p._rule(tier, prompt=False)
         category = verdict.top_category if tier != SAFE else None
         action = Action.ALLOW if rule is None else rule.for_category(category)
-        decision = Decision(index, action, tier, category, verdict.p_unsafe, verdict.p_controversial)
-        out = [decision]
+        if tier != SAFE:
+            self.first_at.setdefault(tier, index)
+        out = [Decision(index, action, tier, category, verdict.p_unsafe, verdict.p_controversial)]
         if p.debounce and action != Action.ALLOW and prev is not None:
-            out.insert(0, Decision(index - 1, action, tier, category, prev[1], prev[2]))
-        if self.first_flagged is None and action != Action.ALLOW:
-            self.first_flagged = out[0]
+            before = prev[1]
+            out.insert(
+                0, Decision(index - 1, action, tier, category, before.p_unsafe, before.p_controversial)
+            )
+        for d in out:
+            self._note(d)
+        return out
+
+    def _note(self, d: Decision) -> None:
+        if d.action == Action.ALLOW:
+            return
+        if self.first_flagged is None:
+            self.first_flagged = d
+        if d.action == Action.CUT and self.cut is None:
+            self.cut = d
+        if d.action == Action.REDACT and d.index > self._last_redacted:
+            self._last_redacted = d.index
+            self.redacted += 1
+            if self.first_redaction is None:
+                self.first_redaction = d
+
+    def verdict(self) -> tuple[str, int | None]:
+        """The response's verdict by the authors' rule, before ``mode``: Unsafe if any token was decided
+        Unsafe, else Controversial if any was, else Safe; with the index where it was first decided."""
+        for tier in (UNSAFE, CONTROVERSIAL):
+            if tier in self.first_at:
+                return tier, self.first_at[tier]
+        return SAFE, None
+
+    @property
+    def strongest(self) -> Decision | None:
+        """The decision that names the outcome: the cut, else the first redaction, else the first flag."""
+        return self.cut or self.first_redaction or self.first_flagged
+
+    def details(self) -> dict[str, Any]:
+        """Every decision taken on this response, for details and audit."""
+        top = self.strongest
+        out: dict[str, Any] = {
+            "risk": top.tier if top else SAFE,
+            "category": top.category if top else None,
+            "action": str(top.action) if top else "allow",
+            "judged_tokens": self.count,
+        }
+        if top is not None:
+            out["p_unsafe"] = round(top.p_unsafe, 6)
+            out["p_controversial"] = round(top.p_controversial, 6)
+        if self.first_flagged is not None:
+            out["first_flagged_token"] = self.first_flagged.index
+            out["first_flag"] = self.first_flagged.as_dict()
+        if self.cut is not None:
+            out["cut"] = self.cut.as_dict()
+        if self.first_redaction is not None:
+            out["first_redaction"] = self.first_redaction.as_dict()
+            out["redacted_tokens"] = self.redacted
         return out

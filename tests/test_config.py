@@ -53,7 +53,7 @@ def test_example_semantics() -> None:
             "policy: {response: {unsafe: {categories: {PII: nuke}}}}",
             r"policy\.response\.unsafe\.categories\.PII: unknown action",
         ),
-        ("policy: {debounce: true}", r"policy: policy\.debounce needs policy\.holdback_tokens >= 1"),
+        ("policy: {debounce: 1}", r"policy\.debounce: expected bool"),
         ("policy: {thresholds: {unsafe: 2}}", r"policy: policy\.unsafe_threshold must be in"),
         ("policy: {thresholds: {unsafe_p: 0.5}}", r"policy\.thresholds\.unsafe_p: unknown key"),
         ("policy: {mode: paranoid}", r"policy: policy\.mode must be strict or loose"),

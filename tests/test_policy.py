@@ -62,7 +62,6 @@ def test_thresholds_override_the_arg_max() -> None:
         ({"unsafe_threshold": 0.0}, "unsafe_threshold must be in"),
         ({"controversial_threshold": 1.5}, "controversial_threshold must be in"),
         ({"holdback_tokens": -1}, "holdback_tokens must be >= 0"),
-        ({"debounce": True}, "debounce needs policy.holdback_tokens >= 1"),
         ({"mode": "medium"}, "mode must be strict or loose"),
         ({"prompt_unsafe": TierRule(Action.REDACT)}, "prompt cannot be redacted"),
     ],
@@ -80,34 +79,93 @@ def test_prompt_rules_are_separate() -> None:
 
 
 def test_judge_without_debounce_decides_each_token() -> None:
-    j = ResponseJudge(Policy())
+    j = ResponseJudge(Policy(debounce=False))
     out = [d for x in (SAFE_V, UNSAFE_V, SAFE_V) for d in j.judge(x)]
     assert [d.action for d in out] == [Action.ALLOW, Action.CUT, Action.ALLOW]
     assert [d.index for d in out] == [0, 1, 2]
     assert (
         j.first_flagged is not None and j.first_flagged.index == 1 and j.first_flagged.category == "Violent"
     )
+    assert not j.awaiting  # without debounce nothing waits for a later verdict
 
 
-def test_debounce_needs_two_non_safe_tokens_and_covers_both() -> None:
-    j = ResponseJudge(Policy(debounce=True, holdback_tokens=1))
-    assert [d.action for d in j.judge(SAFE_V)] == [Action.ALLOW]
-    assert [d.action for d in j.judge(UNSAFE_V)] == [Action.ALLOW]  # alone: not yet
+def test_debounce_is_the_default_and_pairs_only_the_same_tier() -> None:
+    j = ResponseJudge(Policy())
+    assert j.policy.debounce
+    assert [d.action for d in j.judge(SAFE_V)] == [Action.ALLOW] and not j.awaiting
+    assert [d.action for d in j.judge(UNSAFE_V)] == [Action.ALLOW] and j.awaiting  # alone: not yet
     assert [d.action for d in j.judge(SAFE_V)] == [Action.ALLOW]  # a lone spike never flags
-    assert j.judge(CONTRO_V)[0].action == Action.ALLOW
-    both = j.judge(v(0.1, 0.8, 0.1, "PII"))  # two non-Safe in a row: flag, covering the previous too
-    assert [(d.index, d.action) for d in both] == [(3, Action.CUT), (4, Action.CUT)]
-    assert both[0].category == "PII"  # the category of the token that completes the run
-    assert j.first_flagged == both[0]
+    assert j.judge(CONTRO_V)[0].action == Action.ALLOW and j.awaiting
+    # Controversial then Unsafe: a mixed pair counts as neither (the authors' rule).
+    assert [d.action for d in j.judge(v(0.1, 0.8, 0.1, "PII"))] == [Action.ALLOW]
+    both = j.judge(v(0.1, 0.8, 0.1, "PII"))  # two Unsafe in a row: the pair covers the previous too
+    assert [(d.index, d.action) for d in both] == [(4, Action.CUT), (5, Action.CUT)]
+    assert both[0].category == "PII"  # the category of the token that completes the pair
+    assert both[0].p_unsafe == 0.8 and j.first_flagged == both[0] and j.cut == both[0]
+    d = j.details()
+    assert d["action"] == "cut" and d["cut"]["token_index"] == 4 and d["judged_tokens"] == 6
+
+
+def test_details_name_the_cut_not_the_first_flag() -> None:
+    j = ResponseJudge(Policy())
+    for x in (CONTRO_V, CONTRO_V, SAFE_V, UNSAFE_V, UNSAFE_V):
+        j.judge(x)
+    d = j.details()
+    assert d["first_flag"]["risk"] == "Controversial" and d["first_flag"]["action"] == "flag"
+    assert d["first_flag"]["token_index"] == 0
+    assert d["risk"] == "Unsafe" and d["action"] == "cut" and d["cut"]["token_index"] == 3
+    assert d["cut"]["p_unsafe"] == 0.8 and d["cut"]["category"] == "Violent"
+
+
+def consecutive_unsafe(tiers: list[str]) -> tuple[str, int]:
+    """The authors' offline rule (QwenLM/Qwen3Guard, eval/eval_stream.py), as the design notes state it:
+    Unsafe at the second token of the first Unsafe pair, else Controversial at the second token of the
+    first Controversial pair, else Safe."""
+    for tier in ("Unsafe", "Controversial"):
+        for i in range(1, len(tiers)):
+            if tiers[i - 1] == tiers[i] == tier:
+                return tier, i
+    return "Safe", -1
+
+
+@given(
+    st.lists(st.sampled_from([SAFE_V, UNSAFE_V, CONTRO_V]), max_size=60), st.sampled_from(["strict", "loose"])
+)
+def test_online_debounce_equals_the_authors_offline_rule(verdicts: list[Verdict], mode: str) -> None:
+    # Every tier acted on (flag), so each pair shows as a decision.
+    p = Policy(mode=mode, unsafe=TierRule(Action.FLAG), controversial=TierRule(Action.FLAG))  # type: ignore[arg-type]
+    j = ResponseJudge(p)
+    decisions = [d for x in verdicts for d in j.judge(x)]
+    tiers = [p.tier(x) for x in verdicts]
+    expected, at = consecutive_unsafe(tiers)
+    unsafe_pairs = [
+        d.index for d in decisions if d.tier == "Unsafe" and d.index > 0 and tiers[d.index - 1] == "Unsafe"
+    ]
+    contro_pairs = [
+        d.index
+        for d in decisions
+        if d.tier == "Controversial" and d.index > 0 and tiers[d.index - 1] == "Controversial"
+    ]
+    got, got_at = ("Unsafe", min(unsafe_pairs)) if unsafe_pairs else ("Safe", -1)
+    if got == "Safe" and contro_pairs:
+        got, got_at = "Controversial", min(contro_pairs)
+    assert (got, got_at) == (expected, at)
+    # Strict/loose after the rule: strict makes a Controversial result Unsafe, loose makes it Safe.
+    strongest = max((d.action for d in decisions), default=Action.ALLOW)
+    assert (strongest != Action.ALLOW) == (expected != "Safe")
+    if expected == "Controversial":
+        acted = {d.tier for d in decisions if d.action != Action.ALLOW}
+        assert acted == {"Controversial"}
 
 
 @given(st.lists(st.sampled_from([SAFE_V, UNSAFE_V, CONTRO_V]), max_size=60))
 def test_debounced_flags_are_a_subset_of_plain_flags(verdicts: list[Verdict]) -> None:
-    plain, deb = ResponseJudge(Policy()), ResponseJudge(Policy(debounce=True, holdback_tokens=2))
+    plain, deb = ResponseJudge(Policy(debounce=False)), ResponseJudge(Policy())
     flagged_plain = {d.index for x in verdicts for d in plain.judge(x) if d.action != Action.ALLOW}
     decisions: list[Decision] = [d for x in verdicts for d in deb.judge(x)]
     flagged_deb = {d.index for d in decisions if d.action != Action.ALLOW}
     assert flagged_deb <= flagged_plain
-    # Every debounced flag belongs to a run of at least two non-Safe tokens.
+    # Every debounced flag belongs to a pair of two tokens of the same non-Safe tier.
+    tiers = [Policy().tier(x) for x in verdicts]
     for i in flagged_deb:
-        assert (i - 1 in flagged_plain) or (i + 1 in flagged_plain)
+        assert (i > 0 and tiers[i - 1] == tiers[i]) or (i + 1 < len(tiers) and tiers[i + 1] == tiers[i])
