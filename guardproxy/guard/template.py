@@ -5,11 +5,12 @@ joined and encoded as plain text, exactly as the tokenizer's own template would 
 two markup tokens, so ordinary conversations get the same ids as ``apply_chat_template``. Unlike the
 Jinja template, a message containing the string ``<|im_end|>`` stays ordinary characters.
 
-Where the verdicts are read:
-- the prompt verdict is the query heads at the ``<|im_end|>`` closing the last user-side turn (a user
-  message, or a group of tool results, which the template renders as a user turn);
-- the response follows the assistant scaffold ``<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n``, fed
-  to the guard but never reported.
+Tool definitions (the request's ``tools``) go into the system turn, as the template renders them: the
+system prompt, then the ``# Tools`` block with one JSON line per tool.
+
+Where the verdicts are read: the prompt verdict is the query heads at the ``<|im_end|>`` closing the last
+user-side turn (a user message, or a group of tool results, which the template renders as a user turn).
+The answer is laid out and judged by ``stream.guardview.AssistantView``.
 
 Context overflow (the guard has ``max_position_embeddings`` positions, 8192 for the released models):
 ``render_prompt(max_tokens=N)`` drops whole turns from the oldest on (system included) until the prompt
@@ -40,8 +41,20 @@ Segment = str | int  # text, or a markup id
 
 
 class ConversationError(ValueError):
-    """The messages cannot be rendered; the message names the offending field (``messages[2].content``)."""
+    """The messages cannot be rendered; the message names the offending field (``messages[2].content``),
+    ``param`` the request's top-level parameter it is in."""
 
+    def __init__(self, message: str, param: str = "messages") -> None:
+        super().__init__(message)
+        self.param = param
+
+
+# The template's words around tool definitions (Qwen3's chat template, thinking or not).
+_TOOLS_INTRO = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n"
+)
+_TOOLS_CALL = "For each function call, return a json object with function name and arguments within "
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _TOOL_ROLES = {"tool", "function"}
@@ -105,13 +118,12 @@ class GuardPrompt:
 
     ``ids`` ends with the last turn's ``<|im_end|>\\n``; ``verdict_index`` is the position whose query
     heads give the prompt verdict; ``anchor_start`` is where the last user-side turn begins (what is kept
-    if a long response must be re-judged on a window); ``scaffold`` is fed before the response tokens.
+    if a long response must be re-judged on a window).
     """
 
     ids: list[int]
     verdict_index: int
     anchor_start: int
-    scaffold: list[int]
     dropped_turns: int = 0
     truncated_tokens: int = 0
 
@@ -124,9 +136,6 @@ class ChatTemplate:
         self.think, self.think_end = t(THINK), t(THINK_END)
         self.tool_call, self.tool_call_end = t(TOOL_CALL), t(TOOL_CALL_END)
         self.tool_response, self.tool_response_end = t(TOOL_RESPONSE), t(TOOL_RESPONSE_END)
-        self.scaffold = self.encode(
-            [self.im_start, "assistant\n", self.think, "\n\n", self.think_end, "\n\n"]
-        )
 
     def encode(self, segments: Sequence[Segment]) -> list[int]:
         """Markup ids as they are; each maximal run of text encoded as plain text."""
@@ -146,7 +155,29 @@ class ChatTemplate:
 
     # -- turns -------------------------------------------------------------------------------------
 
-    def _turns(self, messages: Sequence[Any]) -> list[_Turn]:
+    def _tools_turn(self, tools: Any, system: str | None) -> _Turn:
+        """The system turn that carries tool definitions (and the system prompt, when there is one)."""
+        if not isinstance(tools, list) or not all(isinstance(t, Mapping) for t in tools):
+            raise ConversationError("tools must be a list of tool objects", param="tools")
+        listed = "".join("\n" + json.dumps(t, ensure_ascii=False) for t in tools)
+        head = f"system\n{system}\n\n" if system is not None else "system\n"
+        return _Turn(
+            [
+                self.im_start,
+                f"{head}{_TOOLS_INTRO}<tools>{listed}\n</tools>\n\n{_TOOLS_CALL}",
+                self.tool_call,
+                self.tool_call_end,
+                " XML tags:\n",
+                self.tool_call,
+                '\n{"name": <function-name>, "arguments": <args-json-object>}\n',
+                self.tool_call_end,
+                self.im_end,
+                "\n",
+            ],
+            False,
+        )
+
+    def _turns(self, messages: Sequence[Any], tools: Any = None) -> list[_Turn]:
         if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)):
             raise ConversationError("messages must be a list of message objects")
         if not messages:
@@ -175,7 +206,15 @@ class ChatTemplate:
                 break
 
         turns: list[_Turn] = []
+        skip_first_system = False
+        if tools:  # an empty list renders no tools block, as the template's `if tools` does
+            skip_first_system = parsed[0][0] == "system"
+            turns.append(self._tools_turn(tools, parsed[0][2] if skip_first_system else None))
+        elif tools is not None and not isinstance(tools, list):
+            raise ConversationError("tools must be a list of tool objects", param="tools")
         for i, (kind, msg, text) in enumerate(parsed):
+            if i == 0 and skip_first_system:
+                continue
             if kind in ("system", "user"):
                 turns.append(_Turn([self.im_start, f"{kind}\n{text}", self.im_end, "\n"], kind == "user"))
             elif kind == "assistant":
@@ -219,8 +258,10 @@ class ChatTemplate:
 
     # -- prompt --------------------------------------------------------------------------------------
 
-    def render_prompt(self, messages: Sequence[Any], *, max_tokens: int | None = None) -> GuardPrompt:
-        turns = self._turns(messages)
+    def render_prompt(
+        self, messages: Sequence[Any], *, tools: Any = None, max_tokens: int | None = None
+    ) -> GuardPrompt:
+        turns = self._turns(messages, tools)
         verdict_turn = max((k for k, t in enumerate(turns) if t.user_side), default=None)
         if verdict_turn is None:
             raise ConversationError("messages must contain a user or tool message to judge")
@@ -253,12 +294,6 @@ class ChatTemplate:
             ids=ids,
             verdict_index=verdict_index,
             anchor_start=anchor,
-            scaffold=list(self.scaffold),
             dropped_turns=first,
             truncated_tokens=dropped_tokens,
         )
-
-    def response_ids(self, text: str) -> list[int]:
-        """The chat template's ids for a finished answer after the scaffold (it strips leading newlines).
-        Streamed answers are fed through ``stream.guardview.AssistantView``, which gives these ids."""
-        return self.tok.encode_text(text.lstrip("\n"))

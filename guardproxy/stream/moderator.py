@@ -3,7 +3,10 @@
 No I/O here. The proxy feeds the ``GuardFeed``s to the engine in order and hands the verdicts back with
 ``judged``; ``drain`` then gives the deltas the client may see. Invariants:
 - nothing is released before every token covering it is judged and ``holdback_tokens`` more are judged
-  after it (at the end of the answer everything judged is released);
+  after it (at the end of the answer everything judged is released); text the guard does not read
+  (newlines the template strips, think tags) goes out with the next judged token fed after it;
+- under debounce (the authors' pair rule) a token whose own tier is not Safe waits for the next verdict,
+  which may make a pair that covers it; a Safe token is not delayed;
 - after the first token the policy cuts on, nothing more of the answer is released, not one character
   of that token's text included; the notice and ``finish_reason: "content_filter"`` follow;
 - text of tokens to redact is replaced by the policy's mask (adjacent tokens share one mask).
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardproxy.guard.template import ChatTemplate
-from guardproxy.guard.verdict import Verdict
+from guardproxy.guard.verdict import SAFE, Verdict
 from guardproxy.policy import Action, Decision, Policy, ResponseJudge
 from guardproxy.stream.guardview import CONTENT, REASONING, AssistantView, GuardFeed, Span, tool_field
 
@@ -40,6 +43,7 @@ class _Field:
     text: str = ""
     released: int = 0
     redact: list[tuple[int, int]] = field(default_factory=list)
+    masking: bool = False  # the text released last ended inside a redaction (a later chunk goes on with it)
     arrivals: list[tuple[int, float]] = field(default_factory=list)  # (end offset of a delta, when it came)
 
     def arrived(self, offset: int) -> float | None:
@@ -47,6 +51,15 @@ class _Field:
         while self.arrivals and self.arrivals[0][0] <= offset:
             self.arrivals.pop(0)
         return self.arrivals[0][1] if self.arrivals else None
+
+
+@dataclass
+class _Rider:
+    """Client text the guard does not read, released with the judged token at global ``index``
+    (final, pending and tentative tokens counted in feed order)."""
+
+    index: int
+    span: Span
 
 
 @dataclass
@@ -85,14 +98,18 @@ class ChoiceModerator:
     ) -> None:
         self.policy = policy
         self.speculate = speculate and policy.early_release and policy.holdback_tokens == 0
-        self.view = AssistantView(template, speculate=self.speculate)
+        self.view = AssistantView(
+            template, speculate=self.speculate, think_in_content=policy.think_in_content
+        )
         self.judge = ResponseJudge(policy)
         self.reasoning_key = reasoning_key
         self.fields: dict[str, _Field] = {}
         self.queue: list[_Item] = []
-        self.tokens: list[tuple[Span, Decision | None]] = []  # judged tokens in order (span, decision)
-        self.pending_spans: deque[Span] = deque()  # submitted for judging, verdicts not back yet
+        # Judged tokens in order: the client text each covers (None: markup, <|im_end|>), its decision.
+        self.tokens: list[tuple[Span | None, Decision | None]] = []
+        self.pending_spans: deque[Span | None] = deque()  # submitted for judging, verdicts not back yet
         self.tentative: list[_Tentative] = []  # fed after every pending span (see ``speculate``)
+        self.riders: list[_Rider] = []  # unread client text, by the judged token it waits for
         self.cut_at: Decision | None = None
         self.finished = False
         self.closed = False  # the client has its final delta
@@ -158,14 +175,20 @@ class ChoiceModerator:
         else:
             self.queue.append(_Item(name, end=len(f.text)))
 
+    def _fed(self) -> int:
+        """Judged tokens fed so far, final and tentative."""
+        return len(self.tokens) + len(self.pending_spans) + len(self.tentative)
+
     def _track(self, feeds: list[GuardFeed]) -> list[GuardFeed]:
         for f in feeds:
             if f.confirm or f.retract:
                 self._revise(f.confirm, f.retract)
+            for span in f.unread:
+                self.riders.append(_Rider(self._fed(), span))
             if f.spans is None:
                 continue
             if f.tentative:
-                self.tentative += [_Tentative(span) for span in f.spans]
+                self.tentative += [_Tentative(span) for span in f.spans if span is not None]
             else:
                 self.pending_spans.extend(f.spans)
         return feeds
@@ -179,6 +202,12 @@ class ChoiceModerator:
             raise RuntimeError("guard view revised more tentative tokens than it fed")
         if retract:
             del self.tentative[len(self.tentative) - retract :]
+            # Unread text waiting for a token taken back waits for whatever is fed in its place.
+            fed = self._fed()
+            for r in reversed(self.riders):
+                if r.index <= fed:
+                    break
+                r.index = fed
         confirmed, self.tentative = self.tentative[:confirm], self.tentative[confirm:]
         for t in confirmed:
             if t.verdict is None:
@@ -212,7 +241,7 @@ class ChoiceModerator:
                 raise RuntimeError("a guard verdict for no token fed")
             waiting.verdict = v
 
-    def _decide(self, span: Span, v: Verdict) -> None:
+    def _decide(self, span: Span | None, v: Verdict) -> None:
         """The policy's decision on the next final token."""
         self.tokens.append((span, None))
         for d in self.judge.judge(v):
@@ -221,13 +250,14 @@ class ChoiceModerator:
                 self.tokens[d.index] = (prev_span, d)
             if d.action == Action.CUT and (self.cut_at is None or d.index < self.cut_at.index):
                 self.cut_at = d
-            if d.action == Action.REDACT:
+            if d.action == Action.REDACT and prev_span is not None:
                 f = self.fields[prev_span.field]
                 f.redact.append((prev_span.start, prev_span.end))
 
     @property
-    def flagged(self) -> Decision | None:
-        return self.judge.first_flagged
+    def decided(self) -> Decision | None:
+        """The decision that names this answer's outcome: the cut, else a redaction, else the first flag."""
+        return self.judge.strongest
 
     # -- client side -----------------------------------------------------------------------------------
 
@@ -243,11 +273,17 @@ class ChoiceModerator:
         elif self.finished and not self.pending_spans:
             releasable = len(self.tokens)
         else:
-            releasable = max(0, len(self.tokens) - self.policy.holdback_tokens)
+            # A token debounce may still pair with the next one waits for that verdict.
+            wait = max(self.policy.holdback_tokens, 1 if self.judge.awaiting else 0)
+            releasable = max(0, len(self.tokens) - wait)
+        if self.riders:
+            self.riders = [r for r in self.riders if not self._released(r.span)]
         while self._scan < len(self.tokens):
             span = self.tokens[self._scan][0]
-            if span.end > self.fields[span.field].released:
+            if span is not None and not self._released(span):
                 break
+            if self.riders and self.riders[0].index <= self._scan:
+                break  # unread text waiting for this token is not out yet
             self._scan += 1
         # Only fields with text still unreleased can be held back; once each is blocked, nothing
         # later in the order can change a bound (the pending backlog can be long under load).
@@ -268,17 +304,43 @@ class ChoiceModerator:
                 blocked.add(span.field)
         return bound
 
+    def _released(self, span: Span) -> bool:
+        return span.end <= self.fields[span.field].released
+
     def _entries(self, releasable: int) -> Iterator[tuple[Span, bool]]:
-        """Every span not yet known released, in feed order, with whether it may be released now."""
+        """Every span not yet known released, in feed order, with whether it may be released now;
+        unread text comes just before the judged token it waits for, and shares its fate."""
+        riders, r = self.riders, 0
+
+        def with_riders(index: int, span: Span | None, ok: bool) -> Iterator[tuple[Span, bool]]:
+            nonlocal r
+            while r < len(riders) and riders[r].index <= index:
+                yield riders[r].span, ok
+                r += 1
+            if span is not None:
+                yield span, ok
+
         for i in range(self._scan, len(self.tokens)):
-            yield self.tokens[i][0], i < releasable
-        for span in self.pending_spans:
-            yield span, False
-        # Tentative text goes once everything before it is out and its own verdict passes alone.
+            yield from with_riders(i, self.tokens[i][0], i < releasable)
+        index = len(self.tokens)
+        for pending in self.pending_spans:
+            yield from with_riders(index, pending, False)
+            index += 1
+        # Tentative text goes once everything before it is out and its own verdict passes alone
+        # (under debounce: is Safe, since a non-Safe one may start a pair).
         early = self.cut_at is None and not self.pending_spans and releasable == len(self.tokens)
         for t in self.tentative:
-            early = early and t.verdict is not None and self.policy.action(t.verdict) <= Action.FLAG
-            yield t.span, early
+            early = early and t.verdict is not None and self._passes_alone(t.verdict)
+            yield from with_riders(index, t.span, early)
+            index += 1
+        while r < len(riders):  # waiting for a token not fed yet
+            yield riders[r].span, False
+            r += 1
+
+    def _passes_alone(self, v: Verdict) -> bool:
+        if self.policy.debounce:
+            return self.policy.tier(v) == SAFE
+        return self.policy.action(v) <= Action.FLAG
 
     def drain(self) -> list[OutDelta]:
         """Deltas the client may now see, in upstream order; after a cut, the notice and the end."""
@@ -315,7 +377,8 @@ class ChoiceModerator:
         return out
 
     def _render(self, f: _Field, start: int, end: int) -> str:
-        """``f.text[start:end]`` with each run of redacted characters replaced by one mask."""
+        """``f.text[start:end]`` with each run of redacted characters replaced by one mask (a run that
+        goes on from the chunk released before gets no second mask)."""
         runs: list[list[int]] = []
         for a, b in sorted(f.redact):
             a, b = max(a, start), min(b, end)
@@ -327,9 +390,10 @@ class ChoiceModerator:
                 runs.append([a, b])
         out, pos = [], start
         for a, b in runs:
-            out += [f.text[pos:a], self.policy.mask]
+            out += [f.text[pos:a], "" if a == start and f.masking else self.policy.mask]
             pos = b
         out.append(f.text[pos:end])
+        f.masking = bool(runs) and runs[-1][1] == end
         return "".join(out)
 
     def _text_delta(self, name: str, text: str) -> dict[str, Any]:

@@ -8,32 +8,25 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 from guardproxy.guard.template import ChatTemplate, ConversationError
-from guardproxy.guard.testing import qwen3_tokenizer_file
 from guardproxy.guard.tokenizer import GuardTokenizer
+
+from ..conftest import answer_ids, hf_chat_ids
 
 MARKUP_STRINGS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>"]
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer() -> Any:
-    # The tokenizer's own Jinja chat template (Qwen3's), shipped beside tokenizer.json: the ground truth.
-    return AutoTokenizer.from_pretrained(str(qwen3_tokenizer_file().parent))
+def hf_ids(hf: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    return hf_chat_ids(hf, messages, tools)
 
 
-def hf_ids(hf: Any, messages: list[dict[str, Any]]) -> list[int]:
-    text = hf.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=False, enable_thinking=False
-    )
-    ids: list[int] = hf(text, add_special_tokens=False)["input_ids"]
-    return ids
-
-
-def ours(template: ChatTemplate, messages: list[dict[str, Any]], response: str) -> list[int]:
-    p = template.render_prompt(messages)
-    return [*p.ids, *p.scaffold, *template.response_ids(response), template.im_end, *template.encode(["\n"])]
+def ours(
+    template: ChatTemplate, messages: list[dict[str, Any]], response: str, tools: Any = None
+) -> list[int]:
+    p = template.render_prompt(messages, tools=tools)
+    context, judged = answer_ids(template, response)
+    return [*p.ids, *context, *judged, *template.encode(["\n"])]
 
 
 # Ordinary text: any script, punctuation, inner whitespace; no markup strings.
@@ -46,8 +39,7 @@ ordinary = (
     .filter(lambda t: not any(m in t for m in MARKUP_STRINGS) and "<tool_response>" not in t)
     .filter(lambda t: t.strip() != "")
 )
-# A final answer: the scaffold's "\n\n" is tokenized apart from it, so it starts with a visible character.
-answer = ordinary.filter(lambda t: not t[0].isspace())
+answer = ordinary
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -71,6 +63,51 @@ def test_matches_the_tokenizer_chat_template(
     messages.append({"role": "user", "content": last})
     full = [*messages, {"role": "assistant", "content": response}]
     assert ours(template, messages, response) == hf_ids(hf_tokenizer, full)
+
+
+names = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=12)
+schemas = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | ordinary,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(names, inner, max_size=3),
+    max_leaves=6,
+)
+tool_defs = st.lists(
+    st.builds(
+        lambda name, doc, params: {
+            "type": "function",
+            "function": {"name": name, "description": doc, "parameters": params},
+        },
+        names,
+        ordinary,
+        st.dictionaries(names, schemas, max_size=3),
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(system=st.none() | ordinary, tools=tool_defs, last=ordinary, response=answer)
+def test_tools_render_in_the_system_turn_as_the_template_does(
+    hf_tokenizer: Any,
+    template: ChatTemplate,
+    system: str | None,
+    tools: list[dict[str, Any]],
+    last: str,
+    response: str,
+) -> None:
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": last})
+    full = [*messages, {"role": "assistant", "content": response}]
+    assert ours(template, messages, response, tools) == hf_ids(hf_tokenizer, full, tools)
+
+
+def test_tools_must_be_a_list_of_objects(template: ChatTemplate) -> None:
+    for bad in ("search", {"name": "x"}, [3]):
+        with pytest.raises(ConversationError, match="tools must be a list") as err:
+            template.render_prompt([{"role": "user", "content": "q"}], tools=bad)
+        assert err.value.param == "tools"
+    plain = template.render_prompt([{"role": "user", "content": "q"}])
+    assert template.render_prompt([{"role": "user", "content": "q"}], tools=[]).ids == plain.ids
 
 
 def test_tool_calls_and_results_match(hf_tokenizer: Any, template: ChatTemplate) -> None:

@@ -1,4 +1,8 @@
-"""The per-choice moderator, driven by hand: verdicts are made from each token's text (sans-IO)."""
+"""The per-choice moderator, driven by hand: verdicts are made from each token's text (sans-IO).
+
+The fake guard judges like the test checkpoints (and like the real model on unsafe text): once a trigger
+token appears, the tokens after it keep its tier (``latch``), so a one-token trigger makes a pair for the
+authors' debounce rule; ``latch=False`` flags isolated tokens only."""
 
 from __future__ import annotations
 
@@ -23,27 +27,45 @@ PII = Verdict((0.01, 0.98, 0.01), (0.1, 0.9), LABELS)
 
 
 class Harness:
-    """Plays the proxy: feeds go to a fake guard that judges each token by its text."""
+    """Plays the proxy: feeds go to a fake guard that judges each token by its text (and, latched, by
+    the triggers before it: the judged sequence so far, taken-back tokens excluded)."""
 
     def __init__(
-        self, tok: GuardTokenizer, template: ChatTemplate, policy: Policy, speculate: bool = False
+        self,
+        tok: GuardTokenizer,
+        template: ChatTemplate,
+        policy: Policy,
+        speculate: bool = False,
+        latch: bool = True,
     ) -> None:
         self.tok = tok
+        self.latch = latch
         self.m = ChoiceModerator(template, policy, speculate=speculate)
         self.queue: list[list[int]] = []  # judged feeds not yet answered
+        self.judged: list[Verdict] = []  # verdicts given, in feed order (for the latch)
         self.retracted = 0
         self.out: list[OutDelta] = []
         self._submit(self.m.start())
 
-    def verdict(self, token_id: int) -> Verdict:
+    def own(self, token_id: int) -> Verdict:
         text = self.tok.decode([token_id]).strip().lower()
         return UNSAFE if text in ("bomb", "bombs") else PII if text == "passport" else SAFE
+
+    def verdict(self, token_id: int) -> Verdict:
+        v = self.own(token_id)
+        if self.latch and v is SAFE:
+            v = next((w for w in reversed(self.judged) if w is not SAFE), SAFE)
+        self.judged.append(v)
+        return v
 
     def _submit(self, feeds: list[GuardFeed]) -> None:
         for f in feeds:
             # As the engine retracts: the newest tokens go; those not yet judged never get a verdict.
             left = f.retract
             self.retracted += left
+            unanswered = sum(len(q) for q in self.queue)
+            if left > unanswered:  # taken back after their verdicts: the latch forgets them
+                del self.judged[len(self.judged) - (left - unanswered) :]
             while left and self.queue:
                 last = self.queue[-1]
                 k = min(left, len(last))
@@ -124,6 +146,7 @@ def test_benign_text_passes_unchanged(
     cuts=st.lists(st.integers(0, 200), max_size=10),
     holdback=st.integers(0, 3),
     speculate=st.booleans(),
+    debounce=st.booleans(),
 )
 def test_cut_releases_nothing_of_the_cut_token_or_after(
     tokenizer: GuardTokenizer,
@@ -132,8 +155,10 @@ def test_cut_releases_nothing_of_the_cut_token_or_after(
     cuts: list[int],
     holdback: int,
     speculate: bool,
+    debounce: bool,
 ) -> None:
-    h = Harness(tokenizer, template, Policy(holdback_tokens=holdback, notice="[cut]"), speculate)
+    policy = Policy(holdback_tokens=holdback, notice="[cut]", debounce=debounce)
+    h = Harness(tokenizer, template, policy, speculate)
     stream(h, split(text, cuts))
     if "bomb" not in text:
         assert h.content() == text
@@ -147,6 +172,122 @@ def test_cut_releases_nothing_of_the_cut_token_or_after(
     else:
         assert released[: -len("[cut]")] == before
     assert sum(o.finish_reason is not None for o in h.out) == 1
+    # Under debounce the cut covers the pair: the trigger and the token after it (latched).
+    cut = h.m.cut_at
+    assert cut is not None and cut.tier == "Unsafe" and h.m.tokens[cut.index][1] == cut
+    if debounce:
+        assert h.m.tokens[cut.index + 1][1] is not None and h.m.tokens[cut.index + 1][1].action == Action.CUT
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    text=texts.filter(lambda t: "bomb" not in t),
+    cuts=st.lists(st.integers(0, 200), max_size=10),
+    holdback=st.integers(0, 2),
+    speculate=st.booleans(),
+)
+def test_debounce_adds_no_latency_for_safe_text(
+    tokenizer: GuardTokenizer,
+    template: ChatTemplate,
+    text: str,
+    cuts: list[int],
+    holdback: int,
+    speculate: bool,
+) -> None:
+    """Safe text goes out at exactly the same moments with and without debounce."""
+    runs = []
+    for debounce in (True, False):
+        h = Harness(tokenizer, template, Policy(holdback_tokens=holdback, debounce=debounce), speculate)
+        seen = []
+        for piece in split(text, cuts):
+            h.delta({"content": piece})
+            h.answer()
+            seen.append(h.content())
+        h.finish()
+        h.answer_all()
+        runs.append((seen, h.content()))
+    assert runs[0] == runs[1]
+
+
+def test_a_lone_unsafe_token_does_not_fire_under_debounce_and_waits_one_verdict(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    text = "A bomb is a word."
+    for debounce in (True, False):
+        h = Harness(tokenizer, template, Policy(notice="", debounce=debounce), latch=False)
+        h.delta({"content": "A bomb"})
+        h.delta({"content": " is"})
+        h.answer_all()  # "A", " bomb" judged (" is" held by the re-tokenizer)
+        if debounce:
+            assert h.content() == "A"  # " bomb" is Unsafe alone so far: it waits for the next verdict
+            h.delta({"content": " a word."})
+            h.answer_all()  # " is" is Safe: no pair, " bomb" goes
+            assert h.content().startswith("A bomb is") and h.m.cut_at is None
+        else:
+            assert h.m.cut_at is not None and h.content() == "A"
+        h.finish()
+        h.answer_all()
+        assert h.content() == (text if debounce else "A")
+
+
+def test_speculation_holds_an_unsafe_looking_word_and_decides_on_the_final_one(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    h = Harness(tokenizer, template, Policy(notice=""), speculate=True)
+    h.delta({"content": "A bo"})
+    h.answer_all()
+    assert h.content() == "A bo"  # " bo" judged Safe as it stands
+    h.delta({"content": "mb"})  # " bo" grows into " bomb": taken back, judged again
+    assert h.retracted == 1
+    h.answer_all()
+    assert h.content() == "A bo"  # the tentative " bomb" is Unsafe: held, not yet a decision
+    assert h.m.cut_at is None
+    h.delta({"content": " here"})  # " bomb" is final now, " here" tentative: no pair of final tokens yet
+    h.answer_all()
+    assert h.m.cut_at is None and h.content() == "A bo"
+    h.delta({"content": " now"})  # " here" is final and Unsafe (latched): the pair cuts from " bomb"
+    h.answer_all()
+    assert h.m.cut_at is not None and h.out[-1].finish_reason == CONTENT_FILTER
+    assert h.content() == "A bo"
+
+
+def test_a_trigger_as_the_last_word_pairs_with_the_closing_token(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    h = Harness(tokenizer, template, Policy(notice=""))
+    stream(h, ["Here is a", " bomb"])
+    assert h.content() == "Here is a" and h.out[-1].finish_reason == CONTENT_FILTER
+    # The pair is " bomb" and the answer's closing <|im_end|> (judged, latched Unsafe).
+    assert h.m.cut_at is not None and h.m.tokens[-1][0] is None and h.m.cut_at.index == len(h.m.tokens) - 2
+
+
+def test_newlines_the_guard_does_not_read_go_out_with_the_text_after_them(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    h = Harness(tokenizer, template, Policy())
+    h.delta({"content": "\n\n"})
+    h.answer_all()
+    assert h.content() == ""  # not read by the guard: waits for the next judged token
+    h.delta({"content": "Hello"})
+    h.answer_all()
+    h.delta({"content": " there"})
+    h.answer_all()
+    assert h.content() == "\n\nHello"
+    h.finish()
+    h.answer_all()
+    assert h.content() == "\n\nHello there"
+    # Only newlines: they go out with the closing token, at the end.
+    only = Harness(tokenizer, template, Policy())
+    only.delta({"content": "\n"})
+    only.answer_all()
+    assert only.content() == ""
+    only.finish()
+    only.answer_all()
+    assert only.content() == "\n" and only.out[-1].finish_reason == "stop"
+    # A cut withholds unread text that waited for the cut token too.
+    cut = Harness(tokenizer, template, Policy(notice=""))
+    stream(cut, ["\n\n", "\n", " bomb", " now"])
+    assert cut.content() == "" and cut.out[-1].finish_reason == CONTENT_FILTER
 
 
 def test_speculation_releases_each_word_before_the_next_arrives(
@@ -168,24 +309,6 @@ def test_speculation_releases_each_word_before_the_next_arrives(
         h.answer_all()
         assert h.content() == sent and h.out[-1].finish_reason == "stop"
     assert early.retracted == 0  # whole words: every tentative token was confirmed, none re-run
-
-
-def test_speculation_holds_an_unsafe_looking_word_and_decides_on_the_final_one(
-    tokenizer: GuardTokenizer, template: ChatTemplate
-) -> None:
-    h = Harness(tokenizer, template, Policy(notice=""), speculate=True)
-    h.delta({"content": "A bo"})
-    h.answer_all()
-    assert h.content() == "A bo"  # " bo" judged Safe as it stands
-    h.delta({"content": "mb"})  # " bo" grows into " bomb": taken back, judged again
-    assert h.retracted == 1
-    h.answer_all()
-    assert h.content() == "A bo"  # the tentative " bomb" is Unsafe: held, not yet a decision
-    assert h.m.cut_at is None
-    h.delta({"content": " here"})  # " bomb" is final now: the policy cuts on it
-    h.answer_all()
-    assert h.m.cut_at is not None and h.out[-1].finish_reason == CONTENT_FILTER
-    assert h.content() == "A bo"
 
 
 def test_speculation_is_off_with_a_holdback_or_early_release_off(
@@ -216,11 +339,30 @@ def test_nothing_is_released_before_it_is_judged_and_held_back(
 
 
 def test_redact_masks_exactly_the_flagged_span(tokenizer: GuardTokenizer, template: ChatTemplate) -> None:
-    policy = Policy(unsafe=TierRule(Action.CUT, {"PII": Action.REDACT}), mask="***")  # type: ignore[arg-type]
-    h = Harness(tokenizer, template, policy)
+    # Isolated flags, decided token by token: each "passport" alone is masked.
+    policy = Policy(unsafe=TierRule(Action.CUT, {"PII": Action.REDACT}), mask="***", debounce=False)  # type: ignore[arg-type]
+    h = Harness(tokenizer, template, policy, latch=False)
     stream(h, split("My passport number is on my passport, ok.", [3, 9, 20, 33]))
     assert h.content() == "My*** number is on my***, ok."
     assert h.out[-1].finish_reason == "stop"
+
+
+def test_redact_under_debounce_masks_the_pair_and_all_it_latches(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    # Latched (as the real model marks what follows unsafe text): the pair starting at " passport"
+    # is redacted, and so is every token after it that keeps the tier; one mask for the run.
+    policy = Policy(unsafe=TierRule(Action.CUT, {"PII": Action.REDACT}), mask="***")  # type: ignore[arg-type]
+    h = Harness(tokenizer, template, policy)
+    stream(h, split("My passport number is 12.", [3, 9, 20]))
+    assert h.content() == "My***" and h.out[-1].finish_reason == "stop"
+    d = h.m.judge.details()
+    assert d["action"] == "redact" and d["first_redaction"]["token_index"] == 1
+    assert d["redacted_tokens"] == len(h.m.tokens) - 1  # every token from " passport" to <|im_end|>
+    # A lone PII token does not fire under debounce.
+    lone = Harness(tokenizer, template, policy, latch=False)
+    stream(lone, ["My passport is here."])
+    assert lone.content() == "My passport is here." and lone.m.decided is None
 
 
 def test_reasoning_and_tool_calls_are_moderated_and_kept_in_order(
