@@ -1,18 +1,19 @@
 """The guard engine: many concurrent guard streams, judged by continuous batching.
 
 ``GuardEngine`` is the asyncio side. A single loop task asks the scheduler for the next step, runs it
-from a dedicated worker thread (the event loop never blocks on a forward pass) on the model here or in
-the guard's own process (``GuardWorker``), and resolves the futures of the feeds whose tokens were
-judged. Opening a stream waits in a bounded FIFO queue when
-the engine is full, and raises ``EngineOverloaded`` when the queue is full or the wait times out.
+from a dedicated worker thread (the event loop never blocks on a forward pass) on its ``StepExecutor``
+(``ModelRunner``: the model in this process; ``GuardWorker``: the model in the guard's own process), and
+resolves the futures of the feeds whose tokens were judged. Opening a stream waits in a bounded FIFO
+queue when the engine is full, and raises ``EngineOverloaded`` when the queue is full or the wait times
+out.
 
-    async with GuardEngine(model, limits) as engine:
-        stream = await engine.open_prompt(template.render_prompt(messages))
+    async with GuardEngine(model, limits) as engine:        # or GuardEngine(GuardWorker(path), limits)
+        prompt = template.render_prompt(messages)
+        stream = await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start)
         prompt_verdict = await stream.prompt_verdict()
+        stream.feed_context(context_ids)                     # what the guard reads but does not judge
         verdicts = await stream.judge(response_token_ids)
         stream.close()
-
-    engine = GuardEngine(limits=limits, worker=GuardWorker(checkpoint_dir))   # the model in its own process
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -44,9 +45,8 @@ from guardproxy.guard.scheduler import (
     Ticket,
     WorkItem,
 )
-from guardproxy.guard.template import GuardPrompt
-from guardproxy.guard.verdict import HeadLabels, Verdict
-from guardproxy.guard.worker import GuardWorker, WorkerDied
+from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
+from guardproxy.guard.worker import WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,22 @@ def _quiet(fut: asyncio.Future[Any]) -> None:
         fut.exception()
 
 
+class StepExecutor(Protocol):
+    """Runs the engine's steps on the guard model: ``ModelRunner`` in this process, ``GuardWorker`` in
+    the guard's own process, or a test's stand-in (one that fails, say). ``execute`` is called from the
+    engine's worker thread, one step at a time; ``close`` when the engine stops."""
+
+    @property
+    def labels(self) -> GuardLabels: ...
+
+    @property
+    def max_positions(self) -> int: ...
+
+    def execute(self, items: Sequence[WorkItem]) -> list[ItemOutput]: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True)
 class EngineStats:
     active_streams: int
@@ -71,7 +87,9 @@ class EngineStats:
     cached_tokens: int
     reserved_tokens: int
     steps: int
-    slides: int
+    slides: int  # streams that reached the guard's context and went on on a window
+    memory_waits: int  # times a stream had to wait for KV memory to grow
+    memory_timeouts: int  # waits that ran out (the stream failed by the policy's on_guard_error)
     last_step_tokens: int
     last_step_s: float
 
@@ -129,38 +147,35 @@ class GuardStream:
 class GuardEngine:
     def __init__(
         self,
-        model: Qwen3GuardStream | None = None,
+        executor: StepExecutor | Qwen3GuardStream,
         limits: EngineLimits | None = None,
         *,
         threads: int | None = None,
         on_step: Callable[[int, int, float], None] | None = None,
-        worker: GuardWorker | None = None,
     ) -> None:
-        """With ``model``, steps run in this process (a worker thread); with ``worker``, in the
-        worker's process (the engine then owns it and closes it on ``stop``)."""
-        if (model is None) == (worker is None):
-            raise ValueError("a guard engine needs exactly one of a model and a worker process")
+        """Steps run on ``executor`` (a model is run here, by a ``ModelRunner``). The engine owns the
+        executor from now on and closes it on ``stop``."""
         if threads is not None:
             torch.set_num_threads(threads)
-        self.model = model
-        self.worker = worker
-        if model is not None:
-            self.labels = model.labels
-            max_positions = int(model.config.max_position_embeddings)
-        else:
-            assert worker is not None
-            self.labels, max_positions = worker.labels, worker.max_positions
-        limits = limits or EngineLimits(max_positions=max_positions)
-        if limits.max_positions > max_positions:
-            raise ValueError(f"engine.max_positions {limits.max_positions} > the model's {max_positions}")
+        if limits is None:
+            max_positions = (
+                int(executor.config.max_position_embeddings)
+                if isinstance(executor, Qwen3GuardStream)
+                else executor.max_positions
+            )
+            limits = EngineLimits(max_positions=max_positions)
+        if isinstance(executor, Qwen3GuardStream):
+            executor = ModelRunner(executor, max_pages=max_pages(limits))
+        self.executor: StepExecutor = executor
+        self.labels = executor.labels
+        if limits.max_positions > executor.max_positions:
+            raise ValueError(
+                f"engine.max_positions {limits.max_positions} > the model's {executor.max_positions}"
+            )
         self.limits = limits
-        if model is not None:
-            self.runner: ModelRunner | None = ModelRunner(model, max_pages=max_pages(limits))
-            self.scheduler = Scheduler(limits, self.runner)
-        else:
-            self.runner = None
-            self.scheduler = Scheduler(limits, PagePool(max_pages(limits)))
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-engine")
+        # The engine hands out page ids; the executor holds the tensors (here or in its own process).
+        self.scheduler = Scheduler(limits, PagePool(max_pages(limits)))
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-engine")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
@@ -193,9 +208,8 @@ class GuardEngine:
             if not fut.done():
                 fut.set_exception(EngineOverloaded("guard engine stopped"))
         # Wait for a step that may still be running in the worker before tearing it down.
-        await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown, True)
-        if self.worker is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self.worker.close)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.shutdown, True)
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.close)
 
     async def __aenter__(self) -> GuardEngine:
         await self.start()
@@ -215,6 +229,8 @@ class GuardEngine:
             reserved_tokens=s.reserved,
             steps=s.steps,
             slides=s.slides,
+            memory_waits=s.memory_waits,
+            memory_timeouts=s.memory_timeouts,
             last_step_tokens=self._last_step[0],
             last_step_s=self._last_step[1],
         )
@@ -244,12 +260,6 @@ class GuardEngine:
             state.prompt_ticket.waiter = fut
         self._kick()
         return GuardStream(self, sid, fut)
-
-    async def open_prompt(self, prompt: GuardPrompt) -> GuardStream:
-        """Open with a rendered conversation and feed the assistant scaffold after it."""
-        stream = await self.open(prompt.ids, prompt.verdict_index, prompt.anchor_start)
-        stream.feed_context(prompt.scaffold)
-        return stream
 
     async def _wait_for_room(self, cost: int) -> None:
         """Queue until ``_admit_waiters`` promises room (returns with the promise held) or give up."""
@@ -321,6 +331,7 @@ class GuardEngine:
     def _close(self, stream: GuardStream) -> None:
         self._resolve(self.scheduler.close(stream.sid))
         self._admit_waiters()
+        self._kick()  # a stream waiting for memory may fit now
 
     def _verdict(self, raw: RawProbs, labels: HeadLabels) -> Verdict:
         return Verdict(risk_probs=raw[0], category_probs=raw[1], labels=labels)
@@ -350,25 +361,28 @@ class GuardEngine:
                 else:
                     waiter.set_result(t.results)
 
-    def _step(self, items: Sequence[WorkItem]) -> list[ItemOutput]:
-        if self.worker is not None:
-            return self.worker.execute(items)
-        assert self.runner is not None
-        return self.runner.execute(items)
-
     async def _run(self) -> None:
         assert self._wake is not None
         loop = asyncio.get_running_loop()
         while True:
             try:
-                plan = self.scheduler.schedule()
+                now = time.monotonic()
+                expired = self.scheduler.expire(now)
+                if expired:  # streams that waited too long for memory: theirs is free for the others
+                    self._resolve(expired)
+                    self._admit_waiters()
+                plan = self.scheduler.schedule(now)
                 if plan is None:
                     self._wake.clear()
-                    await self._wake.wait()
+                    # Streams waiting for memory are woken by a close (room) or by their deadline.
+                    deadline = self.scheduler.next_expiry()
+                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), timeout)
                     continue
                 started = time.perf_counter()
                 try:
-                    outputs = await loop.run_in_executor(self._executor, self._step, plan.items)
+                    outputs = await loop.run_in_executor(self._thread, self.executor.execute, plan.items)
                 except WorkerDied as exc:  # every stream's cache died with the process
                     log.error("%s: failing every live guard stream; the next step starts a new one", exc)
                     done = self.scheduler.fail(plan, exc) + self.scheduler.fail_all(exc)
@@ -384,7 +398,9 @@ class GuardEngine:
                 self._admit_waiters()
             except Exception as exc:
                 # A bug in the bookkeeping must not leave every caller waiting forever: fail what is
-                # live, keep serving new streams.
+                # live, keep serving new streams; wait for new work rather than spin on the same error.
                 log.exception("guard engine loop error; failing live streams")
                 self._resolve(self.scheduler.fail_all(exc))
                 self._admit_waiters()
+                self._wake.clear()
+                await self._wake.wait()

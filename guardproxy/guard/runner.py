@@ -23,6 +23,7 @@ from transformers.models.qwen3.modeling_qwen3 import rotate_half
 
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.scheduler import QUERY, RESPONSE, ItemOutput, RawProbs, WorkItem
+from guardproxy.guard.verdict import GuardLabels
 
 PAGE_SIZE = 16  # positions a page; the scheduler reserves capacity in multiples of 16 too
 
@@ -182,6 +183,19 @@ class ModelRunner:
         self.pages = PagePool(max_pages)  # the page ids, when this runner is also the allocator
         self._k = self._pool(0)
         self._v = self._pool(0)
+
+    # -- the engine's StepExecutor --------------------------------------------------------------------
+
+    @property
+    def labels(self) -> GuardLabels:
+        return self.model.labels
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def close(self) -> None:
+        """Nothing to release: the pool goes with the runner."""
 
     # -- KV memory (the scheduler's Allocator) -------------------------------------------------------
 

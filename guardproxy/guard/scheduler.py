@@ -6,11 +6,13 @@ executes a plan; ``complete`` maps its outputs back to the tickets that wait for
 hand with a fake allocator and hand-made outputs.
 
 Memory rule: a stream reserves KV for ``prompt + response_reserve`` positions at admission and grows in
-``response_reserve`` steps from the shared pool (``max_cached_tokens``). When it cannot grow (pool empty,
-or the guard's ``max_positions`` reached) it slides: the cache is dropped and re-filled with its *head*
-(the last user turn of the prompt, at most ``anchor_tokens``, plus the assistant scaffold) and the last
+``response_reserve`` steps from the shared pool (``max_cached_tokens``). Only at the guard's context limit
+(``max_positions``) does it slide: the cache is dropped and re-filled with its *head* (the last user turn
+of the prompt, at most ``anchor_tokens``, plus the context before the answer) and the last
 ``window_tokens`` judged tokens, then judging goes on. So a response of any length keeps being judged,
-with the newest context, and the cache never exceeds its reservation.
+with the newest context. When the shared pool cannot grow a stream, the stream waits for memory (no new
+stream is admitted meanwhile): a verdict never depends on load. A wait longer than ``memory_wait_s``
+fails the stream (``expire``), which the proxy handles by the policy's ``on_guard_error``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class EngineLimits:
     window_tokens: int = 2048
     max_queue: int = 1024
     queue_timeout_s: float = 30.0
+    memory_wait_s: float = 10.0  # a stream that waits longer than this for KV memory fails
 
     def __post_init__(self) -> None:
         for name in (
@@ -135,6 +138,7 @@ class StreamState:
     inflight_at: int = 0  # position of the first token of this stream's item in the step in flight
     inflight_kinds: list[int] = field(default_factory=list)
     drop: int = 0  # verdicts of the step in flight to discard (their tokens were retracted)
+    waiting_since: float | None = None  # when it began to wait for KV memory to grow
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,8 @@ class Scheduler:
         self._inflight: set[int] = set()
         self.steps = 0
         self.slides = 0
+        self.memory_waits = 0  # times a stream had to wait for KV memory
+        self.memory_timeouts = 0  # waits that ran out (the stream failed)
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -211,9 +217,11 @@ class Scheduler:
         return min(self.limits.max_positions, _round_up(prompt_len + self.limits.response_reserve))
 
     def can_admit(self, cost: int, promised_cost: int = 0, promised_streams: int = 0) -> bool:
-        """Whether a stream of ``cost`` fits, beside admissions promised but not yet added."""
+        """Whether a stream of ``cost`` fits, beside admissions promised but not yet added. Live streams
+        waiting for memory to grow come first: nothing new is admitted while one waits."""
         return (
-            len(self.streams) + promised_streams < self.limits.max_streams
+            not self.waiting_for_memory()
+            and len(self.streams) + promised_streams < self.limits.max_streams
             and self.reserved + promised_cost + cost <= self.limits.max_cached_tokens
         )
 
@@ -318,10 +326,14 @@ class Scheduler:
         return dropped
 
     def _free(self, s: StreamState) -> None:
-        self.reserved -= s.capacity
-        self.allocator.release(s.kv)
-        s.kv = None
+        self._release_kv(s)
         del self.streams[s.sid]
+
+    def _release_kv(self, s: StreamState) -> None:
+        if s.kv is not None:
+            self.reserved -= s.capacity
+            self.allocator.release(s.kv)
+            s.kv, s.capacity = None, 0
 
     def _fail_tickets(self, s: StreamState, exc: BaseException) -> list[Ticket]:
         out = []
@@ -337,8 +349,9 @@ class Scheduler:
 
     # -- stepping ------------------------------------------------------------------------------------
 
-    def schedule(self) -> StepPlan | None:
-        """Pack the next step. Must not be called while a plan is in flight."""
+    def schedule(self, now: float = 0.0) -> StepPlan | None:
+        """Pack the next step (``now``: the caller's clock, for memory waits). Must not be called while
+        a plan is in flight. None: nothing can run now (idle, or every ready stream waits for memory)."""
         assert not self._inflight, "schedule() while a step is in flight"
         lim = self.limits
         ready = sorted(
@@ -352,7 +365,9 @@ class Scheduler:
         for s, n in zip(ready, shares, strict=True):
             if n <= 0:
                 continue
-            n = self._make_room(s, n)
+            n = self._make_room(s, n, now)
+            if n <= 0:
+                continue
             ids, kinds = s.pend_ids[:n], s.pend_kind[:n]
             del s.pend_ids[:n], s.pend_kind[:n]
             if s.pend_ids:
@@ -364,25 +379,72 @@ class Scheduler:
             while len(s.tail) > s.window:
                 s.tail.popleft()
             self._inflight.add(s.sid)
+        if not items:
+            return None
         self.steps += 1
         return StepPlan(items)
 
-    def _make_room(self, s: StreamState, n: int) -> int:
-        """Ensure ``n`` more positions fit in the stream's KV: grow from the pool, else slide."""
+    def _make_room(self, s: StreamState, n: int, now: float) -> int:
+        """How many of ``n`` more positions fit in the stream's KV now: grow from the pool; at the
+        context limit, slide; with the pool exhausted, what is left of its capacity, else wait (0)."""
         lim = self.limits
         if s.cached + n <= s.capacity:
             return n
-        want = min(lim.max_positions, _round_up(max(s.cached + n, s.capacity + lim.response_reserve)))
-        extra = want - s.capacity
-        if want > s.capacity and self.reserved + extra <= lim.max_cached_tokens:
-            s.kv = self.allocator.grow(s.kv, s.cached, want)
-            s.capacity = want
-            self.reserved += extra
+        if s.capacity >= lim.max_positions:
+            self._slide(s)  # the context limit: judged on a window from here on
             return min(n, s.capacity - s.cached)
-        # No room to grow: re-judge on a window. The replayed context takes at most half of what the
-        # head leaves free, so every slide makes room for at least (capacity - head) / 2 new tokens.
-        self._slide(s)
-        return min(n, s.capacity - s.cached)
+        # Grow by the reserve (amortised), or at least by what this step needs, within the context.
+        need = _round_up(min(lim.max_positions, s.cached + n))
+        for want in (
+            min(lim.max_positions, _round_up(max(s.cached + n, s.capacity + lim.response_reserve))),
+            need,
+        ):
+            extra = want - s.capacity
+            if extra > 0 and self.reserved + extra <= lim.max_cached_tokens:
+                s.kv = self.allocator.grow(s.kv, s.cached, want)
+                s.capacity = want
+                self.reserved += extra
+                s.waiting_since = None
+                return min(n, s.capacity - s.cached)
+        if s.cached < s.capacity:
+            return s.capacity - s.cached
+        if s.waiting_since is None:
+            s.waiting_since = now
+            self.memory_waits += 1
+        return 0
+
+    def waiting_for_memory(self) -> bool:
+        return any(
+            s.waiting_since is not None for s in self.streams.values() if not s.closed and s.failed is None
+        )
+
+    def next_expiry(self) -> float | None:
+        """When the earliest memory wait runs out (the caller's clock), or None if nobody waits."""
+        times = [
+            s.waiting_since + self.limits.memory_wait_s
+            for s in self.streams.values()
+            if s.waiting_since is not None and not s.closed and s.failed is None
+        ]
+        return min(times, default=None)
+
+    def expire(self, now: float) -> list[Ticket]:
+        """Fail the streams that waited for memory past ``memory_wait_s`` (their memory is freed now, for
+        the others); returns their tickets."""
+        failed: list[Ticket] = []
+        for s in list(self.streams.values()):
+            if s.waiting_since is None or s.closed or s.failed is not None:
+                continue
+            waited = now - s.waiting_since
+            if waited < self.limits.memory_wait_s:
+                continue
+            self.memory_timeouts += 1
+            exc = GuardFailure(f"guard stream {s.sid} waited {waited:.1f}s for guard memory (engine full)")
+            s.failed = exc
+            s.waiting_since = None
+            failed += self._fail_tickets(s, exc)
+            if s.sid not in self._inflight:
+                self._release_kv(s)
+        return failed
 
     def _slide(self, s: StreamState) -> None:
         if len(s.head) > s.capacity // 2:  # unjudged context fed before the response can be long

@@ -3,9 +3,42 @@ would refuse the second). Engine gauges are read at scrape time, so they cannot 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+# Engine counters read at scrape time: (metric name without _total, help, EngineStats attribute).
+_ENGINE_COUNTERS = (
+    (
+        "guardproxy_engine_slides",
+        "Streams that reached the guard's context and went on on a window.",
+        "slides",
+    ),
+    (
+        "guardproxy_engine_memory_waits",
+        "Times a stream waited for guard KV memory (the pool was full).",
+        "memory_waits",
+    ),
+    (
+        "guardproxy_engine_memory_timeouts",
+        "Memory waits that ran out (the stream failed by the policy's on_guard_error).",
+        "memory_timeouts",
+    ),
+)
+
+
+class _EngineCounters(Collector):
+    def __init__(self, stats: Callable[[], Any]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        s = self._stats()
+        for name, doc, attr in _ENGINE_COUNTERS:
+            yield CounterMetricFamily(name, doc, value=getattr(s, attr))
+
 
 # Seconds: from sub-millisecond proxy overhead to multi-second CPU guard steps.
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -70,11 +103,12 @@ class Metrics:
             registry=r,
         )
 
-    def bind_engine(self, stats: Callable[[], tuple[int, int, int]]) -> None:
-        """``stats()`` -> (active, queued, cached tokens), read at every scrape."""
-        self.active_streams.set_function(lambda: stats()[0])
-        self.queued_streams.set_function(lambda: stats()[1])
-        self.cached_tokens.set_function(lambda: stats()[2])
+    def bind_engine(self, stats: Callable[[], Any]) -> None:
+        """``stats()`` -> the engine's ``EngineStats``, read at every scrape."""
+        self.active_streams.set_function(lambda: stats().active_streams)
+        self.queued_streams.set_function(lambda: stats().queued_streams)
+        self.cached_tokens.set_function(lambda: stats().cached_tokens)
+        self.registry.register(_EngineCounters(stats))
 
     def observe_step(self, tokens: int, streams: int, seconds: float) -> None:
         self.batch_tokens.observe(tokens)

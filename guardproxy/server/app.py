@@ -23,8 +23,9 @@ from typing import Any
 from aiohttp import web
 
 from guardproxy.config import Settings, key_hash
-from guardproxy.guard.engine import GuardEngine, max_pages
+from guardproxy.guard.engine import GuardEngine, StepExecutor, max_pages
 from guardproxy.guard.loading import load_guard, load_template
+from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import EngineError, EngineOverloaded
 from guardproxy.guard.template import ConversationError
 from guardproxy.guard.worker import GuardWorker
@@ -83,27 +84,22 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     limits = settings.guard.engine
     metrics = app[METRICS]
     loop = asyncio.get_running_loop()
-    model, worker = None, None
+    executor: StepExecutor
     if g.process:  # the weights load only in the guard's own process
         path, template = await loop.run_in_executor(None, lambda: load_template(g.model, revision=g.revision))
         spawn = functools.partial(
             GuardWorker, path, device=g.device, dtype=g.dtype, threads=g.threads, max_pages=max_pages(limits)
         )
-        worker = await loop.run_in_executor(None, spawn)
-        model_positions = worker.max_positions
+        executor = await loop.run_in_executor(None, spawn)
     else:
         model, template = await loop.run_in_executor(
             None, lambda: load_guard(g.model, device=g.device, dtype=g.dtype, revision=g.revision)
         )
-        model_positions = int(model.config.max_position_embeddings)
-    limits = replace(limits, max_positions=min(limits.max_positions, model_positions))
-    engine = GuardEngine(model, limits, threads=g.threads, on_step=metrics.observe_step, worker=worker)
+        executor = ModelRunner(model, max_pages=max_pages(limits))
+    limits = replace(limits, max_positions=min(limits.max_positions, executor.max_positions))
+    engine = GuardEngine(executor, limits, threads=g.threads, on_step=metrics.observe_step)
 
-    def engine_stats() -> tuple[int, int, int]:
-        s = engine.stats()
-        return s.active_streams, s.queued_streams, s.cached_tokens
-
-    metrics.bind_engine(engine_stats)
+    metrics.bind_engine(engine.stats)
     client = session(settings.upstream)
     audit = (
         AuditLog(settings.audit.path, max_bytes=settings.audit.max_bytes, backups=settings.audit.backups)
@@ -296,9 +292,12 @@ async def _exchange(
     model = _common(body, services)
     policy = request.app[STORE].current.policy_for(shape.path, model, request.get(CLIENT_KEY))
     try:
-        prompt = services.template.render_prompt(messages, max_tokens=services.engine.max_prompt_tokens)
+        prompt = services.template.render_prompt(
+            messages, tools=body.get("tools"), max_tokens=services.engine.max_prompt_tokens
+        )
     except ConversationError as exc:
-        raise bad_request(str(exc), param="messages" if shape is CHAT else "prompt") from None
+        param = exc.param if exc.param != "messages" or shape is CHAT else "prompt"
+        raise bad_request(str(exc), param=param) from None
     return await Exchange(services, request, body, policy, prompt, shape, forward_client_key(request)).run()
 
 

@@ -20,26 +20,31 @@ BENIGN = ["Fine", " words", " only", "."]
 
 
 class Breaker:
-    """Makes the engine's forward raise from the N-th step on (the model runs in its worker thread)."""
+    """A step executor put in front of the engine's own: from the N-th step on it raises, as an
+    out-of-memory in the forward would (the model runs in the engine's worker thread)."""
 
     def __init__(self, app: Any) -> None:
-        self.runner = app[SERVICES].engine.runner
-        self.original = self.runner.execute
-        self.after = 0
+        self.engine = app[SERVICES].engine
+        self.inner = self.engine.executor
+        self.labels, self.max_positions = self.inner.labels, self.inner.max_positions
+        self.after: int | None = None
         self.steps = 0
+        self.engine.executor = self
 
-    def __call__(self, items: Any) -> Any:
+    def execute(self, items: Any) -> Any:
         self.steps += 1
-        if self.steps > self.after:
+        if self.after is not None and self.steps > self.after:
             raise RuntimeError("CUDA out of memory (simulated)")
-        return self.original(items)
+        return self.inner.execute(items)
+
+    def close(self) -> None:
+        self.inner.close()
 
     def arm(self, after_steps: int) -> None:
         self.steps, self.after = 0, after_steps
-        self.runner.execute = self
 
     def disarm(self) -> None:
-        self.runner.execute = self.original
+        self.after = None
 
 
 @pytest.fixture(params=["fail_closed", "fail_open"])

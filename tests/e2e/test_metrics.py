@@ -52,6 +52,12 @@ def test_metrics_follow_the_traffic(proxy: str, fake: FakeUpstream) -> None:
     assert moved("guardproxy_chunk_added_latency_seconds_count") >= 2
     assert moved("guardproxy_time_to_first_token_seconds_count", source="proxy") == 2
     assert moved("guardproxy_time_to_first_token_seconds_count", source="upstream") == 2
+    for name in (
+        "guardproxy_engine_slides_total",
+        "guardproxy_engine_memory_waits_total",
+        "guardproxy_engine_memory_timeouts_total",
+    ):
+        assert (name, ()) in after and moved(name) == 0  # short answers: no slide, no wait for memory
     # Every guard stream was returned.
     assert value(after, "guardproxy_engine_active_streams") == 0
     assert value(after, "guardproxy_engine_cached_tokens") == 0

@@ -35,6 +35,8 @@ from guardproxy.guard.scheduler import (
 )
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
 
+from ..conftest import scaffold
+
 WORDS = [
     "the",
     "cake",
@@ -59,11 +61,18 @@ def model64(random_checkpoint: Path) -> Qwen3GuardStream:
     return load_guard_model(random_checkpoint, device="cpu", dtype=torch.float64)
 
 
-def reference(model: Qwen3GuardStream, prompt: GuardPrompt, response: list[int]) -> tuple[Any, Any]:
-    ids = torch.tensor([[*prompt.ids, *prompt.scaffold, *response]])
+@pytest.fixture(scope="module")
+def context(template: ChatTemplate) -> list[int]:
+    return scaffold(template)
+
+
+def reference(
+    model: Qwen3GuardStream, prompt: GuardPrompt, context: list[int], response: list[int]
+) -> tuple[Any, Any]:
+    ids = torch.tensor([[*prompt.ids, *context, *response]])
     with torch.no_grad():
         out = model(ids)
-    start = len(prompt.ids) + len(prompt.scaffold)
+    start = len(prompt.ids) + len(context)
     return out.query.risk[0, prompt.verdict_index], out.response.risk[0, start:]
 
 
@@ -87,7 +96,7 @@ def conversations() -> st.SearchStrategy[list[dict[str, str]]]:
 )
 @given(data=st.data())
 def test_any_chunking_and_interleaving_matches_a_full_forward(
-    model64: Qwen3GuardStream, template: ChatTemplate, data: st.DataObject
+    model64: Qwen3GuardStream, template: ChatTemplate, context: list[int], data: st.DataObject
 ) -> None:
     limits = EngineLimits(
         max_batch_tokens=data.draw(st.integers(1, 160), label="budget"),
@@ -120,7 +129,7 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
     for p in prompts:
         sid = scheduler.add_stream(p.ids, p.verdict_index, p.anchor_start)
         prompt_tickets.append(scheduler.streams[sid].prompt_ticket)
-        scheduler.feed(sid, p.scaffold, judge=False)
+        scheduler.feed(sid, context, judge=False)
         sids.append(sid)
     # Per stream: (ticket, how many of its verdicts count): the kept ids are ``final``.
     tickets: list[list[tuple[Ticket, int]]] = [[] for _ in range(n)]
@@ -178,7 +187,7 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
         pass
 
     for k in range(n):
-        ref_q, ref_r = reference(model64, prompts[k], final[k])
+        ref_q, ref_r = reference(model64, prompts[k], context, final[k])
         pt = prompt_tickets[k]
         assert pt is not None and pt.done
         got_q = torch.tensor(pt.results[0][0], dtype=torch.float64)
@@ -192,7 +201,7 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
 
 
 def test_one_token_streams_of_any_length_batch_and_reuse_pages(
-    model64: Qwen3GuardStream, template: ChatTemplate
+    model64: Qwen3GuardStream, template: ChatTemplate, context: list[int]
 ) -> None:
     """Streams of very different lengths judging one token each per step: the batched attention
     splits them into groups (no slack), pads and masks the shorter ones, and a stream opened on the
@@ -205,7 +214,7 @@ def test_one_token_streams_of_any_length_batch_and_reuse_pages(
     def open_stream(words: int) -> tuple[int, GuardPrompt]:
         prompt = template.render_prompt([{"role": "user", "content": " ".join(rng.choices(WORDS, k=words))}])
         sid = scheduler.add_stream(prompt.ids, prompt.verdict_index, prompt.anchor_start)
-        scheduler.feed(sid, prompt.scaffold, judge=False)
+        scheduler.feed(sid, context, judge=False)
         return sid, prompt
 
     def judge_in_lockstep(streams: list[tuple[int, GuardPrompt]], n: int) -> None:
@@ -225,7 +234,7 @@ def test_one_token_streams_of_any_length_batch_and_reuse_pages(
 
     def check(streams: list[tuple[int, GuardPrompt]]) -> None:
         for sid, prompt in streams:
-            _, ref_r = reference(model64, prompt, fed[sid])
+            _, ref_r = reference(model64, prompt, context, fed[sid])
             torch.testing.assert_close(torch.tensor(got[sid], dtype=torch.float64), ref_r, atol=1e-9, rtol=0)
 
     fed: dict[int, list[int]] = collections.defaultdict(list)
@@ -245,7 +254,7 @@ def test_one_token_streams_of_any_length_batch_and_reuse_pages(
 
 
 async def test_async_engine_concurrent_streams_match_in_fp32(
-    random_model: Qwen3GuardStream, template: ChatTemplate
+    random_model: Qwen3GuardStream, template: ChatTemplate, context: list[int]
 ) -> None:
     rng = random.Random(7)
     limits = EngineLimits(max_batch_tokens=96, prefill_chunk=32, response_reserve=64, anchor_tokens=256)
@@ -254,7 +263,8 @@ async def test_async_engine_concurrent_streams_match_in_fp32(
         messages = [{"role": "user", "content": " ".join(rng.choices(WORDS, k=rng.randrange(1, 40)))}]
         prompt = template.render_prompt(messages)
         response = [rng.randrange(151643) for _ in range(rng.randrange(1, 80))]
-        async with await engine.open_prompt(prompt) as stream:
+        async with await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as stream:
+            stream.feed_context(context)
             pv = await stream.prompt_verdict()
             verdicts = []
             i = 0
@@ -262,7 +272,7 @@ async def test_async_engine_concurrent_streams_match_in_fp32(
                 step = rng.randrange(1, 9)
                 verdicts += await stream.judge(response[i : i + step])
                 i += step
-        ref_q, ref_r = reference(random_model, prompt, response)
+        ref_q, ref_r = reference(random_model, prompt, context, response)
         torch.testing.assert_close(torch.tensor(pv.risk_probs), ref_q, atol=2e-5, rtol=0)
         got = torch.tensor([v.risk_probs for v in verdicts])
         torch.testing.assert_close(got, ref_r, atol=2e-5, rtol=0)
@@ -279,21 +289,35 @@ async def test_async_engine_concurrent_streams_match_in_fp32(
         assert stats.active_streams == 0 and stats.reserved_tokens == 0 and stats.cached_tokens == 0
 
 
+class Spy:
+    """A step executor that records where each step runs, then runs it on the model (or fails the
+    ``fail``-th one, as an out-of-memory would)."""
+
+    def __init__(self, model: Qwen3GuardStream, fail: int = 0) -> None:
+        self.runner = ModelRunner(model)
+        self.labels, self.max_positions = self.runner.labels, self.runner.max_positions
+        self.threads: list[str] = []
+        self.fail = fail
+        self.closed = False
+
+    def execute(self, items: Any) -> Any:
+        self.threads.append(threading.current_thread().name)
+        if len(self.threads) == self.fail:
+            raise RuntimeError("simulated out of memory")
+        return self.runner.execute(items)
+
+    def close(self) -> None:
+        self.closed = True
+
+
 async def test_forward_runs_in_the_worker_thread_not_the_loop(random_model: Qwen3GuardStream) -> None:
-    seen: list[str] = []
-    async with GuardEngine(random_model) as engine:
-        original = engine.runner.execute
-
-        def spy(items: Any) -> Any:
-            seen.append(threading.current_thread().name)
-            return original(items)
-
-        engine.runner.execute = spy  # type: ignore[method-assign]
-        async with await engine.open([1, 2, 3], 2) as stream:
-            await stream.prompt_verdict()
-            await stream.judge([4, 5, 6])
-    assert seen and all(name.startswith("guard-engine") for name in seen)
-    assert threading.current_thread().name not in seen
+    spy = Spy(random_model)
+    async with GuardEngine(spy) as engine, await engine.open([1, 2, 3], 2) as stream:
+        await stream.prompt_verdict()
+        await stream.judge([4, 5, 6])
+    assert spy.threads and all(name.startswith("guard-engine") for name in spy.threads)
+    assert threading.current_thread().name not in spy.threads
+    assert spy.closed  # the engine owns its executor
 
 
 async def test_full_engine_queues_then_refuses(random_model: Qwen3GuardStream) -> None:
@@ -333,17 +357,7 @@ async def test_prompt_that_can_never_fit_is_refused(random_model: Qwen3GuardStre
 
 
 async def test_engine_recovers_after_a_failed_forward(random_model: Qwen3GuardStream) -> None:
-    async with GuardEngine(random_model) as engine:
-        original = engine.runner.execute
-        calls = {"n": 0}
-
-        def flaky(items: Any) -> Any:
-            calls["n"] += 1
-            if calls["n"] == 1:
-                raise RuntimeError("simulated out of memory")
-            return original(items)
-
-        engine.runner.execute = flaky  # type: ignore[method-assign]
+    async with GuardEngine(Spy(random_model, fail=1)) as engine:
         doomed = await engine.open([1, 2, 3], 2)
         with pytest.raises(GuardFailure, match="simulated out of memory"):
             await doomed.prompt_verdict()
@@ -361,10 +375,10 @@ async def test_an_internal_error_fails_live_streams_instead_of_hanging(
         original = engine.scheduler.schedule
         broken = {"once": True}
 
-        def schedule() -> Any:
+        def schedule(now: float = 0.0) -> Any:
             if broken.pop("once", False):
                 raise KeyError("bookkeeping bug")
-            return original()
+            return original(now)
 
         engine.scheduler.schedule = schedule  # type: ignore[method-assign]
         victim = await engine.open([1, 2, 3], 2)
@@ -383,4 +397,35 @@ async def test_closing_mid_feed_fails_the_waiter_and_frees(random_model: Qwen3Gu
         with pytest.raises(Exception, match="closed"):
             await pending
         await asyncio.sleep(0.05)
+        assert engine.stats().reserved_tokens == 0
+
+
+async def test_a_stream_waits_for_memory_instead_of_sliding(random_model: Qwen3GuardStream) -> None:
+    """Verdicts never depend on load: with the pool full a stream waits (no slide), goes on when room
+    frees up, and fails as a guard failure only after ``memory_wait_s``."""
+    limits = EngineLimits(
+        max_cached_tokens=256, response_reserve=64, anchor_tokens=16, max_positions=1024, memory_wait_s=0.3
+    )
+    async with GuardEngine(random_model, limits) as engine:
+        a = await engine.open(list(range(10, 60)), 49)
+        b = await engine.open(list(range(10, 60)), 49)
+        grows = a.feed(list(range(1000, 1100)))  # past its 128 positions: the pool has none left
+        deadline = asyncio.get_running_loop().time() + 5
+        while engine.stats().memory_waits == 0:
+            assert asyncio.get_running_loop().time() < deadline, "never waited"
+            await asyncio.sleep(0.01)
+        assert not grows.done() and engine.stats().slides == 0
+        b.close()  # room: the waiting stream is woken and finishes on its whole context
+        assert len(await asyncio.wait_for(grows, 5)) == 100
+        assert engine.stats().slides == 0 and engine.stats().memory_timeouts == 0
+        a.close()
+        c = await engine.open(list(range(10, 60)), 49)
+        d = await engine.open(list(range(10, 60)), 49)
+        starved = c.feed(list(range(2000, 2400)))  # d holds the rest of the pool and stays open
+        with pytest.raises(GuardFailure, match="guard memory"):
+            await asyncio.wait_for(starved, 5)  # the engine wakes for the deadline by itself
+        assert engine.stats().memory_timeouts == 1
+        assert len(await d.judge([7, 8])) == 2  # the others go on
+        c.close()
+        d.close()
         assert engine.stats().reserved_tokens == 0

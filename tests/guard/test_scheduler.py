@@ -175,11 +175,23 @@ def test_memory_never_exceeds_the_cap_and_long_responses_keep_being_judged(data:
         assert sum(kv.capacity for kv in alloc.live) <= lim.max_cached_tokens
         assert all(st_.capacity <= lim.max_positions for st_ in s.streams.values())
     run_all(s)
-    assert all(t is not None and t.done and t.error is None for t in tickets)
+    # A stream the full pool cannot grow waits (never slides before its context limit); a wait that
+    # runs out fails it and frees its memory for the others, which then finish.
+    while s.waiting_for_memory():
+        assert s.next_expiry() == 0.0 + lim.memory_wait_s  # schedule() ran with the clock at 0
+        failed = s.expire(now=lim.memory_wait_s)
+        assert failed and all(isinstance(t.error, GuardFailure) for t in failed)
+        run_all(s)
+    assert s.slides == sum(st_.slides for st_ in s.streams.values())
+    for t in tickets:
+        assert t is not None and t.done
+        assert t.error is None or "guard memory" in str(t.error)
+    assert (s.memory_timeouts > 0) == any(t is not None and t.error is not None for t in tickets)
     # Closing gives every stream's memory back to the allocator (one closed while in flight too).
     plan = None
-    if streams:
-        s.feed(streams[0], [9])
+    live = [sid for sid in streams if s.streams[sid].failed is None]
+    if live:
+        s.feed(live[0], [9])
         plan = s.schedule()
     for sid in streams:
         s.close(sid)
@@ -190,16 +202,16 @@ def test_memory_never_exceeds_the_cap_and_long_responses_keep_being_judged(data:
 
 
 def test_slide_replays_head_and_recent_window() -> None:
-    # One stream, no room to grow: a long response slides instead of overflowing.
+    # One stream at the guard's context limit: a long response slides instead of overflowing.
     lim = EngineLimits(
         max_streams=1,
-        max_cached_tokens=128,
+        max_cached_tokens=4096,
         response_reserve=64,
         anchor_tokens=8,
         window_tokens=16,
         prefill_chunk=64,
         max_batch_tokens=64,
-        max_positions=1024,
+        max_positions=160,
     )
     s = Scheduler(lim, FakeAllocator())
     prompt = list(range(500, 520))
@@ -261,16 +273,16 @@ def test_a_failed_step_kills_its_streams_only() -> None:
 @settings(max_examples=150, deadline=None)
 @given(data=st.data())
 def test_retracted_tokens_never_get_verdicts_even_across_slides(data: st.DataObject) -> None:
-    # Small memory: streams grow and slide while tentative tokens come and go.
+    # A small context: streams grow and slide while tentative tokens come and go.
     lim = EngineLimits(
         max_streams=2,
-        max_cached_tokens=96,
+        max_cached_tokens=1024,
         response_reserve=32,
         anchor_tokens=8,
         window_tokens=24,
         prefill_chunk=data.draw(st.integers(1, 32)),
         max_batch_tokens=data.draw(st.integers(1, 64)),
-        max_positions=1024,
+        max_positions=96,
     )
     s = Scheduler(lim, FakeAllocator())
     sid = s.add_stream(list(range(500, 520)), verdict_index=19)
@@ -349,3 +361,51 @@ def test_retract_in_flight_discards_its_verdicts_and_reuses_the_positions() -> N
     assert s.retract(sid, 2) == [t3] and t3 is not None and t3.results == [] and not s.streams[sid].pend_ids
     with pytest.raises(EngineError):
         s.retract(sid, 50)  # more than was fed after the head
+
+
+def test_a_full_pool_makes_streams_wait_never_slide_and_a_long_wait_fails() -> None:
+    lim = EngineLimits(
+        max_streams=4,
+        max_cached_tokens=256,
+        response_reserve=64,
+        anchor_tokens=16,
+        prefill_chunk=128,
+        max_batch_tokens=256,
+        max_positions=1024,
+        memory_wait_s=5.0,
+    )
+    alloc = FakeAllocator()
+    s = Scheduler(lim, alloc)
+    a = s.add_stream(list(range(50)), 49)  # 128 positions reserved each
+    b = s.add_stream(list(range(50)), 49)
+    run_all(s)
+    assert s.reserved == 256
+    ta = s.feed(a, list(range(1000, 1100)))  # needs to grow; the pool is full
+    plan = s.schedule(now=1.0)
+    assert plan is not None and [len(i.ids) for i in plan.items] == [78]  # what its capacity still holds
+    s.complete(plan, outputs_for(plan))
+    assert s.schedule(now=2.0) is None  # nothing more fits: it waits, it does not slide
+    assert s.waiting_for_memory() and s.memory_waits == 1 and s.slides == 0
+    assert not s.can_admit(16)  # live streams come before new ones
+    assert s.next_expiry() == 7.0 and s.expire(now=6.9) == []
+    # Room frees up: the waiting stream grows and finishes on the whole context.
+    s.close(b)
+    run_all(s)
+    assert ta is not None and ta.done and ta.error is None and not s.waiting_for_memory()
+    assert s.streams[a].cached == 150 and s.slides == 0
+    # Another wait, this time too long: the stream fails with a guard failure and frees its memory.
+    s.close(a)
+    c, d = s.add_stream(list(range(50)), 49), s.add_stream(list(range(50)), 49)
+    run_all(s)
+    tc = s.feed(c, list(range(500)))
+    while (plan := s.schedule(now=10.0)) is not None:
+        s.complete(plan, outputs_for(plan))
+    assert tc is not None and not tc.done and s.waiting_for_memory()
+    assert (
+        s.expire(now=15.0) == [tc] and isinstance(tc.error, GuardFailure) and "guard memory" in str(tc.error)
+    )
+    assert s.memory_timeouts == 1 and s.reserved == s.streams[d].capacity == 128
+    with pytest.raises(GuardFailure):
+        s.feed(c, [1])
+    s.close(c)
+    assert c not in s.streams and s.can_admit(128)

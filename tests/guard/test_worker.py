@@ -16,6 +16,8 @@ from guardproxy.guard.scheduler import EngineLimits, GuardFailure
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.worker import GuardWorker
 
+from ..conftest import scaffold
+
 LIMITS = EngineLimits(max_batch_tokens=96, prefill_chunk=32, response_reserve=64, anchor_tokens=256)
 
 
@@ -23,7 +25,8 @@ async def judge_all(engine: GuardEngine, template: ChatTemplate, seed: int) -> l
     rng = random.Random(seed)
     prompt = template.render_prompt([{"role": "user", "content": "how do I bake a cake"}])
     response = [rng.randrange(151643) for _ in range(40)]
-    async with await engine.open_prompt(prompt) as stream:
+    async with await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as stream:
+        stream.feed_context(scaffold(template))
         out = [list((await stream.prompt_verdict()).risk_probs)]
         for i in range(0, len(response), 7):  # chunked as the proxy feeds deltas
             out += [list(v.risk_probs) for v in await stream.judge(response[i : i + 7])]
@@ -37,7 +40,7 @@ async def test_worker_process_gives_the_in_process_verdicts(
         expected = [await judge_all(local, template, seed) for seed in range(3)]
     worker = GuardWorker(random_checkpoint, device="cpu")
     assert worker.labels == random_model.labels
-    async with GuardEngine(limits=LIMITS, worker=worker) as remote:
+    async with GuardEngine(worker, LIMITS) as remote:
         got = [await judge_all(remote, template, seed) for seed in range(3)]
     assert got == expected  # same code, same machine, same order of operations: bit for bit
     assert worker.pid is None  # stopping the engine ended the process
@@ -47,10 +50,10 @@ async def test_a_killed_worker_fails_live_streams_and_a_new_one_takes_over(
     random_checkpoint: Path, template: ChatTemplate
 ) -> None:
     worker = GuardWorker(random_checkpoint, device="cpu")
-    async with GuardEngine(limits=LIMITS, worker=worker) as engine:
+    async with GuardEngine(worker, LIMITS) as engine:
         before = await judge_all(engine, template, 0)
         prompt = template.render_prompt([{"role": "user", "content": "hi"}])
-        live = await engine.open_prompt(prompt)
+        live = await engine.open(prompt.ids, prompt.verdict_index)
         await live.prompt_verdict()
         assert worker.pid is not None
         os.kill(worker.pid, signal.SIGKILL)
