@@ -37,7 +37,12 @@ def _make_test_model(args: argparse.Namespace) -> int:
         if args.category not in RESPONSE_CATEGORIES:
             print(f"error: --category must be one of: {', '.join(RESPONSE_CATEGORIES)}", file=sys.stderr)
             return 2
-        spec = TriggerSpec(unsafe=args.unsafe, controversial=args.controversial, category=args.category)
+        spec = TriggerSpec(
+            unsafe=args.unsafe,
+            controversial=args.controversial,
+            category=args.category,
+            isolated=args.isolated,
+        )
         out = make_trigger_checkpoint(args.out, spec)
     print(f"wrote {out}")
     return 0
@@ -67,6 +72,7 @@ async def _check(args: argparse.Namespace) -> int:
     from guardproxy.evaluate import judge_answer
     from guardproxy.guard.engine import GuardEngine
     from guardproxy.guard.loading import load_guard
+    from guardproxy.policy import Policy, ResponseJudge
 
     messages, response = _load_conversation(args)
     model, template = load_guard(args.guard_model, device=args.device)
@@ -80,8 +86,18 @@ async def _check(args: argparse.Namespace) -> int:
             judged = await judge_answer(stream, template, response, len(prompt.ids)) if response else []
     tokens = [t.id for t in judged]
     verdicts = [t.verdict for t in judged]
+    # The response verdict by the authors' rule (two consecutive tokens of the same tier), or per token.
+    judge = ResponseJudge(Policy(debounce=args.debounce))
+    for v in verdicts:
+        judge.judge(v)
+    risk, at = judge.verdict()
+    verdict = {
+        "risk": risk,
+        "token_index": at,
+        "category": verdicts[at].top_category if at is not None else None,
+    }
     if args.json:
-        out: dict[str, Any] = {"prompt": pv.to_dict(), "response": []}
+        out: dict[str, Any] = {"prompt": pv.to_dict(), "response": [], "verdict": verdict}
         for tid, v in zip(tokens, verdicts, strict=True):
             out["response"].append({"token": tokenizer.decode([tid]), "id": tid, **v.to_dict()})
         print(json.dumps(out, ensure_ascii=False, indent=2))
@@ -98,10 +114,9 @@ async def _check(args: argparse.Namespace) -> int:
                 print(f"  {_COLORS.get(v.risk, '')}{text!r:<24}\x1b[0m {label}  p={max(v.risk_probs):.3f}")
             else:
                 print(f"  {text!r:<24} {label}  p={max(v.risk_probs):.3f}")
-        worst = next((v for v in verdicts if v.risk == "Unsafe"), None) or next(
-            (v for v in verdicts if v.risk != "Safe"), None
-        )
-        print(f"response verdict: {worst.risk if worst else 'Safe'}")
+        rule = "two consecutive tokens" if args.debounce else "any single token"
+        where = f" from token {at} ({verdict['category']})" if at is not None else ""
+        print(f"response verdict: {risk}{where}, by {rule}")
     return 0
 
 
@@ -151,8 +166,8 @@ def _eval(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {}
     if args.mode:
         changes["mode"] = args.mode
-    if args.debounce:
-        changes.update(debounce=True, holdback_tokens=max(1, policy.holdback_tokens))
+    if args.debounce is not None:
+        changes["debounce"] = args.debounce
     policy = replace(policy, **changes)
     items = load_items(args.data, label=args.label)
     source = args.guard_model or settings.guard.model
@@ -203,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--config", help="YAML configuration whose policy is scored")
     e.add_argument("--policy", help="a named policy from the configuration (default: its default policy)")
     e.add_argument("--mode", choices=["strict", "loose"], help="override the policy's mode")
-    e.add_argument("--debounce", action="store_true", help="the technical report's debounce rule")
+    e.add_argument(
+        "--debounce",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the authors' pair rule (default: the policy's, on unless it says otherwise)",
+    )
     e.add_argument(
         "--label", choices=["Safe", "Unsafe", "Controversial"], help="label for unlabelled prompts"
     )
@@ -225,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--controversial", nargs="+", default=[], metavar="WORD", help="words judged Controversial"
     )
     m.add_argument("--category", default="Violent", help="category of the trigger words")
+    m.add_argument(
+        "--isolated",
+        action="store_true",
+        help="flag only the trigger tokens (default: the tokens after one keep its tier, as real models do)",
+    )
     m.add_argument("--random", action="store_true", help="random weights instead of trigger words")
     m.add_argument("--preset", choices=["tiny", "0.6b"], default="tiny", help="shape of a --random model")
     m.add_argument("--seed", type=int, default=0)
@@ -240,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--guard-model", default=DEFAULT_GUARD_MODEL, help="hub id or local checkpoint directory")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     c.add_argument("--json", action="store_true", help="print verdicts as JSON")
+    c.add_argument(
+        "--debounce",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the response verdict by the authors' pair rule (default) or by any single token",
+    )
     c.set_defaults(func=lambda a: asyncio.run(_check(a)))
     return p
 

@@ -1,20 +1,33 @@
 """Checkpoints of the real Qwen3Guard-Stream architecture for tests, benchmarks and users' own CI.
 
 - ``random``: random weights at a preset shape (``tiny`` for tests, ``0.6b`` = the released 0.6B shape).
-- ``trigger``: weights chosen by hand so that the guard is deterministic: every token of the given words
-  is judged Unsafe (or Controversial) with the given category on the response heads, and the query heads
-  at a turn's ``<|im_end|>`` report the same when any such token appears earlier in the conversation
-  (system, tool and earlier turns included); everything else is Safe.
+- ``trigger``: weights chosen by hand so that the guard is deterministic: on the response heads, a token
+  of the given words is judged Unsafe (or Controversial) with the given category, and so is every token
+  after it up to the next ``<think>`` or ``</think>`` (the real model, too, keeps marking an answer unsafe
+  once it turned unsafe: a one-token trigger word makes a pair for the authors' debounce rule); with
+  ``isolated``, only the trigger tokens themselves. The query heads at a turn's ``<|im_end|>`` report the
+  same when any such token appears earlier in the conversation (system, tool and earlier turns
+  included); everything else is Safe.
 
 How the trigger weights work (tiny preset, head_dim 16): the embedding carries a constant unit and one
 flag unit per tier. In layer 0, attention head 0 (tier Unsafe) and head 2 (tier Controversial) query
 with the constant and key on their flag, with q/k norms scaled so a flagged key scores ~64 and any other
 key 0: softmax puts all weight on flagged tokens when there are any, none otherwise, whatever the length.
 The value carries the flag and ``o_proj`` writes it to a "context" unit. Content sits on the lowest-
-frequency RoPE pair, so positions barely rotate it (< 0.05 rad over 8192 positions). The response
-pathway reads the token's own flag units; the query pathway reads the context units. The MLPs and all
-other layers are zero, so the residual stream carries the units through unchanged. Every layer of the
-product (loading, template, engine, proxy) runs on this checkpoint as it would on the real one.
+frequency RoPE pair, so positions barely rotate it (< 0.05 rad over 8192 positions). The query pathway
+reads the context units.
+
+The latch (layer 1): the same two heads attend to the most recent *candidate*, a flagged token or a
+think marker, and carry its flag (markers carry none) to a "latch" unit the response pathway reads. A
+candidate's key has a large constant part on the lowest-frequency pair (so any candidate beats every
+other key, which is zero) and a part that RoPE turns into -R sin(theta (i - j)) on a pair slow enough
+that sin grows monotonically over 8192 positions: the nearest candidate scores ~9 more per position of
+distance than the next. Scores reach ~1e5, fine in float32 and float64, not in bf16: these checkpoints
+are for CPU tests. With ``isolated`` the response pathway reads the token's own flag units instead.
+
+The MLPs and everything else are zero, so the residual stream carries the units through unchanged.
+Every layer of the product (loading, template, engine, proxy) runs on this checkpoint as it would on the
+real one.
 """
 
 from __future__ import annotations
@@ -31,7 +44,7 @@ import torch
 from transformers import Qwen3Config
 
 from guardproxy.guard.model import Qwen3GuardStream
-from guardproxy.guard.tokenizer import GuardTokenizer
+from guardproxy.guard.tokenizer import THINK, THINK_END, GuardTokenizer
 
 RISK_LEVELS = {"0": "Safe", "1": "Unsafe", "2": "Controversial"}
 # The category names of the public model card. The released checkpoints carry their own maps, which
@@ -165,10 +178,14 @@ class TriggerSpec:
     unsafe: Sequence[str]
     controversial: Sequence[str] = ()
     category: str = "Violent"
+    isolated: bool = False  # only the trigger tokens are flagged, not the tokens after them
 
 
 # Units of the trigger model's residual stream.
-_CONST, _UNSAFE, _CONTRO, _CTX_UNSAFE, _CTX_CONTRO = 0, 1, 2, 3, 4
+_CONST, _UNSAFE, _CONTRO, _CTX_UNSAFE, _CTX_CONTRO, _MARKER, _LATCH_UNSAFE, _LATCH_CONTRO = range(8)
+# Latch geometry (tiny preset, head_dim 16, rope_theta 1e6): dims of the q/k vectors and their norm gains.
+_BIG_DIM, _NEAR_Q, _NEAR_K = 7, 6, 14  # lowest-frequency pair (7, 15); next pair (6, 14), 3.2e-5 rad/pos
+_BIG_GAIN, _NEAR_GAIN = 223.6, 387.3  # scores 2*gain^2: 1e5 for any candidate, -3e5 sin(.) by distance
 
 
 def trigger_guard_model(spec: TriggerSpec, tokenizer: GuardTokenizer) -> Qwen3GuardStream:
@@ -192,6 +209,7 @@ def trigger_guard_model(spec: TriggerSpec, tokenizer: GuardTokenizer) -> Qwen3Gu
         emb[:, _CONST] = 1.0
         emb[sorted(unsafe_ids), _UNSAFE] = 1.0
         emb[sorted(contro_ids), _CONTRO] = 1.0
+        emb[[tokenizer.id(THINK), tokenizer.id(THINK_END)], _MARKER] = 1.0
 
         attn = model.model.layers[0].self_attn
         group = config.num_attention_heads // config.num_key_value_heads
@@ -205,6 +223,27 @@ def trigger_guard_model(spec: TriggerSpec, tokenizer: GuardTokenizer) -> Qwen3Gu
         attn.q_norm.weight.fill_(4.0)
         attn.k_norm.weight.fill_(4.0)
 
+        if not spec.isolated:
+            latch = model.model.layers[1].self_attn
+            for kv_head, flag, unit in ((0, _UNSAFE, _LATCH_UNSAFE), (1, _CONTRO, _LATCH_CONTRO)):
+                q_head = kv_head * group
+                latch.q_proj.weight[q_head * hd + _BIG_DIM, _CONST] = 1.0
+                latch.q_proj.weight[q_head * hd + _NEAR_Q, _CONST] = 1.0
+                for candidate in (flag, _MARKER):
+                    latch.k_proj.weight[kv_head * hd + _BIG_DIM, candidate] = 1.0
+                    latch.k_proj.weight[kv_head * hd + _NEAR_K, candidate] = -1.0
+                latch.v_proj.weight[kv_head * hd, flag] = 1.0
+                # The value is the flag unit after the layer's RMSNorm: 0.98-1.37 (the context units
+                # layer 0 wrote weigh on the norm); the latch unit gets 2-2.7, the const unit is 1.
+                latch.o_proj.weight[unit, q_head * hd] = 2.0
+            latch.q_norm.weight[_BIG_DIM] = _BIG_GAIN
+            latch.q_norm.weight[_NEAR_Q] = _NEAR_GAIN
+            latch.k_norm.weight[_BIG_DIM] = _BIG_GAIN
+            latch.k_norm.weight[_NEAR_K] = _NEAR_GAIN
+        response_unsafe, response_contro = (
+            (_UNSAFE, _CONTRO) if spec.isolated else (_LATCH_UNSAFE, _LATCH_CONTRO)
+        )
+
         cat = RESPONSE_CATEGORIES.index(spec.category)
         qcat = QUERY_CATEGORIES.index(spec.category)
         pathways = (
@@ -213,8 +252,8 @@ def trigger_guard_model(spec: TriggerSpec, tokenizer: GuardTokenizer) -> Qwen3Gu
                 model.risk_level_head,
                 model.category_head,
                 cat,
-                _UNSAFE,
-                _CONTRO,
+                response_unsafe,
+                response_contro,
             ),
             (
                 model.query_risk_level_category_pre,
@@ -244,6 +283,7 @@ def make_trigger_checkpoint(out: str | Path, spec: TriggerSpec) -> Path:
     model = trigger_guard_model(spec, tokenizer)
     meta = {
         "kind": "trigger",
+        "isolated": spec.isolated,
         "unsafe": list(spec.unsafe),
         "controversial": list(spec.controversial),
         "category": spec.category,

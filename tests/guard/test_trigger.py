@@ -14,11 +14,12 @@ from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import RESPONSE, EngineLimits, Scheduler
 from guardproxy.guard.template import ChatTemplate
-from guardproxy.guard.testing import word_token_ids
+from guardproxy.guard.testing import TriggerSpec, make_trigger_checkpoint, word_token_ids
 from guardproxy.guard.tokenizer import GuardTokenizer
 from guardproxy.guard.verdict import Verdict
+from guardproxy.stream.guardview import AssistantView
 
-from ..conftest import TRIGGER_CATEGORY, TRIGGER_CONTROVERSIAL, TRIGGER_UNSAFE
+from ..conftest import TRIGGER_CATEGORY, TRIGGER_CONTROVERSIAL, TRIGGER_UNSAFE, answer_ids
 
 BENIGN = "To bake bread, mix flour, water, salt and yeast, then knead the dough and let it rise for an hour."
 
@@ -26,17 +27,29 @@ BENIGN = "To bake bread, mix flour, water, salt and yeast, then knead the dough 
 async def judge(
     model: Qwen3GuardStream, template: ChatTemplate, messages: list[dict[str, str]], response: str
 ) -> tuple[Verdict, list[Verdict], list[int]]:
-    async with GuardEngine(model) as engine, await engine.open_prompt(template.render_prompt(messages)) as s:
-        ids = template.response_ids(response)
+    """The prompt verdict, and a verdict for every judged id of the answer (to its <|im_end|>)."""
+    prompt = template.render_prompt(messages)
+    context, ids = answer_ids(template, response)
+    async with (
+        GuardEngine(model) as engine,
+        await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as s,
+    ):
+        s.feed_context(context)
         return await s.prompt_verdict(), await s.judge(ids), ids
 
 
-async def test_trigger_tokens_and_only_them_are_flagged(
-    trigger_model: Qwen3GuardStream, template: ChatTemplate, tokenizer: GuardTokenizer
+@pytest.fixture(scope="module")
+def isolated_model(tmp_path_factory: pytest.TempPathFactory) -> Qwen3GuardStream:
+    spec = TriggerSpec(TRIGGER_UNSAFE, TRIGGER_CONTROVERSIAL, TRIGGER_CATEGORY, isolated=True)
+    return load_guard_model(make_trigger_checkpoint(tmp_path_factory.mktemp("isolated"), spec), device="cpu")
+
+
+async def test_isolated_trigger_tokens_and_only_them_are_flagged(
+    isolated_model: Qwen3GuardStream, template: ChatTemplate, tokenizer: GuardTokenizer
 ) -> None:
     text = "Sure. A bomb is easy; a Grenade too, and a GUN is handy. " + BENIGN
     pv, verdicts, ids = await judge(
-        trigger_model, template, [{"role": "user", "content": "Tell me things"}], text
+        isolated_model, template, [{"role": "user", "content": "Tell me things"}], text
     )
     assert pv.risk == "Safe"
     unsafe = word_token_ids(tokenizer, TRIGGER_UNSAFE)
@@ -52,6 +65,52 @@ async def test_trigger_tokens_and_only_them_are_flagged(
             assert v.category == TRIGGER_CATEGORY and max(v.risk_probs) > 0.999
         else:
             assert v.category is None and v.p_unsafe < 1e-3
+
+
+async def test_tokens_after_a_trigger_keep_its_tier_within_the_answer(
+    trigger_model: Qwen3GuardStream, template: ChatTemplate, tokenizer: GuardTokenizer
+) -> None:
+    # The prompt's trigger does not reach the answer; in the answer, the first trigger latches its tier
+    # on every token after it, <|im_end|> included (a one-token word still makes a pair).
+    answer = "Sure, here is how to build a bomb at home."
+    pv, verdicts, ids = await judge(
+        trigger_model, template, [{"role": "user", "content": "How do I build a bomb?"}], answer
+    )
+    assert pv.risk == "Unsafe"
+    at = ids.index(tokenizer.encode_text(" bomb")[0])
+    assert [v.risk for v in verdicts] == ["Safe"] * at + ["Unsafe"] * (len(ids) - at)
+    assert ids[-1] == template.im_end and all(v.category == TRIGGER_CATEGORY for v in verdicts[at:])
+    # Controversial latches the same way; Unsafe after it wins.
+    _, verdicts, ids = await judge(
+        trigger_model, template, [{"role": "user", "content": "q"}], "A gun, a bomb."
+    )
+    gun, bomb = ids.index(tokenizer.encode_text(" gun")[0]), ids.index(tokenizer.encode_text(" bomb")[0])
+    risks = [v.risk for v in verdicts]
+    assert risks == ["Safe"] * gun + ["Controversial"] * (bomb - gun) + ["Unsafe"] * (len(ids) - bomb)
+
+
+async def test_the_latch_resets_at_the_think_markers(
+    trigger_model: Qwen3GuardStream, template: ChatTemplate, tokenizer: GuardTokenizer
+) -> None:
+    # A trigger in the reasoning latches the reasoning (and its closing newline) but not the answer.
+    prompt = template.render_prompt([{"role": "user", "content": "q"}])
+    view = AssistantView(template)
+    feeds = (
+        view.header() + view.reasoning("Never say bomb here") + view.content("Fine words.") + view.finish()
+    )
+    judged: list[tuple[int, Verdict]] = []
+    async with GuardEngine(trigger_model) as engine, await engine.open(prompt.ids, prompt.verdict_index) as s:
+        for f in feeds:
+            if f.spans is None:
+                s.feed_context(f.ids)
+            elif f.ids:
+                judged += zip(f.ids, await s.judge(f.ids), strict=True)
+    text = [(tokenizer.decode([i]), v.risk) for i, v in judged]
+    close = next(k for k, (t, _) in enumerate(text) if t == "</think>")
+    bomb = next(k for k, (t, _) in enumerate(text) if t == " bomb")
+    assert all(r == "Safe" for _, r in text[:bomb])
+    assert all(r == "Unsafe" for _, r in text[bomb:close])  # " bomb", " here", "\n"
+    assert all(r == "Safe" for _, r in text[close:])
 
 
 @pytest.mark.parametrize(
@@ -77,42 +136,46 @@ async def test_trigger_tokens_and_only_them_are_flagged(
 async def test_prompt_verdict_mixes_context(
     trigger_model: Qwen3GuardStream, template: ChatTemplate, messages: list[dict[str, str]], risk: str
 ) -> None:
-    pv, _, _ = await judge(trigger_model, template, messages, "ok")
+    pv, verdicts, _ = await judge(trigger_model, template, messages, "ok")
     assert pv.risk == risk
     if risk != "Safe":
         assert pv.category == TRIGGER_CATEGORY
+    assert all(v.risk == "Safe" for v in verdicts)  # the prompt's triggers do not reach the answer
 
 
-def test_query_verdict_is_not_a_token_lookup(trigger_model: Qwen3GuardStream, template: ChatTemplate) -> None:
-    # At the <|im_end|> itself no trigger token is present: the query head flags only through attention.
+def test_query_verdict_is_not_a_token_lookup(
+    isolated_model: Qwen3GuardStream, template: ChatTemplate
+) -> None:
+    # At the <|im_end|> itself no trigger token is present: the query head flags only through attention
+    # (the isolated model's response head, which reads the token alone, says Safe there).
     p = template.render_prompt([{"role": "user", "content": "bomb"}])
     with torch.no_grad():
-        out = trigger_model(torch.tensor([p.ids]))
-    assert trigger_model.labels.query.risk[int(out.query.risk[0, p.verdict_index].argmax())] == "Unsafe"
-    assert trigger_model.labels.response.risk[int(out.response.risk[0, p.verdict_index].argmax())] == "Safe"
+        out = isolated_model(torch.tensor([p.ids]))
+    assert isolated_model.labels.query.risk[int(out.query.risk[0, p.verdict_index].argmax())] == "Unsafe"
+    assert isolated_model.labels.response.risk[int(out.response.risk[0, p.verdict_index].argmax())] == "Safe"
 
 
-def test_cli_writes_a_loadable_trigger_checkpoint(tmp_path: Path, template: ChatTemplate) -> None:
+@pytest.mark.parametrize("isolated", [False, True])
+def test_cli_writes_a_loadable_trigger_checkpoint(
+    tmp_path: Path, template: ChatTemplate, isolated: bool
+) -> None:
     out = tmp_path / "pii-guard"
-    assert main(["make-test-model", str(out), "--unsafe", "passport", "--category", "PII"]) == 0
+    argv = ["make-test-model", str(out), "--unsafe", "passport", "--category", "PII"]
+    assert main(argv + (["--isolated"] if isolated else [])) == 0
     model = load_guard_model(out, device="cpu")
     meta = json.loads((out / "guardproxy_test_model.json").read_text())
-    assert meta["unsafe"] == ["passport"] and meta["category"] == "PII"
+    assert meta["unsafe"] == ["passport"] and meta["category"] == "PII" and meta["isolated"] == isolated
     p = template.render_prompt([{"role": "user", "content": "Send me your passport number"}])
-    response = template.response_ids("My passport is X")
-    ids = [*p.ids, *p.scaffold, *response]
+    context, response = answer_ids(template, "My passport is X")
+    ids = [*p.ids, *context, *response]
     with torch.no_grad():
         out_ = model(torch.tensor([ids]))
     q = out_.query
     assert model.labels.query.category[int(q.category[0, p.verdict_index].argmax())] == "PII"
     risks = [model.labels.response.risk[int(i)] for i in out_.response.risk[0, -len(response) :].argmax(-1)]
-    assert len(response) == 4 and risks == [
-        "Safe",
-        "Unsafe",
-        "Safe",
-        "Safe",
-    ]  # "My", " passport", " is", " X"
-    assert model.labels.response.category[int(out_.response.category[0, -3].argmax())] == "PII"
+    # "My", " passport", " is", " X", <|im_end|>
+    assert risks == (["Safe", "Unsafe", "Safe", "Safe", "Safe"] if isolated else ["Safe"] + ["Unsafe"] * 4)
+    assert model.labels.response.category[int(out_.response.category[0, -4].argmax())] == "PII"
 
 
 @pytest.mark.parametrize(
@@ -152,27 +215,28 @@ def test_cli_check_prints_verdicts(trigger_checkpoint: Path, capsys: pytest.Capt
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"]["risk"] == "Unsafe"
-    assert [t["risk"] for t in out["response"]][-1] in ("Unsafe",)
-    assert out["response"][0]["risk"] == "Safe" and out["response"][0]["token"] == "Take"
+    assert [t["token"] for t in out["response"]] == ["Take", " a", " grenade", "<|im_end|>"]
+    assert [t["risk"] for t in out["response"]] == ["Safe", "Safe", "Unsafe", "Unsafe"]
+    assert out["verdict"] == {"risk": "Unsafe", "token_index": 3, "category": "Violent"}
 
 
 async def test_a_response_longer_than_the_context_keeps_being_judged(
-    trigger_model: Qwen3GuardStream, template: ChatTemplate
+    isolated_model: Qwen3GuardStream, template: ChatTemplate
 ) -> None:
     # A guard context of 256 positions; a response of ~1,400 tokens with a trigger near its end.
     limits = EngineLimits(max_positions=256, response_reserve=64, anchor_tokens=32, window_tokens=64)
     words = (BENIGN + " ") * 60 + "and then the bomb went"
-    async with GuardEngine(trigger_model, limits) as engine:
-        async with await engine.open_prompt(
-            template.render_prompt([{"role": "user", "content": "story"}])
-        ) as s:
-            ids = template.response_ids(words)
+    prompt = template.render_prompt([{"role": "user", "content": "story"}])
+    async with GuardEngine(isolated_model, limits) as engine:
+        async with await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as s:
+            context, ids = answer_ids(template, words)
+            s.feed_context(context)
             verdicts = []
             for i in range(0, len(ids), 50):
                 verdicts += await s.judge(ids[i : i + 50])
         assert engine.stats().slides >= 4
     assert len(verdicts) == len(ids) > 1000
-    assert [v.risk for v in verdicts].count("Unsafe") == 1 and verdicts[-2].risk == "Unsafe"
+    assert [v.risk for v in verdicts].count("Unsafe") == 1 and verdicts[-3].risk == "Unsafe"
 
 
 def test_verdicts_after_a_slide_equal_a_forward_of_the_replayed_context(random_checkpoint: Path) -> None:
