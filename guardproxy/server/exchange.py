@@ -255,7 +255,7 @@ class Exchange:
     def _record_outcome(self) -> None:
         m = self.s.metrics
         for choice in self.choices.values():
-            d = choice.moderator.flagged
+            d = choice.moderator.decided
             if d is not None:
                 m.response_actions.labels(str(d.action), d.tier, d.category or "").inc()
         if self._first_release is not None:
@@ -272,7 +272,7 @@ class Exchange:
         if self.prompt_action == Action.CUT:
             return "blocked"
         actions = [
-            c.moderator.flagged.action for c in self.choices.values() if c.moderator.flagged is not None
+            c.moderator.decided.action for c in self.choices.values() if c.moderator.decided is not None
         ]
         strongest = max([*actions, self.prompt_action], default=Action.ALLOW)
         if self.status >= 400 and strongest == Action.ALLOW:
@@ -374,18 +374,17 @@ class Exchange:
         return c
 
     def _details(self) -> dict[str, Any]:
-        flagged = [c.moderator.flagged for c in self.choices.values() if c.moderator.flagged is not None]
-        worst = max(flagged, key=lambda d: d.action, default=None)
-        response: dict[str, Any] = {"risk": "Safe", "category": None, "action": "allow"}
-        if worst is not None:
-            response = {
-                "risk": worst.tier,
-                "category": worst.category,
-                "action": str(worst.action),
-                "first_flagged_token": worst.index,
-                "p_unsafe": round(worst.p_unsafe, 6),
-                "p_controversial": round(worst.p_controversial, 6),
-            }
+        """Every decision: the prompt's verdict, and for the answer the first flag, the cut or the
+        redactions (token index, tier, category, probabilities); with several choices, each one's."""
+        per_choice = {i: c.moderator.judge.details() for i, c in sorted(self.choices.items())}
+        order = {"cut": 3, "redact": 2, "flag": 1}
+        response: dict[str, Any] = max(
+            per_choice.values(),
+            key=lambda d: order.get(d["action"], 0),
+            default={"risk": "Safe", "category": None, "action": "allow", "judged_tokens": 0},
+        )
+        if len(per_choice) > 1:
+            response = {**response, "choices": {str(i): d for i, d in per_choice.items()}}
         details: dict[str, Any] = {
             "prompt": verdict_details(self.prompt_verdict, self.prompt_action),
             "response": response,

@@ -186,8 +186,25 @@ def test_legacy_completions_are_moderated(proxy: str, fake: FakeUpstream) -> Non
 
 
 def test_redact_masks_exactly_the_flagged_span(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], isolated_checkpoint: Path
+) -> None:
+    # Isolated flags, each token deciding alone: exactly the trigger words are masked.
+    fake, url = upstream
+    from types import MappingProxyType
+
+    rules = TierRule(Action.CUT, MappingProxyType({"Violent": Action.REDACT}))
+    settings = proxy_settings(url, isolated_checkpoint, unsafe=rules, mask="***", debounce=False)
+    proxy = start_proxy(loopback, settings)
+    fake.script = Script(pieces=[["A", " bomb", " and", " a", " grenade", " walk", " in"]], split_seed=1)
+    text, finish, _ = collect(ask(proxy, stream=True))
+    assert text == {0: "A*** and a*** walk in"} and finish == {0: "stop"}
+
+
+def test_redact_under_debounce_masks_from_the_pair_on(
     loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
 ) -> None:
+    # The default rule on a guard that, like the real model, keeps an answer unsafe once it turned:
+    # the pair starting at " bomb" and all that follows is masked, once; the answer ends normally.
     fake, url = upstream
     from types import MappingProxyType
 
@@ -195,7 +212,7 @@ def test_redact_masks_exactly_the_flagged_span(
     proxy = start_proxy(loopback, proxy_settings(url, trigger_checkpoint, unsafe=rules, mask="***"))
     fake.script = Script(pieces=[["A", " bomb", " and", " a", " grenade", " walk", " in"]], split_seed=1)
     text, finish, _ = collect(ask(proxy, stream=True))
-    assert text == {0: "A*** and a*** walk in"} and finish == {0: "stop"}
+    assert text == {0: "A***"} and finish == {0: "stop"}
 
 
 def test_moderations_endpoint(proxy: str) -> None:
