@@ -20,9 +20,13 @@ Guards: a tiny random checkpoint (isolates the proxy's own cost) and the random 
 ``tiny:exact`` is the tiny guard with ``early_release: false``: each word then waits for the next
 text to show it is complete, the cost early release removes. ``tiny:thread`` runs the guard in a
 thread of the proxy's process (``guard.process: false``) instead of its own process (the default),
-sharing the event loop's GIL. All processes share this machine's cores: compare rows of one run only.
+sharing the event loop's GIL. ``trigger`` is a tiny trigger checkpoint (``make-test-model --unsafe
+bomb``: the same compute as ``tiny``) that judges every benchmark word Safe, under the default policy
+(the authors' debounce rule); ``trigger:single`` the same with ``debounce: false``: the pair rule must
+add no latency to safe text. All processes share this machine's cores: compare rows of one run only.
 
     python bench/proxy.py                # tiny, tiny:thread, tiny:exact, 0.6b at their default stream counts
+    python bench/proxy.py --guards trigger,trigger:single --streams 1,16,64      # debounce vs single tokens
     python bench/proxy.py --guards tiny --streams 16 --words 32     # quick
 """
 
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--guards",
         default="tiny,tiny:thread,tiny:exact,0.6b",
-        help="tiny, tiny:thread, tiny:exact, 0.6b (a list)",
+        help="tiny, tiny:thread, tiny:exact, trigger, trigger:single, 0.6b (a list)",
     )
     ap.add_argument("--streams", default="16,64", help="concurrent streams with the tiny guard (a list)")
     ap.add_argument("--streams-0.6b", dest="streams_big", default="2,8", help="with the 0.6B-shape guard")
@@ -264,20 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for guard in args.guards.split(","):
                 preset, _, variant = guard.partition(":")
-                counts = [int(x) for x in (args.streams if preset == "tiny" else args.streams_big).split(",")]
+                counts = [int(x) for x in (args.streams if preset != "0.6b" else args.streams_big).split(",")]
                 ckpt = Path(tmp) / preset
                 if not ckpt.exists():  # one checkpoint per preset, shared by its variants
+                    weights = (
+                        ["--unsafe", "bomb"] if preset == "trigger" else ["--random", "--preset", preset]
+                    )
                     subprocess.run(
-                        [
-                            sys.executable,
-                            "-m",
-                            "guardproxy",
-                            "make-test-model",
-                            str(ckpt),
-                            "--random",
-                            "--preset",
-                            preset,
-                        ],
+                        [sys.executable, "-m", "guardproxy", "make-test-model", str(ckpt), *weights],
                         check=True,
                         env=env,
                         stdout=subprocess.DEVNULL,
@@ -292,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"guard: {{device: cpu, threads: {args.threads}, process: {process}}}\n"
                     "logging: {level: warning}\n"
                     f"policy: {{details: false, early_release: {str(variant != 'exact').lower()}, "
-                    f"response: {flag}, prompt: {flag}}}\n"
+                    f"debounce: {str(variant != 'single').lower()}, response: {flag}, prompt: {flag}}}\n"
                 )
                 proxy = subprocess.Popen(
                     [
@@ -343,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads}; {os.cpu_count()} cores shared by upstream, proxy and clients"
     )
     head = (
-        f"{'guard':<11}{'streams':>8}{'p50 direct':>12}{'p50 proxy':>11}{'p99 direct':>12}{'p99 proxy':>11}"
+        f"{'guard':<15}{'streams':>8}{'p50 direct':>12}{'p50 proxy':>11}{'p99 direct':>12}{'p99 proxy':>11}"
         f"{'p99 added':>11}{'p50/p99 after final':>21}{'TTFT +':>9}{'words/s d/p':>14}{'RSS MB':>8}"
         f"{'CPU us/word':>13}"
     )
@@ -373,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["p99_added_ms"] = rec["p99_proxy_ms"] - rec["p99_direct_ms"]
         out.append(rec)
         print(
-            f"{rec['guard']:<11}{rec['streams']:>8}{rec['p50_direct_ms']:>12.2f}{rec['p50_proxy_ms']:>11.2f}"
+            f"{rec['guard']:<15}{rec['streams']:>8}{rec['p50_direct_ms']:>12.2f}{rec['p50_proxy_ms']:>11.2f}"
             f"{rec['p99_direct_ms']:>12.2f}{rec['p99_proxy_ms']:>11.2f}{rec['p99_added_ms']:>11.2f}"
             f"{rec['p50_after_final_ms']:>10.2f}/{rec['p99_after_final_ms']:<10.2f}"
             f"{rec['ttft_proxy_s'] - rec['ttft_direct_s']:>8.3f}s"
