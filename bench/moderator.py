@@ -23,7 +23,7 @@ from guardproxy.guard.testing import qwen3_tokenizer_file
 from guardproxy.guard.tokenizer import GuardTokenizer
 from guardproxy.guard.verdict import HeadLabels, Verdict
 from guardproxy.policy import Policy
-from guardproxy.stream.guardview import GuardFeed
+from guardproxy.stream.guardview import CONTENT, GuardFeed
 from guardproxy.stream.moderator import ChoiceModerator
 
 WORDS = ["the", "world", "of", "and", "river", "light", "green", "house"]
@@ -48,10 +48,10 @@ def per_delta_us(template: ChatTemplate, words: int, backlog: int) -> float:
                 waiting.append(len(f.ids))
 
     submit(m.start())
-    submit(m.delta({"role": "assistant", "content": ""}))
+    m.marker({"role": "assistant"})
     t = time.perf_counter()
     for k in range(words):
-        submit(m.delta({"content": " " + WORDS[k % len(WORDS)]}))
+        submit(m.text(CONTENT, " " + WORDS[k % len(WORDS)]))
         while len(waiting) > backlog:
             m.judged([SAFE] * waiting.popleft())
         m.drain()

@@ -1,14 +1,20 @@
-"""One choice of a response, moderated: upstream deltas in, guard feeds out; verdicts in, client deltas out.
+"""One output of a response (a chat choice, a Responses or Messages answer), moderated: its text in, guard
+feeds out; verdicts in, what the client may see out.
 
-No I/O here. The proxy feeds the ``GuardFeed``s to the engine in order and hands the verdicts back with
-``judged``; ``drain`` then gives the deltas the client may see. Invariants:
+It knows no wire format. The upstream side takes text by field (``REASONING``, ``CONTENT``, a tool
+call's arguments), *markers* (any other event or delta of the output, handed back in order with the
+text around it: a role delta, a tool call's header, a Responses ``content_part.added``) and the finish
+(with the upstream's ending payload). The client side gives ``Out`` items in upstream order: released
+text, markers, the finish, or the cut. No I/O here: the proxy feeds the ``GuardFeed``s to the engine in
+order and hands the verdicts back with ``judged``; ``drain`` then gives what the client may see.
+Invariants:
 - nothing is released before every token covering it is judged and ``holdback_tokens`` more are judged
   after it (at the end of the answer everything judged is released); text the guard does not read
   (newlines the template strips, think tags) goes out with the next judged token fed after it;
 - under debounce (the authors' pair rule) a token whose own tier is not Safe waits for the next verdict,
   which may make a pair that covers it; a Safe token is not delayed;
 - after the first token the policy cuts on, nothing more of the answer is released, not one character
-  of that token's text included; the notice and ``finish_reason: "content_filter"`` follow;
+  of that token's text included, and no marker after it; the cut (with the policy's notice) ends it;
 - text of tokens to redact is replaced by the policy's mask (adjacent tokens share one mask).
 
 With ``speculate`` (a streamed answer, policy ``early_release``, and ``holdback_tokens`` 0: a holdback
@@ -24,14 +30,14 @@ false`` holds every word until the next text shows it is complete.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.verdict import SAFE, Verdict
 from guardproxy.policy import Action, Decision, Policy, ResponseJudge
-from guardproxy.stream.guardview import CONTENT, REASONING, AssistantView, GuardFeed, Span, tool_field
+from guardproxy.stream.guardview import REASONING, AssistantView, GuardFeed, Span, tool_field
 
 CONTENT_FILTER = "content_filter"
 
@@ -72,19 +78,28 @@ class _Tentative:
 
 @dataclass
 class _Item:
-    """The output queue: text of a field up to ``end``, or a non-text delta released in order."""
+    """The output queue: text of a field up to ``end``, a marker, or the finish, released in order."""
 
     field: str | None
     end: int = 0
-    delta: dict[str, Any] | None = None
-    finish_reason: str | None = None
+    marker: Any = None
+    finish: bool = False
+    reason: str | None = None
 
 
-@dataclass(frozen=True)
-class OutDelta:
-    delta: dict[str, Any]
-    finish_reason: str | None = None
-    arrived: float | None = None  # when the oldest text in it came from upstream (the caller's clock)
+@dataclass(frozen=True, slots=True)
+class Out:
+    """What the client may see next, in upstream order: ``text`` of a field (masks applied), a
+    ``marker`` handed in earlier, the ``finish`` (the upstream's reason and ending payload), or the
+    ``cut`` (``text`` is the policy's notice). ``arrived``: when the oldest text in it came from
+    upstream (the caller's clock)."""
+
+    kind: Literal["text", "marker", "finish", "cut"]
+    field: str | None = None
+    text: str = ""
+    payload: Any = None
+    reason: str | None = None
+    arrived: float | None = None
 
 
 class ChoiceModerator:
@@ -93,7 +108,6 @@ class ChoiceModerator:
         template: ChatTemplate,
         policy: Policy,
         *,
-        reasoning_key: str = "reasoning_content",
         speculate: bool = False,
     ) -> None:
         self.policy = policy
@@ -102,7 +116,6 @@ class ChoiceModerator:
             template, speculate=self.speculate, think_in_content=policy.think_in_content
         )
         self.judge = ResponseJudge(policy)
-        self.reasoning_key = reasoning_key
         self.fields: dict[str, _Field] = {}
         self.queue: list[_Item] = []
         # Judged tokens in order: the client text each covers (None: markup, <|im_end|>), its decision.
@@ -112,8 +125,7 @@ class ChoiceModerator:
         self.riders: list[_Rider] = []  # unread client text, by the judged token it waits for
         self.cut_at: Decision | None = None
         self.finished = False
-        self.closed = False  # the client has its final delta
-        self._tool_meta: dict[int, dict[str, Any]] = {}
+        self.closed = False  # the client has its final item
         self._now = 0.0
         self._scan = 0  # tokens before this index are entirely released: boundaries need not see them
         self.unguarded = False
@@ -123,47 +135,32 @@ class ChoiceModerator:
     def start(self) -> list[GuardFeed]:
         return self._track(self.view.header())
 
-    def delta(self, delta: Mapping[str, Any], now: float = 0.0) -> list[GuardFeed]:
-        """One upstream delta of this choice (OpenAI shape; ``content: null`` and empty strings ok).
-        ``now`` is the caller's clock when it arrived, handed back on the released text."""
+    def text(self, name: str, text: str, now: float = 0.0) -> list[GuardFeed]:
+        """Text of ``REASONING`` or ``CONTENT``; ``now`` is the caller's clock when it arrived, handed
+        back on the released text."""
+        if not text:
+            return []  # empty deltas (vLLM opens with content "") change nothing
         self._now = now
-        feeds: list[GuardFeed] = []
-        meta = {k: v for k, v in delta.items() if k in ("role", "refusal") and v is not None}
-        if meta:
-            self.queue.append(_Item(None, delta=meta))
-        for key in ("reasoning_content", "reasoning"):
-            text = delta.get(key)
-            if isinstance(text, str) and text:
-                self.reasoning_key = key
-                self._text(REASONING, text)
-                feeds += self._track(self.view.reasoning(text))
-        text = delta.get("content")
-        if isinstance(text, str) and text:
-            self._text(CONTENT, text)
-            feeds += self._track(self.view.content(text))
-        for call in delta.get("tool_calls") or []:
-            if not isinstance(call, Mapping):
-                continue
-            index = int(call.get("index", 0))
-            fn = call.get("function") or {}
-            header = {k: call[k] for k in ("id", "type") if call.get(k) is not None}
-            if fn.get("name") is not None:
-                header["function"] = {"name": fn["name"]}
-            if header or index not in self._tool_meta:
-                self._tool_meta.setdefault(index, {}).update(header)
-                self.queue.append(_Item(None, delta={"tool_calls": [{"index": index, **header}]}))
-            args = fn.get("arguments") or ""
-            name = self._tool_meta.get(index, {}).get("function", {}).get("name")
-            self._text(tool_field(index), args)
-            feeds += self._track(self.view.tool_call(index, name, args))
-        return feeds
+        self._text(name, text)
+        return self._track(self.view.reasoning(text) if name == REASONING else self.view.content(text))
 
-    def finish(self, finish_reason: str | None) -> list[GuardFeed]:
-        """The upstream ended this choice: the held text is fed, the finish reason queued last."""
+    def tool_call(self, call: int, name: str | None, arguments: str, now: float = 0.0) -> list[GuardFeed]:
+        """Arguments of tool call ``call`` (its ``name`` as known when it starts)."""
+        self._now = now
+        self._text(tool_field(call), arguments)
+        return self._track(self.view.tool_call(call, name, arguments))
+
+    def marker(self, payload: Any) -> None:
+        """Anything else of this output, handed back by ``drain`` in order with the text around it."""
+        self.queue.append(_Item(None, marker=payload))
+
+    def finish(self, reason: str | None, payload: Any = None) -> list[GuardFeed]:
+        """The upstream ended this output: the held text is fed, then the closing token; the finish
+        (``reason``, the upstream's ending ``payload``) is queued last."""
         if self.finished:
             return []
         self.finished = True
-        self.queue.append(_Item(None, finish_reason=finish_reason or "stop"))
+        self.queue.append(_Item(None, finish=True, reason=reason, marker=payload))
         return self._track(self.view.finish())
 
     def _text(self, name: str, text: str) -> None:
@@ -342,21 +339,25 @@ class ChoiceModerator:
             return self.policy.tier(v) == SAFE
         return self.policy.action(v) <= Action.FLAG
 
-    def drain(self) -> list[OutDelta]:
-        """Deltas the client may now see, in upstream order; after a cut, the notice and the end."""
+    def drain(self) -> list[Out]:
+        """What the client may now see, in upstream order; after a cut, the cut and nothing more."""
         if self.closed:
             return []
         bound = self._boundaries()
-        out: list[OutDelta] = []
+        out: list[Out] = []
         while self.queue:
             item = self.queue[0]
             if item.field is None:
-                if self.cut_at is not None and item.finish_reason is not None:
-                    break  # the cut's own ending replaces the upstream's
-                out.append(OutDelta(item.delta or {}, item.finish_reason))
-                self.queue.pop(0)
-                if item.finish_reason is not None:
+                if item.finish:
+                    if self.cut_at is not None:
+                        break  # the cut's own ending replaces the upstream's
+                    out.append(Out("finish", payload=item.marker, reason=item.reason))
                     self.closed = True
+                else:
+                    out.append(Out("marker", payload=item.marker))
+                self.queue.pop(0)
+                if self.closed:
+                    break
                 continue
             f = self.fields[item.field]
             upto = min(item.end, bound.get(item.field, f.released))
@@ -364,17 +365,34 @@ class ChoiceModerator:
                 text = self._render(f, f.released, upto)
                 arrived = f.arrived(f.released)
                 f.released = upto
-                out.append(OutDelta(self._text_delta(item.field, text), arrived=arrived))
+                out.append(Out("text", field=item.field, text=text, arrived=arrived))
             if f.released < item.end:
                 break
             self.queue.pop(0)
         if self.cut_at is not None:
             # Everything before the cut token is out; nothing after it ever will be.
-            out.append(
-                OutDelta({"content": self.policy.notice} if self.policy.notice else {}, CONTENT_FILTER)
-            )
+            out.append(Out("cut", text=self.policy.notice))
             self.closed = True
         return out
+
+    def end(self) -> Out:
+        """Close this output now (another output was cut: one connection carries them all)."""
+        self.closed = True
+        return Out("cut")
+
+    def shown(self, name: str, start: int, end: int) -> str:
+        """What the client got of ``field[start:end]``, masks applied (for answers sent whole)."""
+        f = self.fields.get(name)
+        if f is None:
+            return ""
+        end = min(end, f.released)
+        if end <= start:
+            return ""
+        masking, f.masking = f.masking, False
+        try:
+            return self._render(f, start, end)
+        finally:
+            f.masking = masking
 
     def _render(self, f: _Field, start: int, end: int) -> str:
         """``f.text[start:end]`` with each run of redacted characters replaced by one mask (a run that
@@ -395,11 +413,3 @@ class ChoiceModerator:
         out.append(f.text[pos:end])
         f.masking = bool(runs) and runs[-1][1] == end
         return "".join(out)
-
-    def _text_delta(self, name: str, text: str) -> dict[str, Any]:
-        if name == CONTENT:
-            return {"content": text}
-        if name == REASONING:
-            return {self.reasoning_key: text}
-        index = int(name.split("[", 1)[1].split("]", 1)[0])
-        return {"tool_calls": [{"index": index, "function": {"arguments": text}}]}

@@ -17,8 +17,10 @@ from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.tokenizer import GuardTokenizer
 from guardproxy.guard.verdict import HeadLabels, Verdict
 from guardproxy.policy import Action, Policy, TierRule
-from guardproxy.stream.guardview import GuardFeed
-from guardproxy.stream.moderator import CONTENT_FILTER, ChoiceModerator, OutDelta
+from guardproxy.stream.guardview import CONTENT, REASONING, GuardFeed, tool_field
+from guardproxy.stream.moderator import ChoiceModerator, Out
+
+CONTENT_FILTER = "content_filter"
 
 LABELS = HeadLabels(risk=("Safe", "Unsafe", "Controversial"), category=("Violent", "PII"))
 SAFE = Verdict((0.98, 0.01, 0.01), (0.5, 0.5), LABELS)
@@ -44,7 +46,8 @@ class Harness:
         self.queue: list[list[int]] = []  # judged feeds not yet answered
         self.judged: list[Verdict] = []  # verdicts given, in feed order (for the latch)
         self.retracted = 0
-        self.out: list[OutDelta] = []
+        self.out: list[Out] = []
+        self._names: dict[int, str | None] = {}
         self._submit(self.m.start())
 
     def own(self, token_id: int) -> Verdict:
@@ -77,7 +80,21 @@ class Harness:
                 self.queue.append(list(f.ids))
 
     def delta(self, d: dict[str, Any]) -> None:
-        self._submit(self.m.delta(d))
+        """A chat-shaped delta, as the chat wire format splits it for the moderator."""
+        if d.get("role"):
+            self.m.marker({"role": d["role"]})
+        if d.get("reasoning_content"):
+            self._submit(self.m.text(REASONING, d["reasoning_content"]))
+        if d.get("content"):
+            self._submit(self.m.text(CONTENT, d["content"]))
+        for call in d.get("tool_calls") or []:
+            k, fn = call["index"], call.get("function") or {}
+            if "name" in fn:
+                self._names[k] = fn["name"]
+                self.m.marker(
+                    {"tool_calls": [{"index": k, "id": call.get("id"), "function": {"name": fn["name"]}}]}
+                )
+            self._submit(self.m.tool_call(k, self._names.get(k), fn.get("arguments") or ""))
 
     def finish(self, reason: str | None = "stop") -> None:
         self._submit(self.m.finish(reason))
@@ -90,8 +107,22 @@ class Harness:
     def answer_all(self) -> None:
         self.answer(len(self.queue))
 
+    def field(self, name: str) -> str:
+        return "".join(o.text for o in self.out if o.kind == "text" and o.field == name)
+
     def content(self) -> str:
-        return "".join(o.delta.get("content", "") for o in self.out)
+        """The answer's text as the client sees it, the cut's notice included."""
+        return "".join(
+            o.text for o in self.out if (o.kind == "text" and o.field == CONTENT) or o.kind == "cut"
+        )
+
+    @property
+    def ending(self) -> str | None:
+        """How the answer ended: the upstream's finish reason, or content_filter for a cut."""
+        last = self.out[-1] if self.out else None
+        if last is None or last.kind not in ("finish", "cut"):
+            return None
+        return last.reason if last.kind == "finish" else CONTENT_FILTER
 
 
 def stream(h: Harness, pieces: list[str], answer_every: int = 1) -> None:
@@ -136,8 +167,8 @@ def test_benign_text_passes_unchanged(
     h = Harness(tokenizer, template, Policy(holdback_tokens=holdback), speculate)
     stream(h, split(text, cuts), every)
     assert h.content() == text
-    assert h.out[0].delta == {"role": "assistant"} and h.out[-1].finish_reason == "stop"
-    assert all(o.finish_reason is None for o in h.out[:-1])
+    assert h.out[0] == Out("marker", payload={"role": "assistant"}) and h.ending == "stop"
+    assert all(o.kind in ("text", "marker") for o in h.out[:-1])
 
 
 @settings(max_examples=80, deadline=None)
@@ -164,14 +195,14 @@ def test_cut_releases_nothing_of_the_cut_token_or_after(
         assert h.content() == text
         return
     released = h.content()
-    assert released.endswith("[cut]") and h.out[-1].finish_reason == CONTENT_FILTER
+    assert released.endswith("[cut]") and h.ending == CONTENT_FILTER
     before = text[: text.index(" bomb")]
     if speculate and holdback == 0:
         # A chunk boundary inside " bomb" lets its head (" bo", judged Safe as it stood) out first.
         assert released[: -len("[cut]")] in {before + " bomb"[:k] for k in range(len(" bomb"))}
     else:
         assert released[: -len("[cut]")] == before
-    assert sum(o.finish_reason is not None for o in h.out) == 1
+    assert sum(o.kind in ("finish", "cut") for o in h.out) == 1
     # Under debounce the cut covers the pair: the trigger and the token after it (latched).
     cut = h.m.cut_at
     assert cut is not None and cut.tier == "Unsafe" and h.m.tokens[cut.index][1] == cut
@@ -247,7 +278,7 @@ def test_speculation_holds_an_unsafe_looking_word_and_decides_on_the_final_one(
     assert h.m.cut_at is None and h.content() == "A bo"
     h.delta({"content": " now"})  # " here" is final and Unsafe (latched): the pair cuts from " bomb"
     h.answer_all()
-    assert h.m.cut_at is not None and h.out[-1].finish_reason == CONTENT_FILTER
+    assert h.m.cut_at is not None and h.ending == CONTENT_FILTER
     assert h.content() == "A bo"
 
 
@@ -256,7 +287,7 @@ def test_a_trigger_as_the_last_word_pairs_with_the_closing_token(
 ) -> None:
     h = Harness(tokenizer, template, Policy(notice=""))
     stream(h, ["Here is a", " bomb"])
-    assert h.content() == "Here is a" and h.out[-1].finish_reason == CONTENT_FILTER
+    assert h.content() == "Here is a" and h.ending == CONTENT_FILTER
     # The pair is " bomb" and the answer's closing <|im_end|> (judged, latched Unsafe).
     assert h.m.cut_at is not None and h.m.tokens[-1][0] is None and h.m.cut_at.index == len(h.m.tokens) - 2
 
@@ -283,11 +314,11 @@ def test_newlines_the_guard_does_not_read_go_out_with_the_text_after_them(
     assert only.content() == ""
     only.finish()
     only.answer_all()
-    assert only.content() == "\n" and only.out[-1].finish_reason == "stop"
+    assert only.content() == "\n" and only.ending == "stop"
     # A cut withholds unread text that waited for the cut token too.
     cut = Harness(tokenizer, template, Policy(notice=""))
     stream(cut, ["\n\n", "\n", " bomb", " now"])
-    assert cut.content() == "" and cut.out[-1].finish_reason == CONTENT_FILTER
+    assert cut.content() == "" and cut.ending == CONTENT_FILTER
 
 
 def test_speculation_releases_each_word_before_the_next_arrives(
@@ -307,7 +338,7 @@ def test_speculation_releases_each_word_before_the_next_arrives(
     for h in (exact, early):
         h.finish()
         h.answer_all()
-        assert h.content() == sent and h.out[-1].finish_reason == "stop"
+        assert h.content() == sent and h.ending == "stop"
     assert early.retracted == 0  # whole words: every tentative token was confirmed, none re-run
 
 
@@ -344,7 +375,7 @@ def test_redact_masks_exactly_the_flagged_span(tokenizer: GuardTokenizer, templa
     h = Harness(tokenizer, template, policy, latch=False)
     stream(h, split("My passport number is on my passport, ok.", [3, 9, 20, 33]))
     assert h.content() == "My*** number is on my***, ok."
-    assert h.out[-1].finish_reason == "stop"
+    assert h.ending == "stop"
 
 
 def test_redact_under_debounce_masks_the_pair_and_all_it_latches(
@@ -355,7 +386,7 @@ def test_redact_under_debounce_masks_the_pair_and_all_it_latches(
     policy = Policy(unsafe=TierRule(Action.CUT, {"PII": Action.REDACT}), mask="***")  # type: ignore[arg-type]
     h = Harness(tokenizer, template, policy)
     stream(h, split("My passport number is 12.", [3, 9, 20]))
-    assert h.content() == "My***" and h.out[-1].finish_reason == "stop"
+    assert h.content() == "My***" and h.ending == "stop"
     d = h.m.judge.details()
     assert d["action"] == "redact" and d["first_redaction"]["token_index"] == 1
     assert d["redacted_tokens"] == len(h.m.tokens) - 1  # every token from " passport" to <|im_end|>
@@ -384,18 +415,14 @@ def test_reasoning_and_tool_calls_are_moderated_and_kept_in_order(
     h.delta({"tool_calls": [{"index": 0, "function": {"arguments": '"cake"}'}}]})
     h.finish("tool_calls")
     h.answer_all()
-    kinds = [next(iter(o.delta), None) for o in h.out]
-    assert kinds[0] == "role" and kinds[-1] is None and h.out[-1].finish_reason == "tool_calls"
-    assert "".join(o.delta.get("reasoning_content", "") for o in h.out) == "Think about it."
-    args = "".join(
-        o.delta["tool_calls"][0].get("function", {}).get("arguments", "")
-        for o in h.out
-        if "tool_calls" in o.delta
-    )
-    assert args == '{"q": "cake"}'
-    header = next(o.delta["tool_calls"][0] for o in h.out if "tool_calls" in o.delta)
-    assert header == {"index": 0, "id": "c1", "type": "function", "function": {"name": "f"}}
-    assert kinds.index("reasoning_content") < kinds.index("content") < kinds.index("tool_calls")
+    kinds = [o.field or o.kind for o in h.out]
+    assert kinds[0] == "marker" and kinds[-1] == "finish" and h.ending == "tool_calls"
+    assert h.field(REASONING) == "Think about it."
+    assert h.field(tool_field(0)) == '{"q": "cake"}'
+    header = next(o.payload for o in h.out if o.kind == "marker" and "tool_calls" in o.payload)
+    assert header == {"tool_calls": [{"index": 0, "id": "c1", "function": {"name": "f"}}]}
+    assert kinds.index(REASONING) < kinds.index(CONTENT) < kinds.index(tool_field(0))
+    assert kinds.index(CONTENT) < kinds.index("marker", 1) < kinds.index(tool_field(0))  # the header in order
 
 
 @pytest.mark.parametrize("field", ["reasoning_content", "tool_calls"])
@@ -413,5 +440,5 @@ def test_unsafe_text_outside_content_is_cut_too(
     h.delta({"content": "fine"})
     h.finish()
     h.answer_all()
-    assert h.out[-1].finish_reason == CONTENT_FILTER
-    assert "bomb" not in str([o.delta for o in h.out]) and "fine" not in str([o.delta for o in h.out])
+    assert h.ending == CONTENT_FILTER
+    assert "bomb" not in str(h.out) and "fine" not in str(h.out)

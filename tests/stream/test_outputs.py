@@ -1,0 +1,186 @@
+"""The request core (``Outputs``), sans-IO: upstream events in, commands out, in the style of mitmproxy's
+layer tests. A fake guard stands in for the engine: it judges each fed token by its text (a trigger
+word and every token after it Unsafe, as the test checkpoints and the real model do)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from guardproxy.guard.template import ChatTemplate
+from guardproxy.guard.tokenizer import GuardTokenizer
+from guardproxy.guard.verdict import HeadLabels, Verdict
+from guardproxy.policy import Policy
+from guardproxy.stream.guardview import CONTENT
+from guardproxy.stream.outputs import (
+    Abort,
+    CloseUpstream,
+    Command,
+    CountFailure,
+    Emit,
+    Feed,
+    Finish,
+    Marker,
+    Open,
+    Outputs,
+    Retract,
+    Text,
+)
+
+LABELS = HeadLabels(risk=("Safe", "Unsafe", "Controversial"), category=("Violent",))
+SAFE = Verdict((0.98, 0.01, 0.01), (1.0,), LABELS)
+UNSAFE = Verdict((0.01, 0.98, 0.01), (1.0,), LABELS)
+
+
+class Guard:
+    """Carries out Feed/Retract as an engine would, one stream per output, and answers on demand."""
+
+    def __init__(self, tok: GuardTokenizer) -> None:
+        self.tok = tok
+        self.queues: dict[int, list[list[int]]] = {}
+        self.latched: dict[int, bool] = {}
+        self.opened: list[int] = []
+
+    def run(self, commands: list[Command]) -> list[Command]:
+        """Apply what the guard must do; return the rest (for the I/O layer)."""
+        rest = []
+        for c in commands:
+            if isinstance(c, Open):
+                self.opened.append(c.output)
+                self.queues[c.output] = []
+            elif isinstance(c, Feed):
+                if c.judged:
+                    self.queues[c.output].append(list(c.ids))
+            elif isinstance(c, Retract):
+                left = c.n
+                q = self.queues[c.output]
+                while left and q:
+                    k = min(left, len(q[-1]))
+                    del q[-1][len(q[-1]) - k :]
+                    left -= k
+                    if not q[-1]:
+                        q.pop()
+            else:
+                rest.append(c)
+        return rest
+
+    def answer(self, core: Outputs) -> None:
+        for index, q in self.queues.items():
+            while q:
+                ids = q.pop(0)
+                verdicts = []
+                for i in ids:
+                    if self.tok.decode([i]).strip() == "bomb":
+                        self.latched[index] = True
+                    verdicts.append(UNSAFE if self.latched.get(index) else SAFE)
+                core.judged(index, verdicts)
+
+
+def text_of(commands: list[Command], index: int) -> str:
+    return "".join(
+        c.out.text for c in commands if isinstance(c, Emit) and c.output == index and c.out.kind == "text"
+    )
+
+
+def drive(core: Outputs, guard: Guard, events: list[Any]) -> list[Command]:
+    """Every event in, the guard answering after each: everything the I/O layer would have to do."""
+    out: list[Command] = []
+    for e in events:
+        out += guard.run(core.event(e))
+        guard.answer(core)
+        out += guard.run(core.drain())
+    out += guard.run(core.end())
+    guard.answer(core)
+    out += guard.run(core.drain())
+    return out
+
+
+def test_outputs_open_on_first_sight_and_release_in_order(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    core, guard = Outputs(template, Policy(), speculate=True, max_outputs=2), Guard(tokenizer)
+    out = drive(
+        core,
+        guard,
+        [
+            Marker(0, {"role": "assistant"}),
+            Text(0, CONTENT, "Hello"),
+            Marker(1, {"role": "assistant"}),
+            Text(1, CONTENT, "Hi"),
+            Text(0, CONTENT, " there"),
+            Finish(0, "stop"),
+            Finish(1, "stop"),
+        ],
+    )
+    assert guard.opened == [0, 1]
+    assert text_of(out, 0) == "Hello there" and text_of(out, 1) == "Hi"
+    kinds = [(c.output, c.out.kind) for c in out if isinstance(c, Emit)]
+    assert kinds[0] == (0, "marker") and kinds.count((0, "finish")) == 1 and kinds.count((1, "finish")) == 1
+    assert not any(isinstance(c, CloseUpstream) for c in out) and core.done
+
+
+def test_one_cut_ends_every_output_and_closes_the_upstream_once(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    core, guard = Outputs(template, Policy(notice="[cut]"), speculate=False, max_outputs=2), Guard(tokenizer)
+    out = drive(
+        core,
+        guard,
+        [
+            Text(0, CONTENT, "Fine words"),
+            Text(1, CONTENT, "Take a bomb"),
+            Text(1, CONTENT, " now"),
+            Text(1, CONTENT, " and"),  # " now" is final: with " bomb" a pair, the cut
+            Text(0, CONTENT, " more words"),  # after the cut: read by nobody
+            Finish(0, "stop"),
+        ],
+    )
+    assert sum(isinstance(c, CloseUpstream) for c in out) == 1
+    ends = {c.output: c.out for c in out if isinstance(c, Emit) and c.out.kind in ("cut", "finish")}
+    assert ends[1].kind == "cut" and ends[1].text == "[cut]"  # the cut output: its notice
+    assert ends[0].kind == "cut" and ends[0].text == ""  # the other: ended where its text stopped
+    assert text_of(out, 1) == "Take a" and "more" not in text_of(out, 0)
+    assert core.cut and core.done
+    assert core.details()["action"] == "cut" and core.details()["choices"]["1"]["action"] == "cut"
+
+
+def test_a_guard_failure_follows_the_policy(tokenizer: GuardTokenizer, template: ChatTemplate) -> None:
+    closed = Outputs(template, Policy(), speculate=False)
+    Guard(tokenizer).run(closed.event(Text(0, CONTENT, "Hello")))
+    assert closed.guard_failed(0, "out of memory") == [CountFailure("fail_closed"), Abort("out of memory")]
+    # Fail open: counted once a request however many outputs fail; what follows is released unjudged.
+    core, guard = (
+        Outputs(template, Policy(on_guard_error="fail_open"), speculate=False, max_outputs=2),
+        Guard(tokenizer),
+    )
+    guard.run(core.event(Text(0, CONTENT, "Hello")) + core.event(Text(1, CONTENT, "Hi")))
+    assert core.guard_failed(0, "oom") == [CountFailure("fail_open")]
+    assert core.guard_failed(1, "oom again") == []
+    assert core.failure == "oom"
+    out = guard.run(core.event(Text(0, CONTENT, " a bomb")))
+    assert not any(isinstance(c, Feed) for c in out)  # nothing more is fed for an unjudged output
+    released = guard.run(core.drain())
+    assert text_of(released, 0) == "Hello a bomb" and text_of(released, 1) == "Hi"
+
+
+def test_a_prompt_that_failed_open_leaves_every_output_unjudged(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    core, guard = Outputs(template, Policy(on_guard_error="fail_open"), speculate=False), Guard(tokenizer)
+    assert core.guard_failed(None, "prompt failed") == [CountFailure("fail_open")]
+    out = guard.run(core.event(Text(0, CONTENT, "a bomb")))
+    assert guard.opened == [0] and not any(isinstance(c, Feed) for c in out)
+    assert text_of(guard.run(core.drain()), 0) == "a bomb"
+
+
+def test_whole_answers_release_as_one(tokenizer: GuardTokenizer, template: ChatTemplate) -> None:
+    """Without speculation the held last word waits for the end; at the end, all of it goes."""
+    core, guard = Outputs(template, Policy(), speculate=False), Guard(tokenizer)
+    guard.run(core.event(Text(0, CONTENT, "One two")))
+    guard.answer(core)
+    assert text_of(guard.run(core.drain()), 0) == "One"
+    guard.run(core.event(Finish(0, "stop", payload={"done": True})))
+    guard.answer(core)
+    out = guard.run(core.drain())
+    assert text_of(out, 0) == " two" and core.moderators[0].shown(CONTENT, 0, 7) == "One two"
+    finish = next(c.out for c in out if isinstance(c, Emit) and c.out.kind == "finish")
+    assert finish.reason == "stop" and finish.payload == {"done": True}
