@@ -33,6 +33,8 @@ class ServerSettings:
     max_choices: int = 8  # the largest `n` accepted: each choice is a guard stream
     shutdown_grace_s: float = 30.0
     reload_interval_s: float = 2.0  # how often the config file is checked for changes; 0: SIGHUP only
+    response_store_entries: int = 10000  # Responses API answers kept for previous_response_id
+    response_store_age_s: float = 3600.0  # and for how long
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,8 @@ _SERVER = {
     "max_choices": int,
     "shutdown_grace_s": float,
     "reload_interval_s": float,
+    "response_store_entries": int,
+    "response_store_age_s": float,
 }
 _UPSTREAM = {
     "base_url": str,
@@ -252,6 +256,7 @@ _POLICY_SCALARS: dict[str, type] = {
     "details": bool,
     "audit_text": bool,
     "on_guard_error": str,
+    "unknown_previous_response": str,
 }
 
 

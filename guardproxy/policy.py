@@ -79,6 +79,8 @@ class Policy:
     details: bool = True  # moderation details in a `guardproxy` field and x-guardproxy-* headers
     audit_text: bool = False  # write prompt and response text into the audit log (capped)
     on_guard_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+    # Responses API: a previous_response_id this proxy never saw (its turns cannot be judged)
+    unknown_previous_response: Literal["judge_visible", "refuse"] = "judge_visible"
 
     def __post_init__(self) -> None:
         for name in ("unsafe_threshold", "controversial_threshold"):
@@ -90,6 +92,11 @@ class Policy:
         if self.on_guard_error not in ("fail_closed", "fail_open"):
             raise ValueError(
                 f"policy.on_guard_error must be fail_closed or fail_open, got {self.on_guard_error!r}"
+            )
+        if self.unknown_previous_response not in ("judge_visible", "refuse"):
+            raise ValueError(
+                "policy.unknown_previous_response must be judge_visible or refuse, "
+                f"got {self.unknown_previous_response!r}"
             )
         if self.blocked_prompt not in ("error", "refusal"):
             raise ValueError(f"policy.blocked_prompt must be error or refusal, got {self.blocked_prompt!r}")

@@ -1,8 +1,11 @@
 """The aiohttp application: typed app keys, long-lived resources in ``cleanup_ctx``, thin routes.
 
-Routes validate, pick the policy, render the prompt and hand over to ``Exchange``; every error leaves
-as one OpenAI-shaped body (``errors.py``). guardproxy is not an open proxy: the upstream comes from
-the configuration, never from the request, and paths it does not serve are 404.
+Routes read the body, pick the policy, build the API's wire format, render the prompt and hand over to
+``Exchange``; every error leaves in the shape of the route's API (``errors.py``: Anthropic's on
+``/v1/messages``, OpenAI's elsewhere). guardproxy is not an open proxy: the upstream comes from the
+configuration, never from the request, and paths it does not serve are 404. Among those, on purpose:
+routes that hand back stored upstream text unjudged (``GET /v1/responses/{id}`` and its
+``input_items``, the polling and stream resume of background responses, ``/v1/messages/batches``).
 """
 
 from __future__ import annotations
@@ -26,16 +29,22 @@ from guardproxy.config import Settings, key_hash
 from guardproxy.guard.engine import GuardEngine, StepExecutor, max_pages
 from guardproxy.guard.loading import load_guard, load_template
 from guardproxy.guard.runner import ModelRunner
-from guardproxy.guard.scheduler import EngineError, EngineOverloaded
+from guardproxy.guard.scheduler import EngineError
 from guardproxy.guard.template import ConversationError
 from guardproxy.guard.worker import GuardWorker
 from guardproxy.observe.audit import AuditLog
 from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
-from guardproxy.server.errors import ProxyError, bad_request, upstream_error
-from guardproxy.server.exchange import CHAT, COMPLETION, Exchange, GuardServices, Shape, verdict_details
+from guardproxy.policy import Policy
+from guardproxy.server.errors import Api, ProxyError, bad_request, engine_error, upstream_error
+from guardproxy.server.exchange import Exchange, GuardServices, verdict_details
 from guardproxy.server.reload import ConfigReloader, SettingsStore
+from guardproxy.server.store import ResponseStore
 from guardproxy.server.upstream import Upstream, session
+from guardproxy.server.wire import Wire
+from guardproxy.server.wire_chat import ChatWire, CompletionWire
+from guardproxy.server.wire_messages import MessagesWire
+from guardproxy.server.wire_responses import ResponsesWire
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +78,9 @@ def create_app(
     app.on_response_prepare.append(_add_request_id)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/v1/moderations", moderations)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
@@ -115,6 +127,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         audit=audit,
         audit_text_chars=settings.audit.max_text_chars,
+        responses=ResponseStore(settings.server.response_store_entries, settings.server.response_store_age_s),
         stopping=asyncio.get_running_loop().create_future(),
     )
     log.info("guardproxy ready: guard %s, upstream %s", settings.guard.model, settings.upstream.base_url)
@@ -213,14 +226,20 @@ async def error_middleware(
     return response
 
 
+def api_of(path: str) -> Api:
+    """The API whose error shape a path's client expects."""
+    return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
+
+
 async def _handle(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
+    api = api_of(request.path)
     try:
         _authenticate(request)
         return await handler(request)
     except ProxyError as exc:
-        return exc.response()
+        return exc.response(api)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -229,21 +248,23 @@ async def _handle(
             405: f"Method {request.method} not allowed on {request.path}",
             413: "Request body too large",
         }.get(exc.status, exc.reason)
-        return ProxyError(exc.status, message).response()
+        return ProxyError(exc.status, message).response(api)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return ProxyError(500, "internal error in guardproxy", type="server_error").response()
+        return ProxyError(500, "internal error in guardproxy", type="server_error").response(api)
 
 
 def _authenticate(request: web.Request) -> None:
-    """Hash the client's bearer key (for per-key policies) and, when guardproxy has keys of its own,
-    refuse requests without one of them. Health and metrics stay open for probes and scrapers."""
+    """Hash the client's key (a bearer token, or Anthropic's ``x-api-key``) for per-key policies and,
+    when guardproxy has keys of its own, refuse requests without one of them. Health and metrics stay
+    open for probes and scrapers."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        request[CLIENT_KEY] = key_hash(token.strip())
+    key = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "").strip()
+    if key:
+        request[CLIENT_KEY] = key_hash(key)
     keys = request.app[STORE].current.auth.api_keys_sha256
     if keys and request.path.startswith("/v1/") and request.get(CLIENT_KEY) not in keys:
         raise ProxyError(
@@ -271,55 +292,60 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _common(body: dict[str, Any], services: GuardServices) -> str | None:
+async def _moderated(
+    request: web.Request, make: Callable[[dict[str, Any], Policy], Wire]
+) -> web.StreamResponse:
+    """The moderated routes: the body read, the policy picked (by route, model and key), the API's wire
+    format built, the conversation rendered for the guard, then the exchange."""
+    services = request.app[SERVICES]
+    body = await _json_body(request)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise bad_request("stream must be a boolean", param="stream")
-    n = body.get("n", 1)
-    if n is None:
-        n = 1
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= services.max_choices:
-        raise bad_request(f"n must be an integer from 1 to {services.max_choices}", param="n")
-    return model
-
-
-async def _exchange(
-    request: web.Request, body: dict[str, Any], messages: Any, shape: Shape
-) -> web.StreamResponse:
-    services = request.app[SERVICES]
-    model = _common(body, services)
-    policy = request.app[STORE].current.policy_for(shape.path, model, request.get(CLIENT_KEY))
+    policy = request.app[STORE].current.policy_for(request.path, model, request.get(CLIENT_KEY))
+    wire = make(body, policy)
     try:
+        conversation = wire.conversation()
         prompt = services.template.render_prompt(
-            messages, tools=body.get("tools"), max_tokens=services.engine.max_prompt_tokens
+            conversation.messages, tools=conversation.tools, max_tokens=services.engine.max_prompt_tokens
         )
     except ConversationError as exc:
-        param = exc.param if exc.param != "messages" or shape is CHAT else "prompt"
+        param = exc.param if exc.param != "messages" else wire.conversation_param
         raise bad_request(str(exc), param=param) from None
-    return await Exchange(services, request, body, policy, prompt, shape, forward_client_key(request)).run()
+    return await Exchange(services, request, wire, policy, prompt, forward_client_key(request)).run()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
-    if "messages" not in body:
-        raise bad_request("messages is required", param="messages")
-    messages = body["messages"]
-    if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
-        raise bad_request(f"at most {MAX_MESSAGES} messages per request", param="messages")
-    return await _exchange(request, body, messages, CHAT)
+    choices = request.app[SERVICES].max_choices
+    return await _moderated(request, lambda body, policy: ChatWire(body, policy, choices))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        # Batches of prompts and token-id prompts would need one guard verdict each: not supported.
-        raise bad_request("prompt must be a string (or a list of one string)", param="prompt")
-    return await _exchange(request, body, [{"role": "user", "content": prompt}], COMPLETION)
+    choices = request.app[SERVICES].max_choices
+    return await _moderated(request, lambda body, policy: CompletionWire(body, policy, choices))
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    store = request.app[SERVICES].responses
+    return await _moderated(request, lambda body, policy: ResponsesWire(body, policy, store))
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    return await _moderated(request, MessagesWire)
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    """Anthropic's token counting: no generated text, so forwarded as it is."""
+    upstream = request.app[SERVICES].upstream
+    raw = await request.read()
+    resp = await upstream.request(
+        "POST", request.path, request.headers, raw, forward_auth=forward_client_key(request)
+    )
+    async with resp:
+        body = await resp.read()
+        if resp.status != 200:
+            raise upstream_error(resp.status, body)
+        return web.Response(body=body, status=200, content_type="application/json")
 
 
 async def moderations(request: web.Request) -> web.Response:
@@ -344,18 +370,8 @@ async def moderations(request: web.Request) -> web.Response:
         try:
             async with await services.engine.open(prompt.ids, prompt.verdict_index) as stream:
                 v = await stream.prompt_verdict()
-        except EngineOverloaded as exc:
-            raise ProxyError(
-                429,
-                str(exc),
-                type="rate_limit_error",
-                code="guard_overloaded",
-                headers={"Retry-After": str(int(exc.retry_after + 0.999))},
-            ) from None
         except EngineError as exc:
-            raise ProxyError(
-                503, f"the guard failed: {exc}", type="server_error", code="guard_error"
-            ) from None
+            raise engine_error(exc) from None
         unsafe_mass = 1.0 - v.p("Safe")
         scores = {c: p * unsafe_mass for c, p in zip(v.labels.category, v.category_probs, strict=True)}
         tier = policy.tier(v)

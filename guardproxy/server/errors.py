@@ -1,15 +1,31 @@
-"""One error type, two renderings: an OpenAI-shaped JSON body, or (once a stream has started) an SSE
-error event followed by ``[DONE]``. Every failure a client can see goes through here."""
+"""One error type for every failure a client can see, rendered in the shape of the API it came on:
+OpenAI's (`{"error": {"message", "type", "param", "code"}}`, chat, completions, responses, moderations)
+or Anthropic's (`{"type": "error", "error": {"type", "message"}}`, messages). Once a stream has started,
+each wire format renders it as its own error event (``wire_*.py``)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from aiohttp import web
 
-from guardproxy.stream.sse import DONE, encode_event
+from guardproxy.guard.scheduler import EngineError, EngineOverloaded, PromptTooLong
+
+Api = Literal["openai", "anthropic"]
+
+# Anthropic's error types by status (its API reference); other 5xx: api_error, 4xx: invalid_request_error.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
 
 
 class ProxyError(Exception):
@@ -31,42 +47,71 @@ class ProxyError(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
-        self._body = body  # an upstream's own OpenAI-shaped body, relayed as it is
+        self._body = body  # an upstream's own error body, relayed as it is when in the right shape
 
-    def body(self) -> dict[str, Any]:
-        if self._body is not None:
+    def body(self, api: Api = "openai") -> dict[str, Any]:
+        if api == "anthropic":
+            if self._body is not None and self._body.get("type") == "error":
+                return self._body
+            kind = _ANTHROPIC_TYPES.get(
+                self.status, "api_error" if self.status >= 500 else "invalid_request_error"
+            )
+            return {"type": "error", "error": {"type": kind, "message": self.message}}
+        if self._body is not None and isinstance(self._body.get("error"), dict) and "type" not in self._body:
             return self._body
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
-    def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
-
-    def sse(self) -> bytes:
-        return encode_event(json.dumps(self.body(), ensure_ascii=False)) + DONE
+    def response(self, api: Api = "openai") -> web.Response:
+        return web.json_response(self.body(api), status=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ProxyError:
     return ProxyError(400, message, param=param, code=code)
 
 
+def engine_error(exc: EngineError) -> ProxyError:
+    """What a client is told when the guard engine cannot take or finish its request (every API)."""
+    if isinstance(exc, EngineOverloaded):
+        return ProxyError(
+            429,
+            f"guard is at capacity: {exc}",
+            type="rate_limit_error",
+            code="guard_overloaded",
+            headers={"Retry-After": str(int(exc.retry_after + 0.999))},
+        )
+    if isinstance(exc, PromptTooLong):
+        return ProxyError(400, str(exc), code="context_length_exceeded")
+    return guard_failed(str(exc))
+
+
+def guard_failed(reason: str) -> ProxyError:
+    return ProxyError(
+        503, f"the guard could not judge this request: {reason}", type="server_error", code="guard_error"
+    )
+
+
 def upstream_error(status: int, raw: bytes) -> ProxyError:
-    """An upstream's error response, relayed with its status; a body that is not OpenAI-shaped is
-    wrapped so the client always gets one error shape."""
+    """An upstream's error response, relayed with its status. Its body is kept when it is an error of
+    either API's shape (each route renders its own); anything else is wrapped, so a client always gets
+    its API's error shape."""
     try:
         body = json.loads(raw)
     except ValueError:
         body = None
     if isinstance(body, dict) and isinstance(body.get("error"), dict) and "message" in body["error"]:
         err = body["error"]
-        body = {
+        message = str(err.get("message"))
+        if body.get("type") == "error":  # Anthropic's shape
+            return ProxyError(status, message, type=str(err.get("type") or "api_error"), body=body)
+        openai_body = {
             "error": {
-                "message": str(err.get("message")),
+                "message": message,
                 "type": err.get("type") or "upstream_error",
                 "param": err.get("param"),
                 "code": err.get("code"),
             }
         }
-        return ProxyError(status, body["error"]["message"], body=body)
+        return ProxyError(status, message, type=str(openai_body["error"]["type"]), body=openai_body)
     text = raw.decode("utf-8", "replace").strip()[:500]
     return ProxyError(
         status, f"upstream returned HTTP {status}" + (f": {text}" if text else ""), type="upstream_error"

@@ -37,6 +37,7 @@ _DROP = frozenset(
     )
 )
 _SET_HERE = frozenset({"x-request-id", "content-type"})  # set by headers() itself
+_KEYS = frozenset({"authorization", "x-api-key"})  # the client's credentials
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 
 
@@ -67,19 +68,28 @@ class Upstream:
         return self.base + rest
 
     def headers(
-        self, incoming: Mapping[str, str], *, forward_auth: bool = True, json_body: bool = False
+        self,
+        incoming: Mapping[str, str],
+        *,
+        forward_auth: bool = True,
+        json_body: bool = False,
+        anthropic: bool = False,
     ) -> CIMultiDict[str]:
         """Every decision about what the upstream sees, in one place: the client's end-to-end
-        headers, without hop-by-hop ones, without the client's key when guardproxy has keys of its
-        own (``forward_auth`` False), with the upstream key when one is configured, and our request id."""
+        headers (``anthropic-version`` and ``anthropic-beta`` among them), without hop-by-hop ones,
+        without the client's key (``Authorization`` or ``x-api-key``) when guardproxy has keys of its
+        own (``forward_auth`` False), with the upstream key when one is configured (as a bearer token,
+        and as ``x-api-key`` for the Anthropic API), and our request id."""
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in incoming.items():
             low = name.lower()
-            if low in _DROP or low in _SET_HERE or (low == "authorization" and not forward_auth):
+            if low in _DROP or low in _SET_HERE or (low in _KEYS and not forward_auth):
                 continue
             out.add(name, value)
         if self.settings.api_key is not None:
             out["Authorization"] = f"Bearer {self.settings.api_key}"
+            if anthropic or "x-api-key" in out:
+                out["x-api-key"] = self.settings.api_key
         out["Accept-Encoding"] = "identity"
         out["X-Request-Id"] = request_id.get()
         if json_body:
@@ -107,7 +117,12 @@ class Upstream:
             ),
             reraise=True,
         )
-        fwd = self.headers(headers, forward_auth=forward_auth, json_body=body is not None)
+        fwd = self.headers(
+            headers,
+            forward_auth=forward_auth,
+            json_body=body is not None,
+            anthropic=path.startswith("/v1/messages"),
+        )
         try:
             async for attempt in retrying:
                 with attempt:

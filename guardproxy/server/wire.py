@@ -1,0 +1,121 @@
+"""What every API's wire format provides to the exchange (one subclass per API, one instance per request).
+
+A wire format owns, for its API only: reading a request into the conversation the guard reads (chat
+messages and tools, what ``ChatTemplate`` takes) and the body to send upstream; reading the upstream's
+events (or its whole answer) into the core's ``Event``s; writing what the core releases (text, markers,
+the finish, the cut) as the events or the body its clients expect; a blocked prompt; and its error
+shape, before and after a stream has started. No I/O here: the exchange does that.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from guardproxy.guard.verdict import Verdict
+from guardproxy.policy import Policy
+from guardproxy.server.errors import Api, ProxyError, bad_request
+from guardproxy.stream.moderator import Out
+from guardproxy.stream.outputs import Event, Outputs
+from guardproxy.stream.sse import SSEEvent
+
+Details = Callable[
+    [], dict[str, Any]
+]  # the request's moderation details, built when a final event is written
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """What the guard reads of a request: chat-shaped messages and tool definitions."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+
+
+def parse_json(data: str | bytes, what: str) -> dict[str, Any]:
+    """An upstream's JSON object, or a 502 naming what was malformed."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise ProxyError(502, f"upstream sent {what} that is not JSON", type="upstream_error") from None
+    if not isinstance(value, dict):
+        raise ProxyError(502, f"upstream sent {what} that is not a JSON object", type="upstream_error")
+    return value
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def optional_str(body: Mapping[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise bad_request(f"{key} must be a string", param=key)
+    return value
+
+
+class Wire(ABC):
+    api: Api = "openai"
+    route: str
+    conversation_param: str = "messages"  # the request parameter a bad conversation is blamed on
+
+    def __init__(self, body: dict[str, Any], policy: Policy) -> None:
+        self.body = body
+        self.policy = policy
+        self.model = optional_str(body, "model")
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise bad_request("stream must be a boolean", param="stream")
+        self.streaming = bool(stream)
+        self.max_outputs = 1
+
+    # -- request -----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def conversation(self) -> Conversation:
+        """The conversation the guard reads (raises ``ConversationError`` or ``ProxyError``)."""
+
+    def upstream_body(self) -> bytes:
+        return dumps(self.body).encode()
+
+    def prompt_text(self) -> str:
+        """The prompt as text, for an audit record that keeps text."""
+        conv = self.conversation()
+        return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in conv.messages)
+
+    # -- upstream ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def read_event(self, event: SSEEvent) -> list[Event]:
+        """One upstream event in; sets ``upstream_done`` on the upstream's last one."""
+
+    upstream_done = False
+
+    @abstractmethod
+    def read_whole(self, raw: bytes) -> list[Event]:
+        """An answer that is not streamed: its whole body in."""
+
+    # -- client ------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def render(self, output: int, out: Out, details: Details) -> bytes:
+        """Released text, a marker, the finish or the cut of one output, as this API's events."""
+
+    def tail(self) -> bytes:
+        """What goes out after every output ended (chat: usage chunks, then ``[DONE]``)."""
+        return b""
+
+    @abstractmethod
+    def whole(self, outputs: Outputs, details: Details) -> dict[str, Any]:
+        """The answer that is not streamed, as released."""
+
+    @abstractmethod
+    def blocked(self, verdict: Verdict, details: Details) -> list[bytes] | dict[str, Any]:
+        """A prompt blocked with ``blocked_prompt: refusal``: the events of a stream, or the body."""
+
+    @abstractmethod
+    def error_event(self, exc: ProxyError) -> bytes:
+        """An error once the stream has started: the last thing written."""

@@ -1,0 +1,319 @@
+"""OpenAI chat completions (``/v1/chat/completions``) and legacy completions (``/v1/completions``).
+
+Streamed answers are ``data:`` chunks of ``choices`` (``n`` of them, each its own output), ended by
+``[DONE]``; a chunk with no choices and a ``usage`` goes out last. A cut choice ends with
+``finish_reason: "content_filter"`` (after the policy's notice), and so does every other choice.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from guardproxy.guard.verdict import Verdict
+from guardproxy.policy import Policy
+from guardproxy.server.errors import ProxyError, bad_request
+from guardproxy.server.wire import Conversation, Details, Wire, dumps, parse_json
+from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
+from guardproxy.stream.moderator import CONTENT_FILTER, Out
+from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs
+from guardproxy.stream.sse import DONE, SSEEvent, encode_event
+
+MAX_MESSAGES = 4096  # far beyond the guard's context; refuses pathological requests cheaply
+
+
+class ChatWire(Wire):
+    route = "/v1/chat/completions"
+    chunk_object = "chat.completion.chunk"
+    object = "chat.completion"
+    id_prefix = "chatcmpl"
+
+    def __init__(self, body: dict[str, Any], policy: Policy, max_choices: int = 8) -> None:
+        super().__init__(body, policy)
+        n = body.get("n", 1)
+        if n is None:
+            n = 1
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= max_choices:
+            raise bad_request(f"n must be an integer from 1 to {max_choices}", param="n")
+        self.max_outputs = max_choices
+        self._envelope: dict[str, Any] = {
+            "id": f"{self.id_prefix}-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.model or "",
+        }
+        self._reasoning_key = "reasoning_content"
+        self._tools: dict[tuple[int, int], str | None] = {}  # (choice, call) -> function name
+        self._tail: list[dict[str, Any]] = []  # usage chunks (choices: []), sent last
+        self._original: dict[str, Any] | None = None  # a whole answer as received
+
+    def conversation(self) -> Conversation:
+        messages = self.body.get("messages")
+        if messages is None:
+            raise bad_request("messages is required", param="messages")
+        if isinstance(messages, list) and len(messages) > MAX_MESSAGES:
+            raise bad_request(f"at most {MAX_MESSAGES} messages per request", param="messages")
+        tools = self.body.get("tools")
+        return Conversation(messages, tools)
+
+    # -- upstream ----------------------------------------------------------------------------------
+
+    def read_event(self, event: SSEEvent) -> list[Event]:
+        if event.data.strip() == "[DONE]":
+            self.upstream_done = True
+            return []
+        chunk = parse_json(event.data, "an event")
+        if isinstance(chunk.get("error"), dict):
+            err = chunk["error"]
+            raise ProxyError(
+                502,
+                str(err.get("message", "upstream error")),
+                type=str(err.get("type") or "upstream_error"),
+                code=err.get("code"),
+            )
+        choices = chunk.get("choices")
+        if not choices and chunk.get("usage") is not None:
+            self._tail.append(chunk)
+            return []
+        for key in ("id", "created", "model", "system_fingerprint"):
+            if chunk.get(key) is not None:
+                self._envelope[key] = chunk[key]
+        out: list[Event] = []
+        for c in choices or []:
+            if not isinstance(c, Mapping):
+                raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
+            index = _index(c)
+            out += self._delta(index, self._delta_of(c))
+            if c.get("finish_reason"):
+                out.append(Finish(index, str(c["finish_reason"])))
+        return out
+
+    def _delta_of(self, c: Mapping[str, Any]) -> Mapping[str, Any]:
+        delta = c.get("delta") or {}
+        if not isinstance(delta, Mapping):
+            raise ProxyError(502, "upstream sent a malformed delta", type="upstream_error")
+        return delta
+
+    def _delta(self, index: int, delta: Mapping[str, Any]) -> list[Event]:
+        out: list[Event] = []
+        meta = {k: v for k, v in delta.items() if k in ("role", "refusal") and v is not None}
+        if meta:
+            out.append(Marker(index, meta))
+        for key in ("reasoning_content", "reasoning"):
+            text = delta.get(key)
+            if isinstance(text, str) and text:
+                self._reasoning_key = key
+                out.append(Text(index, REASONING, text))
+        text = delta.get("content")
+        if isinstance(text, str) and text:
+            out.append(Text(index, CONTENT, text))
+        for call in delta.get("tool_calls") or []:
+            if not isinstance(call, Mapping):
+                continue
+            k = int(call.get("index", 0))
+            fn = call.get("function") or {}
+            header = {key: call[key] for key in ("id", "type") if call.get(key) is not None}
+            if fn.get("name") is not None:
+                header["function"] = {"name": fn["name"]}
+                self._tools[(index, k)] = str(fn["name"])
+            if header or (index, k) not in self._tools:
+                self._tools.setdefault((index, k), None)
+                out.append(Marker(index, {"tool_calls": [{"index": k, **header}]}))
+            out.append(ToolArgs(index, k, self._tools[(index, k)], str(fn.get("arguments") or "")))
+        return out
+
+    def read_whole(self, raw: bytes) -> list[Event]:
+        body = parse_json(raw, "a response")
+        if not isinstance(body.get("choices"), list):
+            raise ProxyError(502, "upstream response has no choices", type="upstream_error")
+        self._original = body
+        out: list[Event] = []
+        for c in body["choices"]:
+            if not isinstance(c, Mapping):
+                raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
+            msg = c.get("message") or {}
+            delta = {k: msg.get(k) for k in ("content", "reasoning_content", "reasoning")}
+            delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(msg.get("tool_calls") or [])]
+            out += self._delta(_index(c), delta)
+            out.append(Finish(_index(c), c.get("finish_reason")))
+        return out
+
+    # -- client ------------------------------------------------------------------------------------
+
+    def _text_delta(self, field: str, text: str) -> dict[str, Any]:
+        if field == CONTENT:
+            return {"content": text}
+        if field == REASONING:
+            return {self._reasoning_key: text}
+        k = int(field.split("[", 1)[1].split("]", 1)[0])
+        return {"tool_calls": [{"index": k, "function": {"arguments": text}}]}
+
+    def _chunk(self, index: int, delta: dict[str, Any], finish: str | None, details: Details | None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        chunk: dict[str, Any] = {**self._envelope, "object": self.chunk_object, "choices": [choice]}
+        if details is not None and self.policy.details:
+            chunk["guardproxy"] = details()
+        return encode_event(dumps(chunk))
+
+    def render(self, output: int, out: Out, details: Details) -> bytes:
+        if out.kind == "text":
+            assert out.field is not None
+            return self._chunk(output, self._text_delta(out.field, out.text), None, None)
+        if out.kind == "marker":
+            return self._chunk(output, dict(out.payload), None, None)
+        if out.kind == "finish":
+            return self._chunk(output, {}, out.reason or "stop", details)
+        delta = {"content": out.text} if out.text else {}
+        return self._chunk(output, delta, CONTENT_FILTER, details)
+
+    def tail(self) -> bytes:
+        return b"".join(encode_event(dumps(chunk)) for chunk in self._tail) + DONE
+
+    def whole(self, outputs: Outputs, details: Details) -> dict[str, Any]:
+        assert self._original is not None
+        body = dict(self._original)
+        body["choices"] = [self._whole_choice(c, outputs) for c in self._original["choices"]]
+        if self.policy.details:
+            body["guardproxy"] = details()
+        return body
+
+    def _whole_choice(self, original: Mapping[str, Any], outputs: Outputs) -> dict[str, Any]:
+        index = _index(original)
+        m = outputs.moderators[index]
+        msg = dict(original.get("message") or {})
+        finish = original.get("finish_reason")
+        for key in ("content", "reasoning_content", "reasoning"):
+            value = msg.get(key)
+            if isinstance(value, str):
+                msg[key] = m.shown(CONTENT if key == "content" else REASONING, 0, len(value))
+        cut = m.cut_at is not None  # whole answers: each choice is complete, cut or not, on its own
+        if cut:
+            finish = CONTENT_FILTER
+            if self.policy.notice:
+                msg["content"] = (msg.get("content") or "") + self.policy.notice
+        calls = []
+        for k, call in enumerate(msg.get("tool_calls") or []):
+            fn = dict(call.get("function") or {})
+            args = fn.get("arguments")
+            shown = m.shown(tool_field(k), 0, len(args) if isinstance(args, str) else 0)
+            if isinstance(args, str) and shown != args and cut:
+                break  # a tool call cut in its arguments is no tool call: it and any after it go
+            fn["arguments"] = shown if isinstance(args, str) else args
+            calls.append({**call, "function": fn})
+        if msg.get("tool_calls"):
+            msg["tool_calls"] = calls or None
+        return {**original, "message": msg, "finish_reason": finish}
+
+    def blocked(self, verdict: Verdict, details: Details) -> list[bytes] | dict[str, Any]:
+        text = self.policy.refusal
+        if self.streaming:
+            return [
+                self._chunk(0, {"role": "assistant", "content": ""}, None, None),
+                self._chunk(0, {"content": text}, None, None),
+                self._chunk(0, {}, CONTENT_FILTER, details),
+                DONE,
+            ]
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": CONTENT_FILTER,
+        }
+        body: dict[str, Any] = {
+            **self._envelope,
+            "object": self.object,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
+        if self.policy.details:
+            body["guardproxy"] = details()
+        return body
+
+    def error_event(self, exc: ProxyError) -> bytes:
+        # The stream has started: the error goes in-band, then [DONE].
+        return encode_event(dumps(exc.body())) + DONE
+
+
+class CompletionWire(ChatWire):
+    """Legacy completions: one string prompt, read as a user turn; each choice's ``text`` is its content."""
+
+    route = "/v1/completions"
+    chunk_object = "text_completion"
+    object = "text_completion"
+    id_prefix = "cmpl"
+    conversation_param = "prompt"
+
+    def conversation(self) -> Conversation:
+        prompt = self.body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            # Batches of prompts and token-id prompts would need one guard verdict each: not supported.
+            raise bad_request("prompt must be a string (or a list of one string)", param="prompt")
+        return Conversation([{"role": "user", "content": prompt}])
+
+    def prompt_text(self) -> str:
+        return str(self.conversation().messages[0]["content"])
+
+    def _delta_of(self, c: Mapping[str, Any]) -> Mapping[str, Any]:
+        return {"content": c.get("text") or ""}
+
+    def read_whole(self, raw: bytes) -> list[Event]:
+        body = parse_json(raw, "a response")
+        if not isinstance(body.get("choices"), list):
+            raise ProxyError(502, "upstream response has no choices", type="upstream_error")
+        self._original = body
+        out: list[Event] = []
+        for c in body["choices"]:
+            if not isinstance(c, Mapping):
+                raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
+            out += self._delta(_index(c), {"content": c.get("text") or ""})
+            out.append(Finish(_index(c), c.get("finish_reason")))
+        return out
+
+    def _chunk(self, index: int, delta: dict[str, Any], finish: str | None, details: Details | None) -> bytes:
+        choice = {"index": index, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
+        chunk: dict[str, Any] = {**self._envelope, "object": self.chunk_object, "choices": [choice]}
+        if details is not None and self.policy.details:
+            chunk["guardproxy"] = details()
+        return encode_event(dumps(chunk))
+
+    def render(self, output: int, out: Out, details: Details) -> bytes:
+        if out.kind == "marker":
+            return b""  # a role delta has no place in a completion chunk
+        return super().render(output, out, details)
+
+    def _whole_choice(self, original: Mapping[str, Any], outputs: Outputs) -> dict[str, Any]:
+        m = outputs.moderators[_index(original)]
+        text = m.shown(CONTENT, 0, len(original.get("text") or ""))
+        finish = original.get("finish_reason")
+        if m.cut_at is not None:
+            finish = CONTENT_FILTER
+            text += self.policy.notice
+        return {**original, "text": text, "finish_reason": finish}
+
+    def blocked(self, verdict: Verdict, details: Details) -> list[bytes] | dict[str, Any]:
+        text = self.policy.refusal
+        if self.streaming:
+            return [
+                self._chunk(0, {"content": text}, None, None),
+                self._chunk(0, {}, CONTENT_FILTER, details),
+                DONE,
+            ]
+        body: dict[str, Any] = {
+            **self._envelope,
+            "object": self.object,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": CONTENT_FILTER}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
+        if self.policy.details:
+            body["guardproxy"] = details()
+        return body
+
+
+def _index(c: Mapping[str, Any]) -> int:
+    try:
+        return int(c.get("index", 0))
+    except (TypeError, ValueError):
+        raise ProxyError(502, "upstream sent a choice without a valid index", type="upstream_error") from None

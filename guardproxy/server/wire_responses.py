@@ -1,0 +1,699 @@
+"""The OpenAI Responses API (``POST /v1/responses``): one output per response.
+
+Request -> guard: ``instructions`` as the system turn; ``input`` as a string or items (messages with
+``input_text``/``output_text`` parts, ``function_call``, ``function_call_output``, ``reasoning``; other
+kinds, images among them, have no text for the guard); ``tools`` (function tools in the chat shape the
+template renders). With ``previous_response_id`` the earlier turns live upstream: the guard reads those
+this proxy saw (``ResponseStore``); for an id it never saw, the policy's ``unknown_previous_response``
+decides (judge what is visible, or refuse). ``background`` responses are refused: their output would be
+fetched from the upstream later, past the guard.
+
+Upstream events -> core: ``output_text``/``refusal`` deltas are content, ``reasoning_text`` and
+``reasoning_summary_text`` deltas reasoning, ``function_call_arguments`` deltas a tool call's arguments;
+every other event is a marker, passed on in order. The terminal event (``response.completed``,
+``.incomplete``, ``.failed``) is the finish.
+
+Core -> client: text becomes delta events of the part it belongs to; the ``*.done`` events, the items
+in ``output_item.done`` and the final response carry what was released (redactions included); every
+event gets a strictly increasing ``sequence_number`` and its ``output_index``/``content_index``
+(filled in where an upstream, llama.cpp's server for one, leaves them out). A cut: the open parts and
+items are closed with what was released (status ``incomplete``), then ``response.incomplete`` with
+``incomplete_details.reason: "content_filter"``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardproxy.guard.template import ConversationError
+from guardproxy.guard.verdict import Verdict
+from guardproxy.policy import Policy
+from guardproxy.server.errors import ProxyError, bad_request
+from guardproxy.server.store import ResponseStore
+from guardproxy.server.wire import Conversation, Details, Wire, dumps, optional_str, parse_json
+from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
+from guardproxy.stream.moderator import CONTENT_FILTER, Out
+from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs
+from guardproxy.stream.sse import SSEEvent, encode_event
+
+_TERMINAL = {"response.completed": "stop", "response.incomplete": "length", "response.failed": "failed"}
+_CONTENT_DELTAS = ("response.output_text.delta", "response.refusal.delta")
+_REASONING_DELTAS = ("response.reasoning_text.delta", "response.reasoning_summary_text.delta")
+# Done events of a part, and the key that holds its text.
+_PART_TEXT_DONE = {
+    "response.output_text.done": "text",
+    "response.refusal.done": "refusal",
+    "response.reasoning_text.done": "text",
+    "response.reasoning_summary_text.done": "text",
+}
+
+
+# -- request -> guard --------------------------------------------------------------------------------
+
+
+def _parts_text(content: Any, where: str) -> str:
+    """Text of a message's content (a string, or parts: input/output text and refusals; images,
+    files and audio have no text for the guard)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ConversationError(f"{where} must be a string or a list of content parts", param="input")
+    texts = []
+    for k, part in enumerate(content):
+        if not isinstance(part, Mapping):
+            raise ConversationError(f"{where}[{k}] must be an object", param="input")
+        kind = part.get("type")
+        key = "refusal" if kind == "refusal" else "text"
+        if kind in ("input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text"):
+            value = part.get(key)
+            if not isinstance(value, str):
+                raise ConversationError(f"{where}[{k}].{key} must be a string", param="input")
+            texts.append(value)
+    return "\n".join(texts)
+
+
+def input_messages(value: Any) -> list[dict[str, Any]]:
+    """A Responses ``input`` as chat messages: what the guard's template renders."""
+    if isinstance(value, str):
+        return [{"role": "user", "content": value}]
+    if not isinstance(value, list):
+        raise ConversationError("input must be a string or a list of input items", param="input")
+    out: list[dict[str, Any]] = []
+    reasoning: str | None = None  # a reasoning item goes with the assistant turn after it
+    for i, item in enumerate(value):
+        where = f"input[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConversationError(f"{where} must be an object", param="input")
+        kind = item.get("type") or ("message" if "role" in item else None)
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise ConversationError(
+                    f"{where}.role must be user, system, developer or assistant", param="input"
+                )
+            msg: dict[str, Any] = {
+                "role": role,
+                "content": _parts_text(item.get("content"), f"{where}.content"),
+            }
+            if role == "assistant" and reasoning is not None:
+                msg["reasoning_content"], reasoning = reasoning, None
+            out.append(msg)
+        elif kind == "function_call":
+            name, args = item.get("name"), item.get("arguments", "")
+            if not isinstance(name, str) or not isinstance(args, str):
+                raise ConversationError(f"{where} needs a string name and arguments", param="input")
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": name, "arguments": args},
+            }
+            if out and out[-1]["role"] == "assistant" and reasoning is None:
+                out[-1].setdefault("tool_calls", []).append(call)
+            else:
+                msg = {"role": "assistant", "content": "", "tool_calls": [call]}
+                if reasoning is not None:
+                    msg["reasoning_content"], reasoning = reasoning, None
+                out.append(msg)
+        elif kind == "function_call_output":
+            content = _parts_text(item.get("output"), f"{where}.output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
+        elif kind == "reasoning":
+            texts = [
+                _parts_text(item.get("summary"), f"{where}.summary"),
+                _parts_text(item.get("content"), f"{where}.content"),
+            ]
+            reasoning = "\n".join(t for t in texts if t)
+        # Other kinds (item references, built-in tool calls) carry no text the guard can read here.
+    return out
+
+
+def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
+    """Responses tools in the chat shape (function tools nested under ``function``); built-in tools
+    (web search, file search) as they are."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise bad_request("tools must be a list of tool objects", param="tools")
+    out = []
+    for t in tools:
+        if isinstance(t, Mapping) and t.get("type") == "function" and "function" not in t:
+            fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
+            out.append({"type": "function", "function": fn})
+        else:
+            out.append(t)
+    return out
+
+
+# -- the client's events -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    kind: str  # output_text | refusal | reasoning_text | summary_text
+    index: int  # content_index, or summary_index for summary_text
+    text: str = ""  # as released
+    done: bool = False
+
+
+@dataclass
+class _Item:
+    id: str
+    kind: str
+    output_index: int
+    item: dict[str, Any]
+    parts: list[_Part] = field(default_factory=list)
+    arguments: str = ""  # a function call's, as released
+    done: bool = False
+
+
+class ResponsesWire(Wire):
+    route = "/v1/responses"
+    conversation_param = "input"
+
+    def __init__(self, body: dict[str, Any], policy: Policy, store: ResponseStore | None = None) -> None:
+        super().__init__(body, policy)
+        if "input" not in body:
+            raise bad_request("input is required", param="input")
+        if body.get("background"):
+            raise bad_request(
+                "background responses are not supported by guardproxy: their output would be fetched "
+                "from the upstream later, past the guard",
+                param="background",
+            )
+        optional_str(body, "instructions")
+        self.previous = optional_str(body, "previous_response_id")
+        self.store = store
+        self._turns: list[dict[str, Any]] | None = None  # the conversation, instructions left out
+        # Reading the upstream: function calls by item id -> (tool call index, name).
+        self._read_calls: dict[str, tuple[int, str | None]] = {}
+        self._read_kind: dict[str, str] = {}
+        self.response_id: str | None = None
+        # Writing to the client.
+        self._seq = 0
+        self._snapshot: dict[str, Any] = {}
+        self._items: dict[str, _Item] = {}
+        self._calls: list[str] = []  # item ids of function calls, by tool call index
+        self._current: dict[str, tuple[_Item, _Part]] = {}  # the open part each field's text goes to
+        self._next_output = 0
+        self._done: dict[int, dict[str, Any]] = {}  # output items as sent in output_item.done, by index
+        # An answer that is not streamed: where each text of its output sits in the core's fields,
+        # (item, key, part, field, start, end); key "arguments" for a function call's.
+        self._whole_map: list[tuple[int, str, int, str, int, int]] = []
+        self._original: dict[str, Any] | None = None
+        self._lengths: dict[str, int] = {}
+
+    # -- request -----------------------------------------------------------------------------------
+
+    def conversation(self) -> Conversation:
+        if self._turns is None:
+            turns: list[dict[str, Any]] = []
+            if self.previous is not None:
+                earlier = self.store.get(self.previous) if self.store is not None else None
+                if earlier is None and self.policy.unknown_previous_response == "refuse":
+                    raise ProxyError(
+                        400,
+                        f"previous_response_id {self.previous!r} is unknown to guardproxy: the earlier "
+                        "turns cannot be judged (the policy refuses such requests)",
+                        param="previous_response_id",
+                        code="previous_response_not_found",
+                    )
+                turns += earlier or []
+            turns += input_messages(self.body.get("input"))
+            self._turns = turns
+        messages = list(self._turns)
+        instructions = self.body.get("instructions")
+        if isinstance(instructions, str) and instructions:
+            messages.insert(0, {"role": "system", "content": instructions})
+        return Conversation(messages, chat_tools(self.body.get("tools")))
+
+    def remember(self, store: ResponseStore, outputs: Outputs) -> None:
+        """Keep this conversation and the answer as the upstream holds it (all it sent, released or
+        not) for a request that continues it."""
+        if self.response_id is None or self._turns is None or self.body.get("store") is False:
+            return
+        m = outputs.moderators.get(0)
+        answer: dict[str, Any] = {"role": "assistant", "content": ""}
+        if m is not None:
+            answer["content"] = m.fields[CONTENT].text if CONTENT in m.fields else ""
+            if REASONING in m.fields:
+                answer["reasoning_content"] = m.fields[REASONING].text
+            calls = []
+            for k, item_id in enumerate(self._calls):
+                name = self._read_calls.get(item_id, (k, None))[1] or ""
+                args = m.fields[tool_field(k)].text if tool_field(k) in m.fields else ""
+                calls.append(
+                    {"id": item_id, "type": "function", "function": {"name": name, "arguments": args}}
+                )
+            if calls:
+                answer["tool_calls"] = calls
+        store.put(self.response_id, [*self._turns, answer])
+
+    # -- upstream ----------------------------------------------------------------------------------
+
+    def read_event(self, event: SSEEvent) -> list[Event]:
+        ev = parse_json(event.data, "an event")
+        kind = ev.get("type") or event.event
+        if kind == "error":
+            raise ProxyError(
+                502, str(ev.get("message") or "upstream error"), type="upstream_error", code=ev.get("code")
+            )
+        if kind in _TERMINAL:
+            self.upstream_done = True
+            self._note_response(ev.get("response"))
+            return [Finish(0, _TERMINAL[kind], ev)]
+        if kind in ("response.created", "response.in_progress", "response.queued"):
+            self._note_response(ev.get("response"))
+        if kind in _CONTENT_DELTAS:
+            return [Text(0, CONTENT, _delta(ev))]
+        if kind in _REASONING_DELTAS:
+            return [Text(0, REASONING, _delta(ev))]
+        if kind == "response.function_call_arguments.delta":
+            k, name = self._read_calls.get(str(ev.get("item_id")), (len(self._read_calls), None))
+            return [ToolArgs(0, k, name, _delta(ev))]
+        if kind == "response.output_item.added":
+            item = ev.get("item")
+            if not isinstance(item, Mapping):
+                raise ProxyError(
+                    502, "upstream sent an output item that is not an object", type="upstream_error"
+                )
+            item_id = str(item.get("id"))
+            self._read_kind[item_id] = str(item.get("type"))
+            if item.get("type") == "function_call":
+                k = len(self._read_calls)
+                self._read_calls[item_id] = (k, str(item.get("name") or ""))
+                args = item.get("arguments")
+                if isinstance(args, str) and args:  # arguments sent whole with the item: judged as text
+                    return [
+                        Marker(0, {**ev, "item": {**item, "arguments": ""}}),
+                        ToolArgs(0, k, item.get("name"), args),
+                    ]
+        return [Marker(0, ev)]
+
+    def _note_response(self, response: Any) -> None:
+        if isinstance(response, Mapping) and isinstance(response.get("id"), str):
+            self.response_id = response["id"]
+
+    def read_whole(self, raw: bytes) -> list[Event]:
+        body = parse_json(raw, "a response")
+        if not isinstance(body.get("output"), list):
+            raise ProxyError(502, "upstream response has no output", type="upstream_error")
+        self._original = body
+        self._note_response(body)
+        out: list[Event] = []
+        calls = 0
+        for i, item in enumerate(body["output"]):
+            if not isinstance(item, Mapping):
+                raise ProxyError(
+                    502, "upstream sent an output item that is not an object", type="upstream_error"
+                )
+            kind = item.get("type")
+            if kind == "function_call":
+                args = str(item.get("arguments") or "")
+                self._whole_map.append((i, "arguments", 0, tool_field(calls), 0, len(args)))
+                self._calls.append(str(item.get("id")))
+                self._read_calls[str(item.get("id"))] = (calls, str(item.get("name") or ""))
+                out.append(ToolArgs(0, calls, item.get("name"), args))
+                calls += 1
+                continue
+            groups: list[tuple[str, Any]] = []
+            if kind == "message":
+                groups = [("content", CONTENT)]
+            elif kind == "reasoning":
+                groups = [("summary", REASONING), ("content", REASONING)]
+            for key, name in groups:
+                for j, part in enumerate(item.get(key) or []):
+                    if not isinstance(part, Mapping):
+                        continue
+                    text = part.get("refusal" if part.get("type") == "refusal" else "text")
+                    if not isinstance(text, str):
+                        continue
+                    start = self._lengths.get(name, 0)
+                    self._lengths[name] = start + len(text)
+                    self._whole_map.append((i, key, j, name, start, start + len(text)))
+                    out.append(Text(0, name, text))
+        out.append(Finish(0, str(body.get("status") or "completed")))
+        return out
+
+    # -- client: streamed ----------------------------------------------------------------------------
+
+    def _emit(self, ev: dict[str, Any]) -> bytes:
+        ev["sequence_number"] = self._seq
+        self._seq += 1
+        return encode_event(dumps(ev), event=str(ev["type"]))
+
+    def render(self, output: int, out: Out, details: Details) -> bytes:
+        if out.kind == "text":
+            assert out.field is not None
+            return self._text(out.field, out.text)
+        if out.kind == "marker":
+            return self._marker(dict(out.payload))
+        if out.kind == "finish":
+            return self._finish(out.payload, details)
+        return self._cut(out.text, details)
+
+    def _marker(self, ev: dict[str, Any]) -> bytes:
+        kind = ev.get("type")
+        if kind in ("response.created", "response.in_progress", "response.queued"):
+            self._snapshot = {**self._snapshot, **(ev.get("response") or {})}
+            return self._emit(ev)
+        if kind == "response.output_item.added":
+            item = dict(ev["item"])
+            index = ev.get("output_index")
+            index = index if isinstance(index, int) else self._next_output
+            self._next_output = max(self._next_output, index + 1)
+            tracked = _Item(
+                str(item.get("id") or f"item_{uuid.uuid4().hex}"), str(item.get("type")), index, item
+            )
+            self._items[tracked.id] = tracked
+            if tracked.kind == "function_call":
+                self._calls.append(tracked.id)
+                item["arguments"] = ""
+            return self._emit({**ev, "item": item, "output_index": index})
+        done_item = ev.get("item")  # output_item.done names its item inside it
+        item_id = str(
+            done_item.get("id")
+            if kind == "response.output_item.done" and isinstance(done_item, Mapping)
+            else ev.get("item_id")
+        )
+        tracked_item = self._items.get(item_id)
+        if tracked_item is None:
+            return self._emit(ev)  # an event of an item this proxy did not see start: passed as it is
+        ev["output_index"] = tracked_item.output_index
+        if kind in ("response.content_part.added", "response.reasoning_summary_part.added"):
+            summary = kind == "response.reasoning_summary_part.added"
+            part = dict(ev.get("part") or {})
+            key = "summary_index" if summary else "content_index"
+            index = ev.get(key)
+            index = (
+                index
+                if isinstance(index, int)
+                else sum(1 for p in tracked_item.parts if (p.kind == "summary_text") == summary)
+            )
+            kind_of = "summary_text" if summary else str(part.get("type") or "output_text")
+            tracked_part = _Part(kind_of, index)
+            tracked_item.parts.append(tracked_part)
+            self._current[REASONING if kind_of in ("summary_text", "reasoning_text") else CONTENT] = (
+                tracked_item,
+                tracked_part,
+            )
+            if "text" in part:
+                part["text"] = ""
+            if "refusal" in part:
+                part["refusal"] = ""
+            return self._emit({**ev, key: index, "part": part})
+        if kind in _PART_TEXT_DONE or kind in (
+            "response.content_part.done",
+            "response.reasoning_summary_part.done",
+        ):
+            summary = "summary" in str(kind)
+            key = "summary_index" if summary else "content_index"
+            found = self._find_part(tracked_item, ev.get(key), summary)
+            if found is not None:
+                ev[key] = found.index
+                if kind in _PART_TEXT_DONE:
+                    ev[_PART_TEXT_DONE[str(kind)]] = found.text
+                else:
+                    part = dict(ev.get("part") or {})
+                    part["refusal" if found.kind == "refusal" else "text"] = found.text
+                    ev["part"] = part
+                    found.done = True
+            return self._emit(ev)
+        if kind == "response.function_call_arguments.done":
+            ev["arguments"] = tracked_item.arguments
+            return self._emit(ev)
+        if kind == "response.output_item.done":
+            final = self._final_item(tracked_item, dict(ev.get("item") or tracked_item.item))
+            return self._emit({**ev, "item": final})
+        return self._emit(ev)
+
+    @staticmethod
+    def _find_part(item: _Item, index: Any, summary: bool) -> _Part | None:
+        parts = [p for p in item.parts if (p.kind == "summary_text") == summary]
+        for p in parts:
+            if p.index == index:
+                return p
+        return parts[-1] if parts else None
+
+    def _final_item(self, item: _Item, raw: dict[str, Any], status: str | None = None) -> dict[str, Any]:
+        """An output item with its texts as released."""
+        item.done = True
+        final = dict(raw)
+        if item.kind == "function_call":
+            final["arguments"] = item.arguments
+        elif item.kind == "message":
+            content = [dict(c) for c in final.get("content") or []]
+            for p in item.parts:
+                if p.index < len(content):
+                    content[p.index]["refusal" if p.kind == "refusal" else "text"] = p.text
+                else:
+                    content.append(
+                        {"type": p.kind, "refusal": p.text}
+                        if p.kind == "refusal"
+                        else {"type": "output_text", "text": p.text, "annotations": []}
+                    )
+            final["content"] = content
+        elif item.kind == "reasoning":
+            for key, kind in (("summary", "summary_text"), ("content", "reasoning_text")):
+                parts = [dict(c) for c in final.get(key) or []]
+                for p in item.parts:
+                    if p.kind != kind:
+                        continue
+                    while p.index >= len(parts):
+                        parts.append({"type": kind, "text": ""})
+                    parts[p.index]["text"] = p.text
+                if parts or key == "summary":
+                    final[key] = parts
+        if status is not None:
+            final["status"] = status
+        self._done[item.output_index] = final
+        return final
+
+    def _open_part(self, name: str) -> tuple[list[bytes], _Item, _Part]:
+        """The part ``name``'s text goes to; one is opened (with its item) when the upstream never
+        announced it."""
+        cur = self._current.get(name)
+        if cur is not None and not cur[0].done and not cur[1].done:
+            return [], cur[0], cur[1]
+        pre: list[bytes] = []
+        kind = "message" if name == CONTENT else "reasoning"
+        item = next((i for i in reversed(self._items.values()) if i.kind == kind and not i.done), None)
+        if item is None:
+            raw: dict[str, Any] = {
+                "id": f"{'msg' if kind == 'message' else 'rs'}_{uuid.uuid4().hex}",
+                "type": kind,
+            }
+            raw.update(
+                {"role": "assistant", "status": "in_progress", "content": []}
+                if kind == "message"
+                else {"summary": []}
+            )
+            pre.append(self._marker({"type": "response.output_item.added", "item": raw}))
+            item = self._items[raw["id"]]
+        if kind == "message":
+            added = {
+                "type": "response.content_part.added",
+                "item_id": item.id,
+                "part": {"type": "output_text", "text": "", "annotations": []},
+            }
+        else:
+            added = {
+                "type": "response.reasoning_summary_part.added",
+                "item_id": item.id,
+                "part": {"type": "summary_text", "text": ""},
+            }
+        pre.append(self._marker(added))
+        cur = self._current[name]
+        return pre, cur[0], cur[1]
+
+    def _text(self, name: str, text: str) -> bytes:
+        if name.startswith("tool_calls["):
+            k = int(name.split("[", 1)[1].split("]", 1)[0])
+            item = self._items[self._calls[k]]
+            item.arguments += text
+            ev = {
+                "type": "response.function_call_arguments.delta",
+                "item_id": item.id,
+                "output_index": item.output_index,
+                "delta": text,
+            }
+            return self._emit(ev)
+        pre, item, part = self._open_part(name)
+        part.text += text
+        base = {"item_id": item.id, "output_index": item.output_index, "delta": text}
+        if part.kind == "summary_text":
+            ev = {"type": "response.reasoning_summary_text.delta", **base, "summary_index": part.index}
+        elif part.kind == "reasoning_text":
+            ev = {"type": "response.reasoning_text.delta", **base, "content_index": part.index}
+        elif part.kind == "refusal":
+            ev = {"type": "response.refusal.delta", **base, "content_index": part.index}
+        else:
+            ev = {"type": "response.output_text.delta", **base, "content_index": part.index, "logprobs": []}
+        return b"".join(pre) + self._emit(ev)
+
+    def _response(self, base: Any, details: Details) -> dict[str, Any]:
+        resp = {**self._snapshot, **(base if isinstance(base, Mapping) else {})}
+        ours = [self._done[i] for i in sorted(self._done)]
+        upstream = resp.get("output")
+        if isinstance(upstream, list) and upstream:
+            mine = {d.get("id"): d for d in ours}
+            merged = [mine.pop(o.get("id"), o) if isinstance(o, Mapping) else o for o in upstream]
+            resp["output"] = merged + list(mine.values())
+        else:
+            resp["output"] = ours
+        if self.policy.details:
+            resp["guardproxy"] = details()
+        return resp
+
+    def _finish(self, ev: Any, details: Details) -> bytes:
+        if not isinstance(ev, Mapping):  # the upstream stopped without its last event
+            return self.error_event(
+                ProxyError(502, "upstream ended the response before its final event", type="upstream_error")
+            )
+        return self._emit({**ev, "response": self._response(ev.get("response"), details)})
+
+    def _close_part(self, item: _Item, p: _Part) -> list[bytes]:
+        """The done events of a part left open by a cut, with what was released of it."""
+        base = {"item_id": item.id, "output_index": item.output_index}
+        p.done = True
+        if p.kind == "summary_text":
+            part: dict[str, Any] = {"type": "summary_text", "text": p.text}
+            done = {"type": "response.reasoning_summary_text.done", "summary_index": p.index, "text": p.text}
+            closed = {"type": "response.reasoning_summary_part.done", "summary_index": p.index, "part": part}
+            return [self._emit({**done, **base}), self._emit({**closed, **base})]
+        key = "refusal" if p.kind == "refusal" else "text"
+        kind = {"refusal": "response.refusal.done", "reasoning_text": "response.reasoning_text.done"}
+        part = {"type": p.kind, key: p.text, **({"annotations": []} if p.kind == "output_text" else {})}
+        done = {"type": kind.get(p.kind, "response.output_text.done"), "content_index": p.index, key: p.text}
+        closed = {"type": "response.content_part.done", "content_index": p.index, "part": part}
+        return [self._emit({**done, **base}), self._emit({**closed, **base})]
+
+    def _cut(self, notice: str, details: Details) -> bytes:
+        out: list[bytes] = []
+        cur = self._current.get(CONTENT)
+        if (
+            notice
+            and cur is not None
+            and not cur[0].done
+            and not cur[1].done
+            and cur[1].kind == "output_text"
+        ):
+            out.append(self._text(CONTENT, notice))
+        for item in sorted((i for i in self._items.values() if not i.done), key=lambda i: i.output_index):
+            for p in item.parts:
+                if not p.done:
+                    out += self._close_part(item, p)
+            base = {"item_id": item.id, "output_index": item.output_index}
+            if item.kind == "function_call":
+                done = {"type": "response.function_call_arguments.done", "arguments": item.arguments}
+                out.append(self._emit({**done, **base}))
+            final = self._final_item(item, item.item, status="incomplete")
+            out.append(
+                self._emit(
+                    {"type": "response.output_item.done", "output_index": item.output_index, "item": final}
+                )
+            )
+        resp = self._response({}, details)
+        resp.update(status="incomplete", incomplete_details={"reason": CONTENT_FILTER})
+        out.append(self._emit({"type": "response.incomplete", "response": resp}))
+        return b"".join(out)
+
+    def error_event(self, exc: ProxyError) -> bytes:
+        return self._emit({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
+
+    # -- client: whole -------------------------------------------------------------------------------
+
+    def whole(self, outputs: Outputs, details: Details) -> dict[str, Any]:
+        assert self._original is not None
+        body = dict(self._original)
+        m = outputs.moderators.get(0)
+        items = [dict(i) for i in body["output"]]
+        keep = len(items)
+        last_text: tuple[int, int] | None = None
+        for i, key, j, name, start, end in self._whole_map:
+            shown = m.shown(name, start, end) if m is not None else ""
+            full = m is not None and name in m.fields and shown == m.fields[name].text[start:end]
+            if key == "arguments":
+                if not full:
+                    keep = min(keep, i)  # cut in its arguments: no tool call
+                else:
+                    items[i]["arguments"] = shown
+                continue
+            parts = [dict(p) for p in items[i].get(key) or []]
+            part = parts[j]
+            part["refusal" if part.get("type") == "refusal" else "text"] = shown
+            parts[j] = part
+            items[i][key] = parts
+            if part.get("type") == "output_text":
+                last_text = (i, j)
+            if not full:
+                keep = min(keep, i + 1)
+        if outputs.cut:
+            if self.policy.notice and last_text is not None and last_text[0] < keep:
+                i, index = last_text
+                items[i]["content"][index]["text"] += self.policy.notice
+            items = items[:keep]
+            for item in items[-1:]:
+                item["status"] = "incomplete"
+            body.update(status="incomplete", incomplete_details={"reason": CONTENT_FILTER})
+        body["output"] = items
+        if self.policy.details:
+            body["guardproxy"] = details()
+        return body
+
+    def blocked(self, verdict: Verdict, details: Details) -> list[bytes] | dict[str, Any]:
+        text = self.policy.refusal
+        rid, mid = f"resp_{uuid.uuid4().hex}", f"msg_{uuid.uuid4().hex}"
+        message = {
+            "id": mid,
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        response: dict[str, Any] = {
+            "id": rid,
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": self.model or "",
+            "status": "completed",
+            "output": [message],
+        }
+        if self.policy.details:
+            response["guardproxy"] = details()
+        if not self.streaming:
+            return response
+        started = {**response, "status": "in_progress", "output": []}
+        started.pop("guardproxy", None)
+        part = {"type": "output_text", "text": "", "annotations": []}
+        base = {"item_id": mid, "output_index": 0, "content_index": 0}
+        return [
+            self._emit({"type": "response.created", "response": started}),
+            self._emit(
+                {
+                    "type": "response.output_item.added",
+                    "output_index": 0,
+                    "item": {**message, "status": "in_progress", "content": []},
+                }
+            ),
+            self._emit({"type": "response.content_part.added", **base, "part": part}),
+            self._emit({"type": "response.output_text.delta", **base, "delta": text, "logprobs": []}),
+            self._emit({"type": "response.output_text.done", **base, "text": text, "logprobs": []}),
+            self._emit({"type": "response.content_part.done", **base, "part": {**part, "text": text}}),
+            self._emit({"type": "response.output_item.done", "output_index": 0, "item": message}),
+            self._emit({"type": "response.completed", "response": response}),
+        ]
+
+
+def _delta(ev: Mapping[str, Any]) -> str:
+    delta = ev.get("delta")
+    if not isinstance(delta, str):
+        raise ProxyError(
+            502, f"upstream sent a {ev.get('type')} event without a text delta", type="upstream_error"
+        )
+    return delta
