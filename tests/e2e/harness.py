@@ -22,6 +22,8 @@ from aiohttp import web
 from guardproxy.config import Settings
 from guardproxy.server.app import create_app
 
+from . import fake_apis
+
 T = TypeVar("T")
 
 
@@ -46,7 +48,8 @@ class Script:
     lockstep: float = 0.0
     first_delay: float = 0.0  # seconds before the response starts (a slow first byte)
     # A fault after `fault_after` events: "bad-json", "bad-utf8", "not-sse" (garbage lines), "reset"
-    # (the connection drops), "stall" (stops sending; the proxy's read timeout ends it), "error-event".
+    # (the connection drops), "stall" (stops sending; the proxy's read timeout ends it), "error-event",
+    # "truncate" (the body ends cleanly, early: no last event).
     fault: str | None = None
     fault_after: int = 2
 
@@ -54,6 +57,8 @@ class Script:
 class FakeUpstream:
     def __init__(self) -> None:
         self.script = Script()
+        self.seen: list[tuple[str, str]] = []  # every request that reached it: (method, path)
+        self.stored: dict[str, dict[str, Any]] = {}  # Responses API answers, by id (previous_response_id)
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self.closed_early = 0
@@ -65,11 +70,38 @@ class FakeUpstream:
         loop.call_soon_threadsafe(lambda: self.gate.release() if self.gate is not None else None)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        @web.middleware
+        async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.seen.append((request.method, request.path))
+            return await handler(request)
+
+        app = web.Application(middlewares=[record])
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/v1/messages", self.messages)
+        app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         app.router.add_get("/v1/models", self.models)
         return app
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
+        return web.json_response({"input_tokens": len(json.dumps(await request.json())) // 4})
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "responses")
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, "messages")
+
+    def _api_events(self, body: dict[str, Any], kind: str, s: Script) -> list[tuple[str, dict[str, Any]]]:
+        text = s.pieces[0] if s.pieces else []
+        if kind == "responses":
+            rid = f"resp_{len(self.stored) + 1}"
+            events = fake_apis.responses_events(body, s.reasoning, text, s.tool_args, rid)
+            self.stored[rid] = body
+            return events
+        return fake_apis.messages_events(body, s.reasoning, text, s.tool_args, f"msg_{len(self.requests)}")
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
@@ -146,6 +178,22 @@ class FakeUpstream:
                 raise
         if s.status != 200:
             return web.Response(status=s.status, body=s.error_body, content_type="application/json")
+        previous = body.get("previous_response_id")
+        if kind == "responses" and previous is not None and previous not in self.stored:
+            error = {
+                "message": f"Previous response with id '{previous}' not found.",
+                "type": "invalid_request_error",
+            }
+            return web.json_response(
+                {"error": {**error, "param": "previous_response_id", "code": None}}, status=400
+            )
+        api_events = self._api_events(body, kind, s) if kind in ("responses", "messages") else []
+        if not body.get("stream") and kind in ("responses", "messages"):
+            text = s.pieces[0] if s.pieces else []
+            if kind == "responses":
+                return web.json_response(fake_apis.responses_whole(api_events))
+            mid = str(api_events[0][1]["message"]["id"])
+            return web.json_response(fake_apis.messages_whole(body, s.reasoning, text, s.tool_args, mid))
         if not body.get("stream"):
             texts = ["".join(p) for p in s.pieces]
             if kind == "chat":
@@ -185,22 +233,34 @@ class FakeUpstream:
         eol = "\r\n" if s.crlf else "\n"
         events: list[bytes] = []
         gated: list[bool] = []
-        for c in self._chunks(body, kind, s):
-            gated.append(any((ch.get("delta") or {}).get("content") for ch in c.get("choices", [])))
+        named = api_events or [("", c) for c in self._chunks(body, kind, s)]
+        for name, c in named:
+            text_event = c.get("type") in ("response.output_text.delta", "content_block_delta")
+            gated.append(
+                text_event or any((ch.get("delta") or {}).get("content") for ch in c.get("choices", []))
+            )
             ev = ": keep-alive" + eol + eol if s.keepalive else ""
+            if name:
+                ev += f"event: {name}{eol}"
             if s.multiline:  # the JSON spread over several data: lines, as the spec allows
                 lines = json.dumps(c, ensure_ascii=False, indent=1).split("\n")
                 ev += "".join(f"data: {line}{eol}" for line in lines) + eol
             else:
                 ev += "data: " + json.dumps(c, ensure_ascii=False) + eol + eol
             events.append(ev.encode())
-        events.append(f"data: [DONE]{eol}{eol}".encode())
+        if not api_events:
+            events.append(f"data: [DONE]{eol}{eol}".encode())
         if s.fault is not None:
             faults = {
                 "bad-json": b"data: {not json" + eol.encode() * 2,
                 "bad-utf8": b'data: {"x": "\xff\xfe"}' + eol.encode() * 2,
                 "not-sse": b"this line has no field" + eol.encode() + b"{}" + eol.encode() * 2,
-                "error-event": b'data: {"error": {"message": "model crashed", "type": "server_error"}}'
+                "error-event": {
+                    "responses": b'event: error\ndata: {"type": "error", "code": "server_error", '
+                    b'"message": "model crashed", "param": null, "sequence_number": 99}',
+                    "messages": b'event: error\ndata: {"type": "error", "error": '
+                    b'{"type": "overloaded_error", "message": "model crashed"}}',
+                }.get(kind, b'data: {"error": {"message": "model crashed", "type": "server_error"}}')
                 + eol.encode() * 2,
             }
             events.insert(s.fault_after, faults.get(s.fault, b""))
@@ -210,8 +270,10 @@ class FakeUpstream:
         rng = random.Random(s.split_seed)
         pos = 0
         try:
-            if s.fault in ("reset", "stall"):
+            if s.fault in ("reset", "stall", "truncate"):
                 await resp.write(b"".join(events[: s.fault_after]))
+                if s.fault == "truncate":  # a clean end of the body, but before the last event
+                    return resp
                 if s.fault == "stall":
                     await asyncio.sleep(30)  # bounded; the proxy's read timeout ends it first
                 else:

@@ -1,5 +1,5 @@
-"""Hostile input on the HTTP surface: whatever the body, an OpenAI-shaped 4xx (or a normal answer),
-never a 500, and the server keeps serving."""
+"""Hostile input on the HTTP surface: whatever the body, a 4xx in the shape of the route's API (OpenAI's,
+Anthropic's on /v1/messages) or a normal answer, never a 500, and the server keeps serving."""
 
 from __future__ import annotations
 
@@ -53,6 +53,75 @@ chat_body = st.fixed_dictionaries(
         "temperature": json_values,
     },
 )
+input_part = st.fixed_dictionaries(
+    {"type": st.sampled_from(["input_text", "output_text", "refusal", "input_image", "summary_text", "x"])},
+    optional={"text": json_values, "refusal": json_values},
+)
+input_item = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(
+            ["message", "function_call", "function_call_output", "reasoning", "item_reference", ""]
+        )
+    },
+    optional={
+        "role": st.sampled_from(["user", "assistant", "system", "developer", "tool", ""]),
+        "content": st.one_of(st.text(max_size=30), st.lists(input_part, max_size=3), json_values),
+        "name": json_values,
+        "arguments": json_values,
+        "call_id": json_values,
+        "output": st.one_of(st.text(max_size=30), st.lists(input_part, max_size=3), json_values),
+        "summary": st.one_of(st.lists(input_part, max_size=3), json_values),
+    },
+)
+responses_body = st.fixed_dictionaries(
+    {"input": st.one_of(st.text(max_size=40), st.lists(input_item, max_size=5), json_values)},
+    optional={
+        "model": json_values,
+        "stream": json_values,
+        "instructions": json_values,
+        "tools": st.one_of(
+            st.lists(
+                st.fixed_dictionaries({"type": st.just("function")}, optional={"name": json_values}),
+                max_size=2,
+            ),
+            json_values,
+        ),
+        "previous_response_id": json_values,
+        "background": json_values,
+    },
+)
+block = st.fixed_dictionaries(
+    {"type": st.sampled_from(["text", "tool_use", "tool_result", "thinking", "image", "document", "x"])},
+    optional={
+        "text": json_values,
+        "thinking": json_values,
+        "name": json_values,
+        "input": json_values,
+        "id": json_values,
+        "tool_use_id": json_values,
+        "content": st.one_of(st.text(max_size=20), json_values),
+    },
+)
+anthropic_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "tool", ""])},
+    optional={"content": st.one_of(st.text(max_size=40), st.lists(block, max_size=4), json_values)},
+)
+messages_body = st.fixed_dictionaries(
+    {"messages": st.one_of(st.lists(anthropic_message, max_size=5), json_values)},
+    optional={
+        "model": json_values,
+        "max_tokens": st.integers(-5, 2**40),
+        "stream": json_values,
+        "system": st.one_of(st.text(max_size=30), st.lists(block, max_size=2), json_values),
+        "tools": st.one_of(
+            st.lists(
+                st.fixed_dictionaries({"name": json_values}, optional={"input_schema": json_values}),
+                max_size=2,
+            ),
+            json_values,
+        ),
+    },
+)
 completion_body = st.fixed_dictionaries(
     {"prompt": json_values}, optional={"stream": json_values, "n": json_values}
 )
@@ -75,10 +144,13 @@ def post(url: str, data: bytes) -> tuple[int, bytes]:
             return e.code, e.read()
 
 
-def check(status: int, body: bytes) -> None:
+def check(status: int, body: bytes, anthropic: bool = False) -> None:
     assert status in (200, 400, 413, 429), (status, body[:300])
     if status != 200:
-        err = json.loads(body)["error"]
+        parsed = json.loads(body)
+        if anthropic:
+            assert parsed["type"] == "error" and isinstance(parsed["error"]["type"], str)
+        err = parsed["error"]
         assert isinstance(err["message"], str) and err["message"] and "type" in err
 
 
@@ -102,15 +174,30 @@ def test_completion_bodies(proxy: str, fake: FakeUpstream, body: dict[str, Any])
 
 
 @SETTINGS
+@given(body=responses_body)
+def test_responses_bodies(proxy: str, fake: FakeUpstream, body: dict[str, Any]) -> None:
+    check(*post(proxy + "/responses", json.dumps(body).encode()))
+
+
+@SETTINGS
+@given(body=messages_body)
+def test_messages_bodies(proxy: str, fake: FakeUpstream, body: dict[str, Any]) -> None:
+    check(*post(proxy + "/messages", json.dumps(body).encode()), anthropic=True)
+
+
+@SETTINGS
 @given(body=moderation_body)
 def test_moderation_bodies(proxy: str, body: dict[str, Any]) -> None:
     check(*post(proxy + "/moderations", json.dumps(body).encode()))
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=raw_bodies, path=st.sampled_from(["/chat/completions", "/completions", "/moderations"]))
+@given(
+    data=raw_bodies,
+    path=st.sampled_from(["/chat/completions", "/completions", "/moderations", "/responses", "/messages"]),
+)
 def test_raw_bodies(proxy: str, fake: FakeUpstream, data: bytes, path: str) -> None:
-    check(*post(proxy + path, data))
+    check(*post(proxy + path, data), anthropic=path == "/messages")
 
 
 def test_still_serving_after_the_fuzz(proxy: str, fake: FakeUpstream) -> None:

@@ -6,6 +6,7 @@ command): like the real model, they keep an answer unsafe once a trigger appeare
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,10 @@ def test_details_and_audit_name_the_first_flag_and_the_cut(
     assert response["first_flag"]["risk"] == "Controversial" and response["first_flag"]["action"] == "flag"
     assert response["first_flag"]["token_index"] == 1 and response["first_flagged_token"] == 1
     assert response["cut"]["token_index"] == 5 and response["cut"]["p_unsafe"] > 0.5
+    deadline = time.monotonic() + 10  # the record is written as the exchange ends, after the last byte
+    while not (audit.exists() and audit.read_text().strip()):
+        assert time.monotonic() < deadline, "no audit record"
+        time.sleep(0.02)
     record = json.loads(audit.read_text().splitlines()[-1])
     assert record["outcome"] == "cut" and record["response"] == response
 

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import openai
 import pytest
 import xllamacpp
@@ -115,3 +116,66 @@ def test_a_trigger_word_in_the_answer_is_cut_at_its_first_token(
     with pytest.raises(openai.BadRequestError) as err:
         chat(proxy, f"Tell me about {word}.")
     assert err.value.code == "content_filter"
+
+
+# -- the Responses and Messages APIs, which llama.cpp's server answers too ----------------------------
+
+
+def responses_text(url: str, stream: bool) -> tuple[str, str]:
+    """(the answer's text, how it ended) through the openai client's Responses API."""
+    with openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120) as c:
+        kw: dict[str, Any] = {
+            "model": "smollm2",
+            "input": PROMPT,
+            "temperature": 0.0,
+            "max_output_tokens": 48,
+        }
+        if not stream:
+            r = c.responses.create(**kw)
+            return r.output_text, r.status or ""
+        events = list(c.responses.create(stream=True, **kw))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    return text, events[-1].type
+
+
+def messages_text(url: str, stream: bool) -> tuple[str, str]:
+    """(the answer's text, its stop reason) through the anthropic client's Messages API."""
+    with anthropic.Anthropic(
+        base_url=url.removesuffix("/v1"), api_key="none", max_retries=0, timeout=120
+    ) as c:
+        kw: dict[str, Any] = {
+            "model": "smollm2",
+            "max_tokens": 48,
+            "extra_body": {"temperature": 0.0},  # this SDK's methods no longer take it by name
+            "messages": [{"role": "user", "content": PROMPT}],
+        }
+        if not stream:
+            m = c.messages.create(**kw)
+        else:
+            with c.messages.stream(**kw) as s:
+                m = s.get_final_message()
+    text = "".join(b.text for b in m.content if b.type == "text")
+    return text, str(m.stop_reason)
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_other_apis_pass_greedy_answers_unchanged_and_cut_a_word_the_model_says(
+    loopback: Loopback, llama: str, trigger_checkpoint: Path, tmp_path: Path, api: str
+) -> None:
+    read = responses_text if api == "responses" else messages_text
+    answer, ending = read(llama, True)
+    assert answer and read(llama, False)[0] == answer  # greedy: the same answer every time
+    proxy = start_proxy(loopback, proxy_settings(llama, trigger_checkpoint))
+    assert read(proxy, True) == (answer, ending) and read(proxy, False) == read(llama, False)
+    tok = GuardTokenizer.from_file(qwen3_tokenizer_file())
+    words = [w for w in re.findall(r"[A-Za-z]{5,}", answer) if len(tok.encode_text(" " + w)) == 1]
+    assert words, answer
+    word = words[len(words) // 2]
+    guard = make_trigger_checkpoint(tmp_path / "guard", TriggerSpec(unsafe=[word]))
+    flagged = word_token_ids(tok, [word])
+    first = next(p for p in tok.encode_pieces(answer) if p[0] in flagged)
+    cutting = start_proxy(loopback, proxy_settings(llama, guard, notice="[cut]"))
+    for stream in (True, False):
+        text, end = read(cutting, stream)
+        assert text == answer[: first[1]] + "[cut]"
+        assert end in ("response.incomplete", "incomplete", "refusal")

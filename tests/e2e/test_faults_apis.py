@@ -1,0 +1,141 @@
+"""Upstream faults and client hang-ups on the Responses and Messages routes: the stream ends with the
+API's own error event (never a 500, never the fault's bytes), what came before was judged text of the
+answer, and every guard stream and upstream request is returned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import proxy_settings
+from .harness import FakeUpstream, Loopback, Script, start_proxy, wait_idle
+
+BENIGN = ["The", " weather", " in", " Paris", " is", " mild", "."]
+BODY = {
+    "responses": {"model": "m", "input": "hi", "stream": True},
+    "messages": {
+        "model": "m",
+        "max_tokens": 9,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def fault_proxy(loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path) -> str:
+    settings = proxy_settings(upstream[1], trigger_checkpoint)
+    # A short read timeout so a stalled upstream ends the test quickly.
+    return start_proxy(loopback, replace(settings, upstream=replace(settings.upstream, read_timeout_s=0.5)))
+
+
+def events(proxy: str, api: str) -> list[tuple[str, dict[str, Any]]]:
+    req = urllib.request.Request(
+        f"{proxy}/{api}", data=json.dumps(BODY[api]).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, timeout=30) as r:
+        assert r.status == 200
+        text = r.read().decode()
+    out, name = [], ""
+    for line in text.splitlines():
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            out.append((name, json.loads(line[6:])))
+    return out
+
+
+def released(evs: list[tuple[str, dict[str, Any]]]) -> str:
+    text = ""
+    for _, e in evs:
+        if e.get("type") == "response.output_text.delta":
+            text += e["delta"]
+        elif e.get("type") == "content_block_delta" and e["delta"].get("type") == "text_delta":
+            text += e["delta"]["text"]
+    return text
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        ("bad-json", "not JSON"),
+        ("bad-utf8", "invalid UTF-8"),
+        ("error-event", "model crashed"),
+        ("reset", "upstream stream failed"),
+        ("stall", "upstream stream failed"),
+    ],
+)
+def test_upstream_faults_mid_stream_end_with_the_apis_error_event(
+    fault_proxy: str, fake: FakeUpstream, api: str, fault: str, message: str
+) -> None:
+    fake.script = Script(pieces=[BENIGN], fault=fault, fault_after=4)
+    evs = events(fault_proxy, api)
+    name, last = evs[-1]
+    assert name == "error" and last["type"] == "error"
+    if api == "responses":
+        assert message in last["message"] and set(last) == {
+            "type",
+            "code",
+            "message",
+            "param",
+            "sequence_number",
+        }
+        numbers = [e["sequence_number"] for _, e in evs]
+        assert numbers == sorted(set(numbers))
+    else:
+        assert message in last["error"]["message"] and set(last["error"]) == {"type", "message"}
+    assert "".join(BENIGN).startswith(released(evs))
+    wait_idle(fault_proxy)
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+async def test_client_disconnect_cancels_the_upstream_and_frees_the_guard(
+    proxy: str, fake: FakeUpstream, api: str
+) -> None:
+    fake.script = Script(pieces=[[" word"] * 400], delay=0.01)  # a 4 s answer
+    closed = fake.closed_early
+    async with aiohttp.ClientSession() as s, s.post(f"{proxy}/{api}", json=BODY[api]) as r:
+        assert r.status == 200
+        got = b""
+        while b"word" not in got:  # read until the answer is flowing, then hang up
+            got += await r.content.readany()
+    deadline = time.monotonic() + 10
+    while fake.closed_early == closed:
+        assert time.monotonic() < deadline, "the upstream request was not cancelled"
+        await asyncio.sleep(0.05)
+    await asyncio.to_thread(wait_idle, proxy)
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_a_cut_closes_the_upstream_at_once(proxy: str, fake: FakeUpstream, api: str) -> None:
+    fake.script = Script(pieces=[["Take", " a", " bomb", " now"] + [" word"] * 300], delay=0.005)
+    closed = fake.closed_early
+    evs = events(proxy, api)
+    assert released(evs) == "Take a [cut]"
+    assert evs[-1][0] in ("response.incomplete", "message_stop")
+    deadline = time.monotonic() + 10
+    while fake.closed_early == closed:  # the upstream was still sending: it sees the connection go
+        assert time.monotonic() < deadline, "the upstream was not closed"
+        time.sleep(0.02)
+    wait_idle(proxy)
+
+
+@pytest.mark.parametrize("api", ["responses", "messages"])
+def test_an_upstream_that_stops_without_its_last_event(
+    fault_proxy: str, fake: FakeUpstream, api: str
+) -> None:
+    # The stream ends cleanly but early (no response.completed / message_stop): an error event, not a
+    # success the client would take for a whole answer.
+    fake.script = Script(pieces=[BENIGN], fault="truncate", fault_after=6)
+    evs = events(fault_proxy, api)
+    assert evs[-1][0] == "error" and "before" in json.dumps(evs[-1][1])
+    wait_idle(fault_proxy)
