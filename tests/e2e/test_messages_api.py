@@ -304,3 +304,33 @@ def test_x_api_key_authenticates_and_headers_pass_through(
     )
     assert raw(open_proxy, "/v1/messages/count_tokens", body, {"x-api-key": "sk-raw"})[0] == 200
     assert {k.lower(): v for k, v in fake.headers[-1].items()}["x-api-key"] == "sk-raw"
+
+
+def test_policy_routes_metrics_and_audit_know_the_route(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path, tmp_path: Path
+) -> None:
+    from guardproxy.config import PolicyRoute
+
+    from .test_metrics import scrape, value
+
+    fake, url = upstream
+    base = proxy_settings(url, trigger_checkpoint)
+    named = replace(base.policy, name="for-claude", notice=" [withheld]")
+    settings = replace(
+        base,
+        policies={"for-claude": named},
+        routes=(PolicyRoute(policy="for-claude", route="/v1/messages"),),
+        audit=replace(base.audit, path=str(tmp_path / "audit.jsonl")),
+    )
+    proxy = start_proxy(loopback, settings)
+    fake.script = Script(pieces=[TRIGGER])
+    with client(proxy) as c:
+        msg = c.messages.create(model="m", max_tokens=8, messages=USER)
+    assert msg.content[0].type == "text" and msg.content[0].text == "Sure, take a [withheld]"
+    assert value(scrape(proxy), "guardproxy_requests_total", route="/v1/messages", status="200") == 1
+    deadline = time.monotonic() + 10  # the record is written as the exchange ends
+    while not (tmp_path / "audit.jsonl").exists() or not (tmp_path / "audit.jsonl").read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    record = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert (record["route"], record["policy"], record["outcome"]) == ("/v1/messages", "for-claude", "cut")
