@@ -27,6 +27,7 @@ add no latency to safe text. All processes share this machine's cores: compare r
 
     python bench/proxy.py                # tiny, tiny:thread, tiny:exact, 0.6b at their default stream counts
     python bench/proxy.py --guards trigger,trigger:single --streams 1,16,64      # debounce vs single tokens
+    python bench/proxy.py --guards tiny --api chat,responses,messages --streams 1,16,64   # per API
     python bench/proxy.py --guards tiny --streams 16 --words 32     # quick
 """
 
@@ -106,8 +107,118 @@ def run_upstream(port: int, words: int, delay_ms: float) -> None:
         await resp.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
         return resp
 
+    async def events(
+        request: web.Request, frames: list[tuple[str, dict[str, Any]]], word_events: list[int]
+    ) -> web.StreamResponse:
+        """One event a frame; the frames listed in ``word_events`` carry a word, sent one every delay."""
+        stamps = sent.setdefault(request.headers.get("x-bench-stream", ""), [])
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        words_at = set(word_events)
+        for k, (name, ev) in enumerate(frames):
+            if k in words_at:
+                await asyncio.sleep(delay_ms / 1000)
+                stamps.append(time.time_ns() // 1000)
+            await resp.write(f"event: {name}\ndata: {json.dumps(ev)}\n\n".encode())
+        return resp
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        r = {"id": "resp_bench", "object": "response", "created_at": 0, "model": "bench", "output": []}
+        ids = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+        frames: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"type": "response.created", "response": {**r, "status": "in_progress"}}),
+            (
+                "response.output_item.added",
+                {
+                    "type": "response.output_item.added",
+                    "output_index": 0,
+                    "item": {"id": "msg_1", "type": "message", "role": "assistant", "content": []},
+                },
+            ),
+            (
+                "response.content_part.added",
+                {"type": "response.content_part.added", **ids, "part": {"type": "output_text", "text": ""}},
+            ),
+        ]
+        first = len(frames)
+        text = "".join(" " + WORDS[k % len(WORDS)] for k in range(words))
+        frames += [
+            (
+                "response.output_text.delta",
+                {"type": "response.output_text.delta", **ids, "delta": " " + WORDS[k % len(WORDS)]},
+            )
+            for k in range(words)
+        ]
+        item = {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": text}],
+        }
+        frames += [
+            ("response.output_text.done", {"type": "response.output_text.done", **ids, "text": text}),
+            (
+                "response.output_item.done",
+                {"type": "response.output_item.done", "output_index": 0, "item": item},
+            ),
+            (
+                "response.completed",
+                {"type": "response.completed", "response": {**r, "status": "completed", "output": [item]}},
+            ),
+        ]
+        for n, (_, ev) in enumerate(frames):
+            ev["sequence_number"] = n
+        return await events(request, frames, list(range(first, first + words)))
+
+    async def messages(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        message = {
+            "id": "msg_bench",
+            "type": "message",
+            "role": "assistant",
+            "model": "bench",
+            "content": [],
+            "usage": {"input_tokens": 1, "output_tokens": 0},
+        }
+        frames: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"type": "message_start", "message": message}),
+            (
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            ),
+        ]
+        first = len(frames)
+        frames += [
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "text_delta", "text": " " + WORDS[k % len(WORDS)]},
+                },
+            )
+            for k in range(words)
+        ]
+        frames += [
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            (
+                "message_delta",
+                {
+                    "type": "message_delta",
+                    "delta": {"stop_reason": "end_turn"},
+                    "usage": {"output_tokens": words},
+                },
+            ),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        return await events(request, frames, list(range(first, first + words)))
+
     app = web.Application()
     app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/messages", messages)
     app.router.add_get("/sent/{sid}", times)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
@@ -115,36 +226,53 @@ def run_upstream(port: int, words: int, delay_ms: float) -> None:
 # -- clients ----------------------------------------------------------------------------------------
 
 
+REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat": ("/chat/completions", {"messages": [{"role": "user", "content": "Tell me some words."}]}),
+    "responses": ("/responses", {"input": "Tell me some words."}),
+    "messages": (
+        "/messages",
+        {"max_tokens": 512, "messages": [{"role": "user", "content": "Tell me some words."}]},
+    ),
+}
+
+
+def _text_of(api: str, event: dict[str, Any]) -> str:
+    """The answer text one client event carries, in each API's shape."""
+    if api == "chat":
+        return "".join((c.get("delta") or {}).get("content") or "" for c in event.get("choices", []))
+    if api == "responses":
+        return str(event.get("delta") or "") if event.get("type") == "response.output_text.delta" else ""
+    delta = event.get("delta") or {}
+    return str(delta.get("text") or "") if event.get("type") == "content_block_delta" else ""
+
+
 async def one_stream(
-    session: aiohttp.ClientSession, url: str, upstream: str
+    session: aiohttp.ClientSession, url: str, upstream: str, api: str = "chat"
 ) -> tuple[float, list[tuple[int, int]]]:
     """(TTFT in s, [(send µs, arrival µs) per word])."""
-    body = {
-        "model": "bench",
-        "stream": True,
-        "messages": [{"role": "user", "content": "Tell me some words."}],
-    }
+    path, fields = REQUESTS[api]
+    body = {"model": "bench", "stream": True, **fields}
     sid = uuid.uuid4().hex
     started = time.time_ns() // 1000
     ttft = -1.0
     text: list[str] = []
     arrival: list[int] = []  # per character of the streamed text: when it came (µs)
     buf = b""
-    async with session.post(url + "/chat/completions", json=body, headers={"x-bench-stream": sid}) as resp:
+    async with session.post(url + path, json=body, headers={"x-bench-stream": sid}) as resp:
         resp.raise_for_status()
         async for data in resp.content.iter_any():
             now = time.time_ns() // 1000
             buf += data
             *events, buf = buf.split(b"\n\n")
             for e in events:
-                if not e.startswith(b"data: {"):
+                line = next((x for x in e.split(b"\n") if x.startswith(b"data: {")), None)
+                if line is None:
                     continue
-                for c in json.loads(e[6:]).get("choices", []):
-                    piece = (c.get("delta") or {}).get("content") or ""
-                    if piece and ttft < 0:
-                        ttft = (now - started) / 1e6
-                    text.append(piece)
-                    arrival += [now] * len(piece)
+                piece = _text_of(api, json.loads(line[6:]))
+                if piece and ttft < 0:
+                    ttft = (now - started) / 1e6
+                text.append(piece)
+                arrival += [now] * len(piece)
     # The proxy may release a word in pieces: a word has arrived when its last character has.
     full = "".join(text)
     ends = [m.end() - 1 for m in re.finditer(r"\S+", full)]
@@ -154,11 +282,11 @@ async def one_stream(
     return ttft, [(s, arrival[e]) for s, e in zip(sent, ends, strict=True)]
 
 
-async def run_clients(url: str, streams: int, upstream: str) -> dict[str, Any]:
+async def run_clients(url: str, streams: int, upstream: str, api: str = "chat") -> dict[str, Any]:
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=None)) as s:
         t = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(s, url, upstream) for _ in range(streams)))
+        results = await asyncio.gather(*(one_stream(s, url, upstream, api) for _ in range(streams)))
         wall = time.perf_counter() - t
     lat, after_final, ttfts, words = [], [], [], 0
     for ttft, seen in results:
@@ -243,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--streams", default="16,64", help="concurrent streams with the tiny guard (a list)")
     ap.add_argument("--streams-0.6b", dest="streams_big", default="2,8", help="with the 0.6B-shape guard")
+    ap.add_argument(
+        "--api", default="chat", help="chat, responses, messages (a list: each measured in the same run)"
+    )
     ap.add_argument("--words", type=int, default=64)
     ap.add_argument("--delay-ms", type=float, default=10.0, help="between two upstream words")
     ap.add_argument("--threads", type=int, default=1, help="torch threads in the proxy")
@@ -314,21 +445,24 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     wait_ready(f"http://127.0.0.1:{port}/readyz", proxy)
                     root = f"http://127.0.0.1:{up_port}"
-                    asyncio.run(run_clients(f"http://127.0.0.1:{port}/v1", 2, root))  # warm-up
-                    for streams in counts:
-                        direct = asyncio.run(run_clients(up_url, streams, root))
-                        cpu0 = cpu_seconds(proxy.pid)
-                        through = asyncio.run(run_clients(f"http://127.0.0.1:{port}/v1", streams, root))
-                        through["cpu_s"] = cpu_seconds(proxy.pid) - cpu0
-                        rss = peak_rss_mb(proxy.pid)
-                        row = {
-                            "guard": guard,
-                            "streams": streams,
-                            "direct": direct,
-                            "proxy": through,
-                            "rss_mb": rss,
-                        }
-                        rows.append(row)
+                    for api in args.api.split(","):
+                        asyncio.run(run_clients(f"http://127.0.0.1:{port}/v1", 2, root, api))  # warm-up
+                        for streams in counts:
+                            direct = asyncio.run(run_clients(up_url, streams, root, api))
+                            cpu0 = cpu_seconds(proxy.pid)
+                            through = asyncio.run(
+                                run_clients(f"http://127.0.0.1:{port}/v1", streams, root, api)
+                            )
+                            through["cpu_s"] = cpu_seconds(proxy.pid) - cpu0
+                            label = guard if args.api == "chat" else f"{guard}/{api}"
+                            row = {
+                                "guard": label,
+                                "streams": streams,
+                                "direct": direct,
+                                "proxy": through,
+                                "rss_mb": peak_rss_mb(proxy.pid),
+                            }
+                            rows.append(row)
                 finally:
                     proxy.terminate()
                     proxy.wait(60)
@@ -341,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.threads}; {os.cpu_count()} cores shared by upstream, proxy and clients"
     )
     head = (
-        f"{'guard':<15}{'streams':>8}{'p50 direct':>12}{'p50 proxy':>11}{'p99 direct':>12}{'p99 proxy':>11}"
+        f"{'guard':<20}{'streams':>8}{'p50 direct':>12}{'p50 proxy':>11}{'p99 direct':>12}{'p99 proxy':>11}"
         f"{'p99 added':>11}{'p50/p99 after final':>21}{'TTFT +':>9}{'words/s d/p':>14}{'RSS MB':>8}"
         f"{'CPU us/word':>13}"
     )
@@ -371,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         rec["p99_added_ms"] = rec["p99_proxy_ms"] - rec["p99_direct_ms"]
         out.append(rec)
         print(
-            f"{rec['guard']:<15}{rec['streams']:>8}{rec['p50_direct_ms']:>12.2f}{rec['p50_proxy_ms']:>11.2f}"
+            f"{rec['guard']:<20}{rec['streams']:>8}{rec['p50_direct_ms']:>12.2f}{rec['p50_proxy_ms']:>11.2f}"
             f"{rec['p99_direct_ms']:>12.2f}{rec['p99_proxy_ms']:>11.2f}{rec['p99_added_ms']:>11.2f}"
             f"{rec['p50_after_final_ms']:>10.2f}/{rec['p99_after_final_ms']:<10.2f}"
             f"{rec['ttft_proxy_s'] - rec['ttft_direct_s']:>8.3f}s"
