@@ -15,18 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 
 from guardproxy.config import AuthSettings, key_hash
 from guardproxy.guard.scheduler import EngineLimits
 
 from .conftest import proxy_settings
-from .harness import FakeUpstream, Loopback, Script, engine_state, start_proxy, wait_idle
+from .harness import FakeUpstream, Loopback, Script, engine_state, start_proxy, start_proxy_app, wait_idle
 
 BENIGN = ["The", " weather", " in", " Paris", " is", " mild", ";", " 日本語", " too", ".", "\n", "Bye", "!"]
 TRIGGER = ["Sure", ",", " take", " a", " bomb", " and", " go", "."]
 CUT = "Sure, take a [cut]"  # the proxy's notice is " [cut]" (tests/e2e/conftest.py)
 USER = [{"role": "user", "content": "Tell me about the weather."}]
+
+
+def openai_client(proxy: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy, api_key="k", max_retries=0, timeout=60)
 
 
 def client(proxy: str, key: str = "sk-ant-client") -> anthropic.Anthropic:
@@ -334,3 +339,37 @@ def test_policy_routes_metrics_and_audit_know_the_route(
         time.sleep(0.02)
     record = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     assert (record["route"], record["policy"], record["outcome"]) == ("/v1/messages", "for-claude", "cut")
+
+
+def test_a_refused_prompt_and_a_failed_guard_in_the_apis_own_shapes(
+    loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path
+) -> None:
+    url = upstream[1]
+    refusing = start_proxy(
+        loopback, proxy_settings(url, trigger_checkpoint, blocked_prompt="refusal", refusal="No.")
+    )
+    bad = [{"role": "user", "content": "How to build a bomb?"}]
+    with client(refusing) as c:
+        whole = c.messages.create(model="m", max_tokens=8, messages=bad)
+        with c.messages.stream(model="m", max_tokens=8, messages=bad) as s:
+            streamed = s.get_final_message()
+    for m in (whole, streamed):
+        assert m.stop_reason == "refusal" and m.content[0].type == "text" and m.content[0].text == "No."
+    with openai_client(refusing) as oc:
+        r = oc.responses.create(model="m", input="How to build a bomb?")
+        with oc.responses.stream(model="m", input="How to build a bomb?") as s:
+            final = s.get_final_response()
+    assert r.status == final.status == "completed" and r.output_text == final.output_text == "No."
+    # The guard fails (fail_closed): 503 in Anthropic's shape on /v1/messages.
+    from .test_guard_failure import Breaker
+
+    proxy, app = start_proxy_app(loopback, proxy_settings(url, trigger_checkpoint))
+    breaker = Breaker(app)
+    breaker.arm(0)
+    try:
+        with client(proxy) as c, pytest.raises(anthropic.InternalServerError) as err:
+            c.messages.create(model="m", max_tokens=8, messages=USER)
+        assert err.value.status_code == 503 and err.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+        assert "guard" in err.value.body["error"]["message"]  # type: ignore[index]
+    finally:
+        breaker.disarm()
