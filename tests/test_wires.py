@@ -115,6 +115,19 @@ def test_the_response_store_is_bounded_by_count_and_age() -> None:
     assert store.get("b") is None and store.get("c") is None and store.get("d") == []
 
 
+def test_the_response_store_keeps_each_turn_once_and_rebuilds_chains() -> None:
+    store = ResponseStore(max_entries=3, max_age_s=60)
+    turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    store.put("r1", turn)
+    store.put("r2", turn, parent="r1")
+    store.put("r3", turn, parent="r2")
+    assert store.get("r3") == turn * 3
+    store.put("r4", turn, parent="r3")  # r1 goes: every chain through it is unknown now
+    assert store.get("r4") is None and store.get("r2") is None
+    store.put("loop", turn, parent="loop")
+    assert store.get("loop") is None  # a cycle is no chain
+
+
 def test_responses_events_are_read_into_the_core_events() -> None:
     wire = ResponsesWire({"input": "x", "stream": True}, Policy())
 

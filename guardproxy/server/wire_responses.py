@@ -161,6 +161,8 @@ class ResponsesWire(Wire):
         self.previous = optional_str(body, "previous_response_id")
         self.store = store
         self._turns: list[dict[str, Any]] | None = None  # the conversation, instructions left out
+        self._input: list[dict[str, Any]] = []  # this request's own turns
+        self._continues: str | None = None  # the stored response it continues, when known
         # Reading the upstream: function calls by item id -> (tool call index, name).
         self._read_calls: dict[str, tuple[int, str | None]] = {}
         self._read_kind: dict[str, str] = {}
@@ -177,7 +179,7 @@ class ResponsesWire(Wire):
 
     def conversation(self) -> Conversation:
         if self._turns is None:
-            turns: list[dict[str, Any]] = []
+            earlier: list[dict[str, Any]] | None = None
             if self.previous is not None:
                 earlier = self.store.get(self.previous) if self.store is not None else None
                 if earlier is None and self.policy.unknown_previous_response == "refuse":
@@ -188,9 +190,9 @@ class ResponsesWire(Wire):
                         param="previous_response_id",
                         code="previous_response_not_found",
                     )
-                turns += earlier or []
-            turns += input_messages(self.body.get("input"))
-            self._turns = turns
+            self._continues = self.previous if earlier is not None else None
+            self._input = input_messages(self.body.get("input"))
+            self._turns = [*(earlier or []), *self._input]
         messages = list(self._turns)
         instructions = self.body.get("instructions")
         if isinstance(instructions, str) and instructions:
@@ -198,8 +200,8 @@ class ResponsesWire(Wire):
         return Conversation(messages, chat_tools(self.body.get("tools")))
 
     def remember(self, store: ResponseStore, outputs: Outputs) -> None:
-        """Keep this conversation and the answer as the upstream holds it (all it sent, released or
-        not) for a request that continues it."""
+        """Keep this request's turns and the answer as the upstream holds it (all it sent, released or
+        not), linked to the response it continued, for a request that continues it."""
         if self.response_id is None or self._turns is None or self.body.get("store") is False:
             return
         m = outputs.moderators.get(0)
@@ -211,12 +213,11 @@ class ResponsesWire(Wire):
             calls = []
             for item_id, (k, name) in sorted(self._read_calls.items(), key=lambda c: c[1][0]):
                 args = m.fields[tool_field(k)].text if tool_field(k) in m.fields else ""
-                calls.append(
-                    {"id": item_id, "type": "function", "function": {"name": name, "arguments": args}}
-                )
+                fn = {"name": name or "", "arguments": args}
+                calls.append({"id": item_id, "type": "function", "function": fn})
             if calls:
                 answer["tool_calls"] = calls
-        store.put(self.response_id, [*self._turns, answer])
+        store.put(self.response_id, [*self._input, answer], parent=self._continues)
 
     # -- upstream ----------------------------------------------------------------------------------
 

@@ -198,6 +198,15 @@ def test_previous_response_id_chains_are_judged_whole(proxy: str, fake: FakeUpst
         benign = c.responses.create(model="m", input="Hello.")
         second = c.responses.create(model="m", input="And now?", previous_response_id=benign.id)
         assert second.output_text == "".join(BENIGN)
+        # A longer chain: the trigger sits two turns back, in an answer the client never saw whole.
+        fake.script = Script(pieces=[["More", " words", " and", " a", " grenade"]])
+        third = c.responses.create(model="m", input="Go on.", previous_response_id=second.id)
+        assert third.status == "incomplete"
+        fake.script = Script(pieces=[BENIGN])
+        fourth = c.responses.create(model="m", input="Fine.", previous_response_id=second.id)
+        assert fourth.output_text == "".join(BENIGN)  # a branch from before the trigger is clean
+        with pytest.raises(openai.BadRequestError):
+            c.responses.create(model="m", input="Last one.", previous_response_id=third.id)
         # An id guardproxy never saw: the visible turns are judged; the upstream answers for the id.
         with pytest.raises(openai.BadRequestError) as unknown:
             c.responses.create(model="m", input="Hi", previous_response_id="resp_unknown")
