@@ -24,6 +24,7 @@ import time
 import torch
 
 from guardproxy.guard.model import default_dtype
+from guardproxy.guard.pages import PagePool
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import NO_OUTPUT, RESPONSE, WorkItem
 from guardproxy.guard.testing import random_guard_model
@@ -37,7 +38,8 @@ def sync() -> None:
 
 
 def step_ms(runner: ModelRunner, lengths: list[int], steps: int) -> float:
-    kvs = [runner.allocate(n + steps + 16) for n in lengths]
+    pages = PagePool()  # the streams' page ids (the engine's job), the tensors in the runner
+    kvs = [pages.allocate(n + steps + 16) for n in lengths]
     for k, (kv, n) in enumerate(zip(kvs, lengths, strict=True)):  # prefill each cache
         runner.execute([WorkItem(sid=k, kv=kv, start=0, ids=[7] * n, kinds=[NO_OUTPUT] * n)])
     pos = list(lengths)
@@ -57,7 +59,7 @@ def step_ms(runner: ModelRunner, lengths: list[int], steps: int) -> float:
     sync()
     took = (time.perf_counter() - t) / steps * 1e3
     for kv in kvs:
-        runner.release(kv)
+        pages.release(kv)
     return took
 
 

@@ -32,7 +32,8 @@ from typing import Any, Protocol
 import torch
 
 from guardproxy.guard.model import Qwen3GuardStream
-from guardproxy.guard.runner import PAGE_SIZE, ModelRunner, PagePool
+from guardproxy.guard.pages import PAGE_SIZE, PagePool
+from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import (
     EngineError,
     EngineLimits,
@@ -90,6 +91,10 @@ class EngineStats:
     slides: int  # streams that reached the guard's context and went on on a window
     memory_waits: int  # times a stream had to wait for KV memory to grow
     memory_timeouts: int  # waits that ran out (the stream failed by the policy's on_guard_error)
+    prefill_tokens: int  # context positions computed
+    prefix_hit_tokens: int  # context positions taken from the prefix cache instead
+    cached_pages: int  # pages in the prefix cache (held by streams or waiting for reuse)
+    evictions: int  # cached pages given up for room
     last_step_tokens: int
     last_step_s: float
 
@@ -174,7 +179,9 @@ class GuardEngine:
             )
         self.limits = limits
         # The engine hands out page ids; the executor holds the tensors (here or in its own process).
-        self.scheduler = Scheduler(limits, PagePool(max_pages(limits)))
+        cache = limits.prefix_cache_tokens // PAGE_SIZE if limits.prefix_cache else 0
+        self.pages = PagePool(max_pages(limits), cache_pages=cache)
+        self.scheduler = Scheduler(limits, self.pages)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-engine")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
@@ -231,6 +238,10 @@ class GuardEngine:
             slides=s.slides,
             memory_waits=s.memory_waits,
             memory_timeouts=s.memory_timeouts,
+            prefill_tokens=s.prefill_tokens,
+            prefix_hit_tokens=s.prefix_hit_tokens,
+            cached_pages=self.pages.cached_pages,
+            evictions=self.pages.evictions,
             last_step_tokens=self._last_step[0],
             last_step_s=self._last_step[1],
         )
@@ -386,6 +397,7 @@ class GuardEngine:
                 except WorkerDied as exc:  # every stream's cache died with the process
                     log.error("%s: failing every live guard stream; the next step starts a new one", exc)
                     done = self.scheduler.fail(plan, exc) + self.scheduler.fail_all(exc)
+                    self.scheduler.clear_cache()
                 except Exception as exc:  # the engine survives a failed step; its streams do not
                     log.exception("guard step failed (%d streams, %d tokens)", len(plan.items), plan.tokens)
                     done = self.scheduler.fail(plan, exc)

@@ -2,8 +2,10 @@
 
 The linear layers (projections, MLP: nearly all the FLOPs) run once over all the step's tokens packed
 into one [T, hidden] matrix. The KV cache is paged: one pool of fixed-size pages per layer, a stream
-owns a list of pages, so growing a stream copies nothing and every new key/value of a step is written
-with one indexed copy. Attention never mixes streams. A stream whose pages form one run is read in
+owns a list of pages (``pages.py``; pages of a common prefix are shared between streams), so growing a
+stream copies nothing and every new key/value of a step is written with one indexed copy; a page a
+stream must write into while it is shared or cached is first copied to a page of its own (the step's
+``copies``). Attention never mixes streams. A stream whose pages form one run is read in
 place; otherwise its pages are gathered. One-token streams (the steady state of streaming) can be
 batched instead: those of similar length share one attention call a layer over their gathered pages,
 shorter ones masked, which makes the number of calls independent of the number of streams (the
@@ -12,7 +14,6 @@ default on CUDA; see ``_GATHER_MAX``). Runs in the engine's worker thread; nothi
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,10 +23,9 @@ import torch.nn.functional as F
 from transformers.models.qwen3.modeling_qwen3 import rotate_half
 
 from guardproxy.guard.model import Qwen3GuardStream
+from guardproxy.guard.pages import PAGE_SIZE, KVPages
 from guardproxy.guard.scheduler import QUERY, RESPONSE, ItemOutput, RawProbs, WorkItem
 from guardproxy.guard.verdict import GuardLabels
-
-PAGE_SIZE = 16  # positions a page; the scheduler reserves capacity in multiples of 16 too
 
 # One-token streams are batched while the padded attention (longest x count) stays within twice their
 # real total plus this many positions: batching two streams of 100 and 4000 tokens would do 39x the
@@ -38,23 +38,6 @@ _PAD_SLACK = 256
 # attend alone, in place. On CUDA each call is a kernel launch a layer a stream: batched, unlimited
 # (not measured here: no GPU lent yet; ``python bench/step.py --device cuda`` is the check).
 _GATHER_MAX = {"cpu": 0}
-
-
-@dataclass(eq=False)
-class KVPages:
-    """One stream's cache: the pool pages holding its positions, in order (``PAGE_SIZE`` each).
-    ``first`` is the first page when they are one run (attention then reads them in place), else -1."""
-
-    pages: list[int]
-    capacity: int
-    first: int = -1
-
-    def __post_init__(self) -> None:
-        self.check_run()
-
-    def check_run(self) -> None:
-        p = self.pages
-        self.first = p[0] if p and p == list(range(p[0], p[0] + len(p))) else -1
 
 
 @dataclass(frozen=True)
@@ -93,70 +76,6 @@ def _rows(t: torch.Tensor) -> list[tuple[float, ...]]:
     return [tuple(r) for r in t.tolist()]
 
 
-class PagePool:
-    """Hands out KV page ids (the scheduler's Allocator): pure bookkeeping, no tensors, so it can live
-    apart from the model (the engine's worker process holds the tensors)."""
-
-    def __init__(self, max_pages: int | None = None) -> None:
-        self.max_pages = max_pages  # fresh pages past this are taken only when no free ones are left
-        self._free: list[int] = []  # released page ids, sorted
-        self._pages = 0  # ids ever handed out
-
-    def _is_free(self, page: int) -> bool:
-        if page >= self._pages:
-            return self.max_pages is None or page < self.max_pages
-        i = bisect.bisect_left(self._free, page)
-        return i < len(self._free) and self._free[i] == page
-
-    def _claim(self, first: int, n: int) -> list[int] | None:
-        """Pages ``first..first+n`` if all are free (released, or fresh within ``max_pages``)."""
-        if not all(self._is_free(p) for p in range(first, first + n)):
-            return None
-        lo = bisect.bisect_left(self._free, first)
-        hi = bisect.bisect_left(self._free, first + n)
-        del self._free[lo:hi]
-        self._pages = max(self._pages, first + n)
-        return list(range(first, first + n))
-
-    def _take(self, n: int, after: int | None = None) -> list[int]:
-        """``n`` pages, as one run where possible (attention then reads a stream in place): right
-        after page ``after`` (a stream growing), else the first free run, else fresh at the end, else
-        whatever is free (the scheduler never reserves more positions than the pool may hold)."""
-        if n <= 0:
-            return []
-        if after is not None and (run := self._claim(after + 1, n)) is not None:
-            return run
-        start = count = 0
-        for k, page in enumerate(self._free):
-            start, count = (start, count + 1) if k and page == self._free[k - 1] + 1 else (page, 1)
-            if count == n or (page == self._pages - 1 and self._is_free(page + n - count)):
-                got = self._claim(start, n)
-                if got is not None:
-                    return got
-        if (got := self._claim(self._pages, n)) is not None:
-            return got
-        got, self._free = self._free[:n], self._free[n:]
-        fresh = n - len(got)
-        got += range(self._pages, self._pages + fresh)
-        self._pages += fresh
-        return got
-
-    def allocate(self, capacity: int) -> KVPages:
-        return KVPages(self._take(math.ceil(capacity / PAGE_SIZE)), capacity)
-
-    def grow(self, handle: KVPages, used: int, capacity: int) -> KVPages:
-        last = handle.pages[-1] if handle.pages else None
-        handle.pages += self._take(math.ceil(capacity / PAGE_SIZE) - len(handle.pages), after=last)
-        handle.capacity = capacity
-        handle.check_run()
-        return handle
-
-    def release(self, handle: KVPages) -> None:
-        self._free = sorted(self._free + handle.pages)
-        handle.pages = []
-        handle.first = -1
-
-
 class ModelRunner:
     def __init__(
         self,
@@ -180,7 +99,7 @@ class ModelRunner:
         # The page pool: [layers, pages * PAGE_SIZE, kv_heads, head_dim]. Page ids are handed out on the
         # event loop's thread (allocate/grow/release, ``PagePool``); the tensors are (re)sized only in
         # ``execute``, on the worker thread (or process), so a step never sees them swapped under it.
-        self.pages = PagePool(max_pages)  # the page ids, when this runner is also the allocator
+        self.max_pages = max_pages  # the pool's tensors never grow past this many pages
         self._k = self._pool(0)
         self._v = self._pool(0)
 
@@ -197,22 +116,13 @@ class ModelRunner:
     def close(self) -> None:
         """Nothing to release: the pool goes with the runner."""
 
-    # -- KV memory (the scheduler's Allocator) -------------------------------------------------------
+    # -- KV memory ------------------------------------------------------------------------------------
 
     def _pool(self, pages: int) -> torch.Tensor:
         shape = (len(self.layers), pages * PAGE_SIZE, self.n_kv, self.head_dim)
         # Zeros, not empty: batched attention reads (masked) slots never written, and a masked slot
         # holding NaN would still poison the sum (0 * NaN).
         return torch.zeros(shape, device=self.device, dtype=self.dtype)
-
-    def allocate(self, capacity: int) -> KVPages:
-        return self.pages.allocate(capacity)
-
-    def grow(self, handle: KVPages, used: int, capacity: int) -> KVPages:
-        return self.pages.grow(handle, used, capacity)
-
-    def release(self, handle: KVPages) -> None:
-        self.pages.release(handle)
 
     @property
     def pool_positions(self) -> int:
@@ -225,13 +135,28 @@ class ModelRunner:
             return
         # Grow by doubling (amortised copies), never past the cap on pages when there is one.
         size = max(need, 2 * have)
-        if self.pages.max_pages is not None:
-            size = max(need, min(size, self.pages.max_pages * PAGE_SIZE))
+        if self.max_pages is not None:
+            size = max(need, min(size, self.max_pages * PAGE_SIZE))
         for name in ("_k", "_v"):
             old = getattr(self, name)
             new = self._pool(size // PAGE_SIZE)
             new[:, :have] = old
             setattr(self, name, new)
+
+    def _copy_pages(self, copies: Sequence[tuple[int, int]]) -> None:
+        """Copy-on-write: a stream's own copy of a shared or cached page, made before the step writes
+        into it (``PagePool.prepare_write``). One indexed copy a pool for all of them, every layer."""
+        if not copies:
+            return
+        offsets = torch.arange(PAGE_SIZE, device=self.device)
+        src = (torch.tensor([s for s, _ in copies], device=self.device)[:, None] * PAGE_SIZE + offsets).view(
+            -1
+        )
+        dst = (torch.tensor([d for _, d in copies], device=self.device)[:, None] * PAGE_SIZE + offsets).view(
+            -1
+        )
+        for pool in (self._k, self._v):
+            pool.index_copy_(1, dst, pool.index_select(1, src))
 
     def _table(self, kvs: Sequence[KVPages], length: int) -> torch.Tensor:
         """The pages holding positions ``0..length`` of each stream, flat (streams x pages). A stream
@@ -260,6 +185,7 @@ class ModelRunner:
     def _execute(self, items: Sequence[WorkItem]) -> list[ItemOutput]:
         dev = self.device
         self._ensure_pool(items)
+        self._copy_pages([c for item in items for c in item.copies])
         # Pack one-token items first, group by group, so each group's queries are one slice.
         singles = [i for i, item in enumerate(items) if len(item.ids) == 1]
         groups = [

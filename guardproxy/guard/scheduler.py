@@ -13,6 +13,17 @@ of the prompt, at most ``anchor_tokens``, plus the context before the answer) an
 with the newest context. When the shared pool cannot grow a stream, the stream waits for memory (no new
 stream is admitted meanwhile): a verdict never depends on load. A wait longer than ``memory_wait_s``
 fails the stream (``expire``), which the proxy handles by the policy's ``on_guard_error``.
+
+Prefix caching (``prefix_cache``, on by default): a new stream starts on the cached pages of the longest
+common prefix its prompt has with what earlier streams computed (full pages, identified by their ids and
+all before them; ``pages.py``), and prefills only the rest. The prompt verdict's position is always
+computed (the cache keeps keys and values, not verdicts), so verdicts are the same as without it. After
+each step a stream's newly full pages join the cache; before each write, pages that are shared or cached
+are replaced by the stream's own (copied when it keeps some of their positions). A prompt page another
+live stream is computing right now is waited for, not computed twice: the stream holds its prefill until
+that page is cached, then matches again (clients sending the same long system prompt at once compute it
+once). Admission counts a stream's whole reservation as before: the cache never reduces how many
+streams are admitted.
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from guardproxy.guard.pages import PAGE_SIZE, page_keys
 
 # What each pending token is: prompt/head context, the prompt-verdict position, a judged response token,
 # or context after the head (fed unjudged after judging began, or replayed by a slide).
@@ -69,6 +82,8 @@ class EngineLimits:
     max_queue: int = 1024
     queue_timeout_s: float = 30.0
     memory_wait_s: float = 10.0  # a stream that waits longer than this for KV memory fails
+    prefix_cache: bool = True  # streams share the KV pages of a common prompt prefix
+    prefix_cache_tokens: int = 65536  # positions of cached pages kept while no stream uses them
 
     def __post_init__(self) -> None:
         for name in (
@@ -93,13 +108,31 @@ class EngineLimits:
 
 
 class Allocator(Protocol):
-    """Owns KV memory. Handles are opaque to the scheduler."""
+    """Owns KV memory (``pages.PagePool``). Handles are opaque to the scheduler."""
 
-    def allocate(self, capacity: int) -> Any: ...
+    def allocate(self, capacity: int, shared: Sequence[Any] = ()) -> Any: ...
 
     def grow(self, handle: Any, used: int, capacity: int) -> Any: ...
 
     def release(self, handle: Any) -> None: ...
+
+    def match(self, keys: Sequence[bytes]) -> list[Any]:
+        """Cached pages of the longest prefix of these page keys."""
+        ...
+
+    def register(self, handle: Any, index: int, key: bytes) -> None:
+        """A stream's page ``index`` is full and computed: shareable from now on."""
+        ...
+
+    def prepare_write(self, handle: Any, start: int, end: int) -> list[tuple[int, int]]:
+        """Copy-on-write before positions ``start..end`` are written: the page copies to make."""
+        ...
+
+    def adopt(self, handle: Any, index: int, pages: Sequence[Any]) -> None:
+        """Cached ``pages`` replace the stream's own from page ``index`` on (nothing written there yet)."""
+        ...
+
+    def clear_cache(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -139,17 +172,23 @@ class StreamState:
     inflight_kinds: list[int] = field(default_factory=list)
     drop: int = 0  # verdicts of the step in flight to discard (their tokens were retracted)
     waiting_since: float | None = None  # when it began to wait for KV memory to grow
+    ids: list[int] = field(default_factory=list)  # the token at each position up to ``cached``
+    keys: list[bytes] = field(default_factory=list)  # keys of its full pages, from the first on
+    prompt_keys: list[bytes] = field(default_factory=list)  # keys of the prompt pages it may share
+    waiting_prefix: bool = False  # another stream is computing its next prompt page: it waits for it
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One stream's slice of a step: ``ids`` at positions ``start..start+len(ids)``."""
+    """One stream's slice of a step: ``ids`` at positions ``start..start+len(ids)``, after the page
+    ``copies`` (from, to) its copy-on-write needs."""
 
     sid: int
     kv: Any
     start: int
     ids: list[int]
     kinds: list[int]
+    copies: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -200,10 +239,13 @@ class Scheduler:
         self._ids = itertools.count(1)
         self._arrivals = itertools.count()
         self._inflight: set[int] = set()
+        self._computing: dict[bytes, int] = {}  # prompt pages a live stream is computing: key -> sid
         self.steps = 0
         self.slides = 0
         self.memory_waits = 0  # times a stream had to wait for KV memory
         self.memory_timeouts = 0  # waits that ran out (the stream failed)
+        self.prefill_tokens = 0  # context positions computed (everything but judged response tokens)
+        self.prefix_hit_tokens = 0  # context positions a new stream took from the prefix cache
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -231,18 +273,73 @@ class Scheduler:
             raise EngineOverloaded("guard engine is full")
         if verdict_index is not None and not 0 <= verdict_index < len(prompt_ids):
             raise ValueError("verdict_index outside the prompt")
+        prompt = list(prompt_ids)
+        shared: list[Any] = []
+        keys: list[bytes] = []
+        if self.limits.prefix_cache:
+            # Whole pages only, and never past the verdict's position: it must be computed.
+            usable = len(prompt) // PAGE_SIZE
+            if verdict_index is not None:
+                usable = min(usable, verdict_index // PAGE_SIZE)
+            keys = page_keys(prompt[: usable * PAGE_SIZE])
+            shared = self.allocator.match(keys)
         sid = next(self._ids)
-        kv = self.allocator.allocate(cost)
-        anchor = list(prompt_ids[anchor_start:])[-self.limits.anchor_tokens :]
+        kv = self.allocator.allocate(cost, shared)
+        anchor = prompt[anchor_start:][-self.limits.anchor_tokens :]
         s = StreamState(sid=sid, kv=kv, capacity=cost, head=anchor, window=self.limits.window_tokens)
+        hit = len(shared) * PAGE_SIZE
+        s.cached, s.ids, s.keys, s.prompt_keys = hit, prompt[:hit], keys[: len(shared)], keys
+        self.prefix_hit_tokens += hit
         self.reserved += cost
         self.streams[sid] = s
-        kinds = [NO_OUTPUT] * len(prompt_ids)
+        kinds = [NO_OUTPUT] * len(prompt)
         if verdict_index is not None:
             kinds[verdict_index] = QUERY
             s.prompt_ticket = Ticket(need=1)
-        self._enqueue(s, list(prompt_ids), kinds)
+        self._enqueue(s, prompt[hit:], kinds[hit:])
+        self._claim_prefix(s)
         return sid
+
+    # -- prompt pages computed once ------------------------------------------------------------------
+
+    def _computer(self, key: bytes) -> StreamState | None:
+        sid = self._computing.get(key)
+        s = self.streams.get(sid) if sid is not None else None
+        return s if s is not None and not s.closed and s.failed is None else None
+
+    def _claim_prefix(self, s: StreamState) -> None:
+        """The stream computes the prompt pages nobody has cached, unless another live stream is
+        computing the next one already: then it waits for that stream's pages."""
+        first = len(s.keys)
+        if first >= len(s.prompt_keys):
+            s.waiting_prefix = False
+            return
+        other = self._computer(s.prompt_keys[first])
+        if other is not None and other is not s:
+            s.waiting_prefix = True
+            return
+        s.waiting_prefix = False
+        for key in s.prompt_keys[first:]:
+            if self._computer(key) is None:
+                self._computing[key] = s.sid
+
+    def _advance_prefix(self, s: StreamState) -> None:
+        """A waiting stream takes what the stream it waited for has cached since, then claims or waits."""
+        pages = self.allocator.match(s.prompt_keys)
+        have = len(s.keys)
+        if len(pages) > have:
+            self.allocator.adopt(s.kv, have, pages[have:])
+            more = (len(pages) - have) * PAGE_SIZE
+            s.ids += s.pend_ids[:more]
+            del s.pend_ids[:more], s.pend_kind[:more]
+            s.cached += more
+            s.keys = list(s.prompt_keys[: len(pages)])
+            self.prefix_hit_tokens += more
+        self._claim_prefix(s)
+
+    def _release_claims(self, s: StreamState) -> None:
+        for key in [k for k, sid in self._computing.items() if sid == s.sid]:
+            del self._computing[key]
 
     # -- feeding -------------------------------------------------------------------------------------
 
@@ -299,6 +396,7 @@ class Scheduler:
                 lo, hi = max(s.cached - cached, s.inflight_at) - s.inflight_at, s.cached - s.inflight_at
                 s.drop += sum(1 for k in s.inflight_kinds[lo:hi] if k == RESPONSE)
             s.cached -= cached
+            del s.ids[s.cached :], s.keys[s.cached // PAGE_SIZE :]
             for _ in range(cached):
                 s.tail.pop()
         left = n
@@ -320,6 +418,7 @@ class Scheduler:
         if s is None or s.closed:
             return []
         s.closed = True
+        self._release_claims(s)
         dropped = self._fail_tickets(s, StreamClosed(f"guard stream {sid} was closed"))
         if sid not in self._inflight:
             self._free(s)
@@ -336,6 +435,7 @@ class Scheduler:
             s.kv, s.capacity = None, 0
 
     def _fail_tickets(self, s: StreamState, exc: BaseException) -> list[Ticket]:
+        self._release_claims(s)  # a failed or closed stream computes nothing more for the others
         out = []
         pending = [s.prompt_ticket, *s.tickets] if s.prompt_ticket else list(s.tickets)
         for t in pending:
@@ -354,8 +454,14 @@ class Scheduler:
         a plan is in flight. None: nothing can run now (idle, or every ready stream waits for memory)."""
         assert not self._inflight, "schedule() while a step is in flight"
         lim = self.limits
+        for waiting in [s for s in self.streams.values() if s.waiting_prefix and not s.closed]:
+            self._advance_prefix(waiting)
         ready = sorted(
-            (s for s in self.streams.values() if s.pend_ids and not s.closed and s.failed is None),
+            (
+                s
+                for s in self.streams.values()
+                if s.pend_ids and not s.closed and s.failed is None and not s.waiting_prefix
+            ),
             key=lambda s: s.pend_since,
         )[: lim.max_batch_streams]
         if not ready:
@@ -372,9 +478,12 @@ class Scheduler:
             del s.pend_ids[:n], s.pend_kind[:n]
             if s.pend_ids:
                 s.pend_since = next(self._arrivals)  # back of the line for the rest
-            items.append(WorkItem(sid=s.sid, kv=s.kv, start=s.cached, ids=ids, kinds=kinds))
+            copies = tuple(self.allocator.prepare_write(s.kv, s.cached, s.cached + n))
+            items.append(WorkItem(sid=s.sid, kv=s.kv, start=s.cached, ids=ids, kinds=kinds, copies=copies))
             s.inflight_at, s.inflight_kinds = s.cached, kinds
             s.cached += n
+            s.ids += ids
+            self.prefill_tokens += sum(1 for k in kinds if k != RESPONSE)
             s.tail.extend(i for i, k in zip(ids, kinds, strict=True) if k in _TAIL_KINDS)
             while len(s.tail) > s.window:
                 s.tail.popleft()
@@ -452,6 +561,7 @@ class Scheduler:
         keep = min(s.window, (s.capacity - len(s.head)) // 2, len(s.tail))
         context = s.head + list(s.tail)[len(s.tail) - keep :]
         s.cached = 0
+        s.ids, s.keys = [], []
         s.slides += 1
         self.slides += 1
         s.pend_ids = context + s.pend_ids
@@ -465,6 +575,7 @@ class Scheduler:
             s = self.streams[item.sid]
             if s.closed:
                 continue
+            self._register(s)
             if out.query and s.prompt_ticket is not None:
                 s.prompt_ticket.results.append(out.query[-1])
                 done.append(s.prompt_ticket)
@@ -477,6 +588,27 @@ class Scheduler:
                     done.append(s.tickets.popleft())
         self._end_step()
         return done
+
+    def clear_cache(self) -> None:
+        """The KV pages' contents are gone (the guard's process died): nothing cached may be reused."""
+        self.allocator.clear_cache()
+        self._computing.clear()
+        for s in self.streams.values():
+            s.keys = []
+
+    def _register(self, s: StreamState) -> None:
+        """The stream's pages that are full and computed join the prefix cache."""
+        if not self.limits.prefix_cache:
+            return
+        full = min(s.cached, len(s.ids)) // PAGE_SIZE
+        if full <= len(s.keys):
+            return
+        first = len(s.keys)
+        s.keys += page_keys(s.ids[: full * PAGE_SIZE], s.keys[-1] if s.keys else None, first)
+        for index in range(first, full):
+            self.allocator.register(s.kv, index, s.keys[index])
+            if self._computing.get(s.keys[index]) == s.sid:
+                del self._computing[s.keys[index]]
 
     def fail(self, plan: StepPlan, exc: BaseException) -> list[Ticket]:
         """The step raised: every stream in it is dead (its cache may be half-written); others go on."""

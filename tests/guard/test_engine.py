@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
+from guardproxy.guard.pages import PAGE_SIZE, PagePool
 from guardproxy.guard.runner import ModelRunner, decode_groups
 from guardproxy.guard.scheduler import (
     EngineLimits,
@@ -115,7 +116,7 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
         pad_slack=data.draw(st.sampled_from([0, 256]), label="pad slack"),
         gather_max=data.draw(st.sampled_from([1 << 40, 0, 5000]), label="gather max"),
     )
-    scheduler = Scheduler(limits, runner)
+    scheduler = Scheduler(limits, PagePool(cache_pages=limits.prefix_cache_tokens // PAGE_SIZE))
     n = data.draw(st.integers(1, 16), label="streams")
     prompts = [template.render_prompt(data.draw(conversations())) for _ in range(n)]
     responses = [data.draw(st.lists(st.integers(0, 151642), max_size=40)) for _ in range(n)]
@@ -209,7 +210,7 @@ def test_one_token_streams_of_any_length_batch_and_reuse_pages(
     rng = random.Random(3)
     limits = EngineLimits(max_cached_tokens=4096, response_reserve=32, anchor_tokens=256, prefill_chunk=512)
     runner = ModelRunner(model64, pad_slack=0, gather_max=1 << 40)  # batched, as on CUDA
-    scheduler = Scheduler(limits, runner)
+    scheduler = Scheduler(limits, PagePool())  # no cache: freed pages go straight back to the pool
 
     def open_stream(words: int) -> tuple[int, GuardPrompt]:
         prompt = template.render_prompt([{"role": "user", "content": " ".join(rng.choices(WORDS, k=words))}])

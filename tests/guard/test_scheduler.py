@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -33,13 +34,31 @@ class FakeKV:
 
 
 class FakeAllocator:
+    """Memory accounting only: no prefix cache (the page pool's own tests cover sharing)."""
+
     def __init__(self) -> None:
         self.live: list[FakeKV] = []
 
-    def allocate(self, capacity: int) -> FakeKV:
+    def allocate(self, capacity: int, shared: Any = ()) -> FakeKV:
+        assert not shared
         kv = FakeKV(capacity)
         self.live.append(kv)
         return kv
+
+    def match(self, keys: Any) -> list[Any]:
+        return []
+
+    def register(self, handle: FakeKV, index: int, key: bytes) -> None:
+        pass
+
+    def prepare_write(self, handle: FakeKV, start: int, end: int) -> list[tuple[int, int]]:
+        return []
+
+    def adopt(self, handle: FakeKV, index: int, pages: Any) -> None:
+        raise AssertionError("no page is ever cached here")
+
+    def clear_cache(self) -> None:
+        pass
 
     def grow(self, handle: FakeKV, used: int, capacity: int) -> FakeKV:
         assert used <= handle.capacity < capacity

@@ -14,7 +14,17 @@ from guardproxy.guard.tokenizer import GuardTokenizer
 
 from ..conftest import answer_ids, hf_chat_ids
 
-MARKUP_STRINGS = ["<|im_start|>", "<|im_end|>", "<|endoftext|>", "<think>", "</think>", "<tool_call>"]
+MARKUP_STRINGS = [
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+]
 
 
 def hf_ids(hf: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:

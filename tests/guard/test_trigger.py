@@ -11,6 +11,7 @@ import torch
 from guardproxy.cli import main
 from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
+from guardproxy.guard.pages import PagePool
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import RESPONSE, EngineLimits, Scheduler
 from guardproxy.guard.template import ChatTemplate
@@ -250,7 +251,7 @@ def test_verdicts_after_a_slide_equal_a_forward_of_the_replayed_context(random_c
         max_batch_tokens=24,
     )
     runner = ModelRunner(model)
-    sched = Scheduler(limits, runner)
+    sched = Scheduler(limits, PagePool())
     sid = sched.add_stream(list(range(1000, 1030)), 29, anchor_start=10)
     sched.feed(sid, [151644, 77091, 198], judge=False)
     ticket = sched.feed(sid, list(range(5000, 5400)))

@@ -23,7 +23,9 @@ LIMITS = EngineLimits(max_batch_tokens=96, prefill_chunk=32, response_reserve=64
 
 async def judge_all(engine: GuardEngine, template: ChatTemplate, seed: int) -> list[list[float]]:
     rng = random.Random(seed)
-    prompt = template.render_prompt([{"role": "user", "content": "how do I bake a cake"}])
+    # Longer than a few KV pages: the prefix cache holds it after the first time.
+    system = {"role": "system", "content": "You answer questions about baking, briefly and kindly. " * 4}
+    prompt = template.render_prompt([system, {"role": "user", "content": "how do I bake a cake"}])
     response = [rng.randrange(151643) for _ in range(40)]
     async with await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as stream:
         stream.feed_context(scaffold(template))
@@ -56,13 +58,17 @@ async def test_a_killed_worker_fails_live_streams_and_a_new_one_takes_over(
         live = await engine.open(prompt.ids, prompt.verdict_index)
         await live.prompt_verdict()
         assert worker.pid is not None
+        assert engine.stats().cached_pages >= 4  # judge_all's prompt pages wait in the prefix cache
         os.kill(worker.pid, signal.SIGKILL)
         with pytest.raises(GuardFailure, match="guard process died"):
             await live.judge([1, 2, 3])  # its cache died with the process
         with pytest.raises(GuardFailure):
             await live.judge([4])  # and the stream stays failed
         live.close()
+        assert engine.stats().cached_pages == 0  # the prefix cache went with it
+        hits = engine.stats().prefix_hit_tokens
         assert await judge_all(engine, template, 0) == before  # a fresh process, the same verdicts
+        assert engine.stats().prefix_hit_tokens == hits  # computed again, nothing read from the dead cache
         assert worker.starts == 2
 
 
