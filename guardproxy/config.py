@@ -214,7 +214,7 @@ _UPSTREAM = {
     "retries": int,
     "max_connections": int,
 }
-_ENGINE = {f.name: (float if f.name.endswith("_s") else int) for f in fields(EngineLimits)}
+_ENGINE = {f.name: type(f.default) for f in fields(EngineLimits)}  # int, float or bool, by its default
 _GUARD = {"model": str, "revision": str, "device": str, "dtype": str, "threads": int, "process": bool}
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # Engine counters read at scrape time: (metric name without _total, help, EngineStats attribute).
@@ -27,6 +27,13 @@ _ENGINE_COUNTERS = (
         "Memory waits that ran out (the stream failed by the policy's on_guard_error).",
         "memory_timeouts",
     ),
+    ("guardproxy_engine_prefill_tokens", "Context tokens the guard computed.", "prefill_tokens"),
+    (
+        "guardproxy_engine_prefix_hit_tokens",
+        "Context tokens served from the prefix cache instead of computed.",
+        "prefix_hit_tokens",
+    ),
+    ("guardproxy_engine_prefix_evictions", "Cached KV pages given up for room.", "evictions"),
 )
 
 
@@ -34,10 +41,15 @@ class _EngineCounters(Collector):
     def __init__(self, stats: Callable[[], Any]) -> None:
         self._stats = stats
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         s = self._stats()
         for name, doc, attr in _ENGINE_COUNTERS:
             yield CounterMetricFamily(name, doc, value=getattr(s, attr))
+        yield GaugeMetricFamily(
+            "guardproxy_engine_prefix_cached_pages",
+            "KV pages in the prefix cache (held by streams or waiting for reuse).",
+            value=s.cached_pages,
+        )
 
 
 # Seconds: from sub-millisecond proxy overhead to multi-second CPU guard steps.

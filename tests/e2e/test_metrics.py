@@ -27,11 +27,16 @@ def value(m: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **
 
 def test_metrics_follow_the_traffic(proxy: str, fake: FakeUpstream) -> None:
     before = scrape(proxy)
+    # The same long system prompt twice: the second request reads its whole pages from the prefix cache.
+    chat = [
+        {"role": "system", "content": "You are a careful, helpful assistant. " * 6},
+        {"role": "user", "content": "hi"},
+    ]
     with openai.OpenAI(base_url=proxy, api_key="k", max_retries=0) as c:
         fake.script = Script(pieces=[["Fine", " words", " only", "."]])
-        list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+        list(c.chat.completions.create(model="m", messages=chat, stream=True))  # type: ignore[arg-type]
         fake.script = Script(pieces=[["A", " bomb", "."]])
-        list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+        list(c.chat.completions.create(model="m", messages=chat, stream=True))  # type: ignore[arg-type]
         with pytest.raises(openai.BadRequestError):
             c.chat.completions.create(model="m", messages=[{"role": "user", "content": "a grenade"}])
     after = scrape(proxy)
@@ -58,6 +63,9 @@ def test_metrics_follow_the_traffic(proxy: str, fake: FakeUpstream) -> None:
         "guardproxy_engine_memory_timeouts_total",
     ):
         assert (name, ()) in after and moved(name) == 0  # short answers: no slide, no wait for memory
+    assert moved("guardproxy_engine_prefill_tokens_total") > 0
+    assert moved("guardproxy_engine_prefix_hit_tokens_total") >= 48  # the system prompt's whole pages
+    assert value(after, "guardproxy_engine_prefix_cached_pages") >= 3
     # Every guard stream was returned.
     assert value(after, "guardproxy_engine_active_streams") == 0
     assert value(after, "guardproxy_engine_cached_tokens") == 0

@@ -197,11 +197,15 @@ def test_cut_releases_nothing_of_the_cut_token_or_after(
     released = h.content()
     assert released.endswith("[cut]") and h.ending == CONTENT_FILTER
     before = text[: text.index(" bomb")]
+    # Newlines opening the answer are not read (the template strips them): they go out with the first
+    # judged text after them, so when that is the trigger they never go at all.
+    shown = before if before.lstrip("\n") else ""
     if speculate and holdback == 0:
         # A chunk boundary inside " bomb" lets its head (" bo", judged Safe as it stood) out first.
-        assert released[: -len("[cut]")] in {before + " bomb"[:k] for k in range(len(" bomb"))}
+        heads = {shown} | {before + " bomb"[:k] for k in range(1, len(" bomb"))}
+        assert released[: -len("[cut]")] in heads
     else:
-        assert released[: -len("[cut]")] == before
+        assert released[: -len("[cut]")] == shown
     assert sum(o.kind in ("finish", "cut") for o in h.out) == 1
     # Under debounce the cut covers the pair: the trigger and the token after it (latched).
     cut = h.m.cut_at
