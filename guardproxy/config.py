@@ -71,6 +71,16 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class UiSettings:
+    enabled: bool = True  # the playground and live view at /ui (behind guardproxy's own keys, if any)
+    live_records: int = 200  # recent decisions the live view keeps (in memory)
+
+    def __post_init__(self) -> None:
+        if self.live_records < 1:
+            raise ValueError("live_records must be >= 1")
+
+
+@dataclass(frozen=True)
 class AuditSettings:
     path: str | None = None  # a JSONL file; None: no audit log
     max_bytes: int = 100 * 1024 * 1024  # rotate beyond this size
@@ -137,6 +147,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    ui: UiSettings = field(default_factory=UiSettings)
 
     def policy_for(self, route: str, model: str | None, key: str | None = None) -> Policy:
         """The first matching ``policy_routes`` entry's policy, else the default ``policy``.
@@ -298,7 +309,18 @@ def load_settings(data: Any) -> Settings:
     data = _mapping(data, "")
     _check_keys(
         data,
-        {"server", "upstream", "guard", "policy", "policies", "policy_routes", "logging", "audit", "auth"},
+        {
+            "server",
+            "upstream",
+            "guard",
+            "policy",
+            "policies",
+            "policy_routes",
+            "logging",
+            "audit",
+            "auth",
+            "ui",
+        },
         "",
     )
     guard_data = _mapping(data.get("guard"), "guard")
@@ -331,6 +353,7 @@ def load_settings(data: Any) -> Settings:
         routes=tuple(routes),
         logging=_dataclass(LoggingSettings, data.get("logging"), "logging", {"format": str, "level": str}),
         auth=_auth(data.get("auth")),
+        ui=_dataclass(UiSettings, data.get("ui"), "ui", {"enabled": bool, "live_records": int}),
         audit=_dataclass(
             AuditSettings,
             data.get("audit"),

@@ -167,9 +167,12 @@ class ResponseJudge:
     It keeps what details and audit report: the first flag (the first decision stronger than allow),
     the cut, the first redaction and how many tokens were redacted."""
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, *, record: bool = False) -> None:
         self.policy = policy
         self.count = 0
+        # With ``record``, every token's own verdict (tier after thresholds, probabilities, category),
+        # for a live view that shows an answer as it was judged.
+        self.verdicts: list[tuple[str, float, float, str]] | None = [] if record else None
         self.first_flagged: Decision | None = None
         self.cut: Decision | None = None
         self.first_redaction: Decision | None = None
@@ -193,6 +196,8 @@ class ResponseJudge:
         index = self.count
         self.count += 1
         tier = p.tier(verdict)
+        if self.verdicts is not None:
+            self.verdicts.append((tier, verdict.p_unsafe, verdict.p_controversial, verdict.top_category))
         prev, self._prev = self._prev, (tier, verdict)
         paired = prev is not None and prev[0] == tier
         if p.debounce and not paired:
@@ -259,3 +264,21 @@ class ResponseJudge:
             out["first_redaction"] = self.first_redaction.as_dict()
             out["redacted_tokens"] = self.redacted
         return out
+
+
+def decide(policy: Policy, verdicts: list[Verdict]) -> dict[str, Any]:
+    """The policy's decisions on a whole answer's verdicts: each token's action (the strongest decision
+    on it, pairs included), each token's tier after thresholds, where the cut falls, and the details.
+    The playground re-applies a policy with other thresholds this way, without running the guard."""
+    judge = ResponseJudge(policy)
+    actions = [Action.ALLOW] * len(verdicts)
+    for v in verdicts:
+        for d in judge.judge(v):
+            actions[d.index] = max(actions[d.index], d.action)
+    cut = next((i for i, a in enumerate(actions) if a == Action.CUT), None)
+    return {
+        "actions": [str(a) for a in actions],
+        "tiers": [policy.tier(v) for v in verdicts],
+        "cut_at": cut,
+        "details": judge.details(),
+    }

@@ -115,6 +115,13 @@ class Metrics:
             registry=r,
         )
 
+        self.verdict_waits = (0, 0.0)  # (count, seconds) of every verdict wait: the live view's mean
+
+    def observe_verdict_wait(self, seconds: float) -> None:
+        self.verdict_wait.observe(seconds)
+        count, total = self.verdict_waits
+        self.verdict_waits = (count + 1, total + seconds)
+
     def bind_engine(self, stats: Callable[[], Any]) -> None:
         """``stats()`` -> the engine's ``EngineStats``, read at every scrape."""
         self.active_streams.set_function(lambda: stats().active_streams)

@@ -26,6 +26,7 @@ from guardproxy.guard.scheduler import EngineError
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
 from guardproxy.guard.verdict import Verdict
 from guardproxy.observe.audit import AuditLog, capped
+from guardproxy.observe.live import LiveFeed
 from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Action, Policy
@@ -62,6 +63,7 @@ class GuardServices:
     audit: AuditLog | None = None
     audit_text_chars: int = 4000
     responses: ResponseStore | None = None  # turns of Responses API answers, for previous_response_id
+    live: LiveFeed | None = None  # the live view's recent decisions
     # Done a little before the shutdown grace period ends: streams still running end themselves cleanly
     # (an error event, a complete body) instead of being cut by the server's forced close.
     stopping: asyncio.Future[None] | None = None
@@ -106,7 +108,11 @@ class Exchange:
         self.policy = policy
         self.prompt = prompt
         self.outputs = Outputs(
-            services.template, policy, speculate=wire.streaming, max_outputs=wire.max_outputs
+            services.template,
+            policy,
+            speculate=wire.streaming,
+            max_outputs=wire.max_outputs,
+            record=policy.audit_text and services.live is not None,
         )
         self.streams: dict[int, _Stream] = {}
         self.prompt_verdict: Verdict | None = None
@@ -232,7 +238,7 @@ class Exchange:
                 continue
             while s.pending and s.pending[0].done():
                 fut = s.pending.popleft()
-                self.s.metrics.verdict_wait.observe(time.perf_counter() - s.fed_at.popleft())
+                self.s.metrics.observe_verdict_wait(time.perf_counter() - s.fed_at.popleft())
                 try:
                     verdicts = fut.result()
                 except EngineError as exc:
@@ -283,11 +289,18 @@ class Exchange:
             m.ttft.labels("proxy").observe(self._first_release - self.started)
         if self._first_upstream_text is not None:
             m.ttft.labels("upstream").observe(self._first_upstream_text - self._upstream_started)
+        if self.s.audit is None and self.s.live is None:
+            return
+        record = self._audit_record()
         if self.s.audit is not None:
             try:
-                self.s.audit.write(self._audit_record())
+                self.s.audit.write(record)
             except OSError:
                 log.exception("could not write the audit record")
+        if self.s.live is not None:
+            if self.outputs.record:  # text was recorded: the answer as it was judged, token by token
+                record = {**record, "tokens": self.outputs.tokens()}
+            self.s.live.publish(record)
 
     def _outcome(self) -> str:
         if self.prompt_action == Action.CUT:

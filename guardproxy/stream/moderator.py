@@ -109,13 +109,14 @@ class ChoiceModerator:
         policy: Policy,
         *,
         speculate: bool = False,
+        record: bool = False,
     ) -> None:
         self.policy = policy
         self.speculate = speculate and policy.early_release and policy.holdback_tokens == 0
         self.view = AssistantView(
             template, speculate=self.speculate, think_in_content=policy.think_in_content
         )
-        self.judge = ResponseJudge(policy)
+        self.judge = ResponseJudge(policy, record=record)  # record: keep each verdict (a live view)
         self.fields: dict[str, _Field] = {}
         self.queue: list[_Item] = []
         # Judged tokens in order: the client text each covers (None: markup, <|im_end|>), its decision.

@@ -123,11 +123,18 @@ Command = Open | Feed | Retract | Emit | CloseUpstream | CountFailure | Abort
 
 class Outputs:
     def __init__(
-        self, template: ChatTemplate, policy: Policy, *, speculate: bool, max_outputs: int = 1
+        self,
+        template: ChatTemplate,
+        policy: Policy,
+        *,
+        speculate: bool,
+        max_outputs: int = 1,
+        record: bool = False,
     ) -> None:
         self.template = template
         self.policy = policy
         self.speculate = speculate
+        self.record = record  # keep every token's verdict (shown by the live view)
         self.max_outputs = max_outputs
         self.moderators: dict[int, ChoiceModerator] = {}
         self.failure: str | None = None  # why the guard failed (fail_open: what follows is unjudged)
@@ -165,7 +172,7 @@ class Outputs:
         return out
 
     def _open(self, index: int, out: list[Command]) -> ChoiceModerator:
-        m = ChoiceModerator(self.template, self.policy, speculate=self.speculate)
+        m = ChoiceModerator(self.template, self.policy, speculate=self.speculate, record=self.record)
         self.moderators[index] = m
         out.append(Open(index))
         feeds = m.start()
@@ -237,3 +244,27 @@ class Outputs:
         if len(per) > 1:
             response = {**response, "choices": {str(i): d for i, d in per.items()}}
         return response
+
+    def tokens(self) -> dict[str, list[dict[str, Any]]]:
+        """Each output's answer as it was judged, token by token (``record`` only): its text, own tier
+        and probabilities, and the action the policy took on it."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for index, m in sorted(self.moderators.items()):
+            verdicts = m.judge.verdicts or []
+            rows = []
+            for (span, decision), (tier, p_unsafe, p_contro, category) in zip(
+                m.tokens, verdicts, strict=False
+            ):
+                rows.append(
+                    {
+                        "text": m.fields[span.field].text[span.start : span.end] if span is not None else "",
+                        "field": span.field if span is not None else None,
+                        "tier": tier,
+                        "category": category if tier != "Safe" else None,
+                        "p_unsafe": round(p_unsafe, 4),
+                        "p_controversial": round(p_contro, 4),
+                        "action": str(decision.action) if decision is not None else "allow",
+                    }
+                )
+            out[str(index)] = rows
+        return out
