@@ -42,6 +42,7 @@ def _make_test_model(args: argparse.Namespace) -> int:
             controversial=args.controversial,
             category=args.category,
             isolated=args.isolated,
+            strength=args.strength,
         )
         out = make_trigger_checkpoint(args.out, spec)
     print(f"wrote {out}")
@@ -249,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--isolated",
         action="store_true",
         help="flag only the trigger tokens (default: the tokens after one keep its tier, as real models do)",
+    )
+    m.add_argument(
+        "--strength",
+        type=float,
+        default=1.0,
+        help="scale of the risk logits: below 1 probabilities are graded (0.1: a trigger at about 0.96)",
     )
     m.add_argument("--random", action="store_true", help="random weights instead of trigger words")
     m.add_argument("--preset", choices=["tiny", "0.6b"], default="tiny", help="shape of a --random model")

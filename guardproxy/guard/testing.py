@@ -179,6 +179,9 @@ class TriggerSpec:
     controversial: Sequence[str] = ()
     category: str = "Violent"
     isolated: bool = False  # only the trigger tokens are flagged, not the tokens after them
+    # Scales the risk heads' logits: below 1 a trigger's probability is graded (e.g. 0.8) rather than
+    # all but 1, so thresholds have something to move over.
+    strength: float = 1.0
 
 
 # Units of the trigger model's residual stream.
@@ -269,9 +272,9 @@ def trigger_guard_model(spec: TriggerSpec, tokenizer: GuardTokenizer) -> Qwen3Gu
             pre.weight[0, _CONST] = 1.0
             pre.weight[1, u] = 1.0
             pre.weight[2, c] = 1.0
-            risk.weight[safe, 0] = 4.0
-            risk.weight[unsafe, 1] = 12.0
-            risk.weight[contro, 2] = 8.0
+            risk.weight[safe, 0] = 4.0 * spec.strength
+            risk.weight[unsafe, 1] = 12.0 * spec.strength
+            risk.weight[contro, 2] = 8.0 * spec.strength
             category.weight[cat_index, 1] = 8.0
             category.weight[cat_index, 2] = 8.0
     model.eval()
@@ -287,6 +290,7 @@ def make_trigger_checkpoint(out: str | Path, spec: TriggerSpec) -> Path:
         "unsafe": list(spec.unsafe),
         "controversial": list(spec.controversial),
         "category": spec.category,
+        "strength": spec.strength,
         "unsafe_token_ids": sorted(word_token_ids(tokenizer, spec.unsafe)),
         "controversial_token_ids": sorted(word_token_ids(tokenizer, spec.controversial)),
     }

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import gc
-import json
 import logging
 import re
 import time
@@ -33,12 +32,25 @@ from guardproxy.guard.scheduler import EngineError
 from guardproxy.guard.template import ConversationError
 from guardproxy.guard.worker import GuardWorker
 from guardproxy.observe.audit import AuditLog
+from guardproxy.observe.live import LiveFeed
 from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Policy
+from guardproxy.server import ui
 from guardproxy.server.errors import Api, ProxyError, bad_request, engine_error, upstream_error
 from guardproxy.server.exchange import Exchange, GuardServices, verdict_details
 from guardproxy.server.reload import ConfigReloader, SettingsStore
+from guardproxy.server.state import (
+    CLIENT_KEY,
+    GUARD_NAME,
+    METRICS,
+    RELOADER,
+    REQUEST_ID,
+    SERVICES,
+    SETTINGS,
+    STORE,
+    json_body,
+)
 from guardproxy.server.store import ResponseStore
 from guardproxy.server.upstream import Upstream, session
 from guardproxy.server.wire import Wire
@@ -47,15 +59,6 @@ from guardproxy.server.wire_messages import MessagesWire
 from guardproxy.server.wire_responses import ResponsesWire
 
 log = logging.getLogger(__name__)
-
-SETTINGS = web.AppKey("settings", Settings)  # as started; the policy part is read from STORE
-STORE = web.AppKey("store", SettingsStore)
-METRICS = web.AppKey("metrics", Metrics)
-SERVICES = web.AppKey("services", GuardServices)
-GUARD_NAME = web.AppKey("guard_name", str)
-REQUEST_ID = web.RequestKey("request_id", str)
-CLIENT_KEY = web.RequestKey("client_key", str)  # the hashed bearer key, for per-key policies
-RELOADER = web.AppKey("reloader", ConfigReloader)
 
 
 def create_app(
@@ -86,6 +89,8 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    if settings.ui.enabled:
+        ui.add_routes(app)
     return app
 
 
@@ -129,6 +134,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         audit_text_chars=settings.audit.max_text_chars,
         responses=ResponseStore(settings.server.response_store_entries, settings.server.response_store_age_s),
         stopping=asyncio.get_running_loop().create_future(),
+        live=LiveFeed(settings.ui.live_records) if settings.ui.enabled else None,
     )
     log.info("guardproxy ready: guard %s, upstream %s", settings.guard.model, settings.upstream.base_url)
     try:
@@ -258,15 +264,17 @@ async def _handle(
 
 def _authenticate(request: web.Request) -> None:
     """Hash the client's key (a bearer token, or Anthropic's ``x-api-key``) for per-key policies and,
-    when guardproxy has keys of its own, refuse requests without one of them. Health and metrics stay
-    open for probes and scrapers."""
+    when guardproxy has keys of its own, refuse requests without one of them: on the API and on the
+    data the ``/ui`` page reads (the page's shell holds none). Health and metrics stay open for probes
+    and scrapers."""
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     key = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "").strip()
     if key:
         request[CLIENT_KEY] = key_hash(key)
     keys = request.app[STORE].current.auth.api_keys_sha256
-    if keys and request.path.startswith("/v1/") and request.get(CLIENT_KEY) not in keys:
+    guarded = request.path.startswith(("/v1/", "/ui/api/"))
+    if keys and guarded and request.get(CLIENT_KEY) not in keys:
         raise ProxyError(
             401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
         )
@@ -277,28 +285,13 @@ def forward_client_key(request: web.Request) -> bool:
     return not request.app[STORE].current.auth.api_keys_sha256
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except UnicodeDecodeError:
-        raise bad_request("request body is not UTF-8") from None
-    except RecursionError:
-        raise bad_request("request body is nested too deeply") from None
-    except ValueError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
-    return body
-
-
 async def _moderated(
     request: web.Request, make: Callable[[dict[str, Any], Policy], Wire]
 ) -> web.StreamResponse:
     """The moderated routes: the body read, the policy picked (by route, model and key), the API's wire
     format built, the conversation rendered for the guard, then the exchange."""
     services = request.app[SERVICES]
-    body = await _json_body(request)
+    body = await json_body(request)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
@@ -350,7 +343,7 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
 
 async def moderations(request: web.Request) -> web.Response:
     """OpenAI's moderation endpoint, answered by the guard's query head (each input as a user turn)."""
-    body = await _json_body(request)
+    body = await json_body(request)
     services = request.app[SERVICES]
     inputs = body.get("input")
     if isinstance(inputs, str):

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from guardproxy.cli import main
 from guardproxy.config import GuardSettings, Settings, UpstreamSettings
 from guardproxy.guard.scheduler import EngineLimits
 
+from ..conftest import TRIGGER_CATEGORY, TRIGGER_CONTROVERSIAL, TRIGGER_UNSAFE
 from .harness import FakeUpstream, Loopback, Script, start_proxy
 
 
@@ -56,3 +58,20 @@ def proxy_settings(
 def proxy(loopback: Loopback, upstream: tuple[FakeUpstream, str], trigger_checkpoint: Path) -> str:
     """guardproxy with the trigger checkpoint as its guard, in front of the fake upstream."""
     return start_proxy(loopback, proxy_settings(upstream[1], trigger_checkpoint, notice=" [cut]"))
+
+
+@pytest.fixture(scope="session")
+def graded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trigger words at graded probabilities (``--strength 0.1``): " gun" Controversial at about 0.96,
+    " bomb" Unsafe at about 0.55 (Controversial 0.42): thresholds have something to move over."""
+    out = tmp_path_factory.mktemp("graded-guard")
+    args = [
+        "make-test-model",
+        str(out),
+        "--unsafe",
+        *TRIGGER_UNSAFE,
+        "--controversial",
+        *TRIGGER_CONTROVERSIAL,
+    ]
+    assert main([*args, "--category", TRIGGER_CATEGORY, "--strength", "0.1"]) == 0  # as a user writes one
+    return out

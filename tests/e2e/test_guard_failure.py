@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from guardproxy.server.app import SERVICES
+from guardproxy.server.state import SERVICES
 
 from .conftest import proxy_settings
 from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy_app

@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from guardproxy.config import AuthSettings, key_hash, load_settings, load_settings_file
-from guardproxy.server.app import RELOADER, STORE
+from guardproxy.server.state import RELOADER, STORE
 
 from .conftest import proxy_settings
 from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy, start_proxy_app

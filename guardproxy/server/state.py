@@ -1,0 +1,39 @@
+"""The application's shared state: its typed keys (aiohttp ``AppKey``/``RequestKey``), and reading a
+request's JSON body, for every module that serves routes (``app.py``, ``ui.py``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from guardproxy.config import Settings
+from guardproxy.observe.metrics import Metrics
+from guardproxy.server.errors import bad_request
+from guardproxy.server.exchange import GuardServices
+from guardproxy.server.reload import ConfigReloader, SettingsStore
+
+SETTINGS = web.AppKey("settings", Settings)  # as started; the policy part is read from STORE
+STORE = web.AppKey("store", SettingsStore)
+METRICS = web.AppKey("metrics", Metrics)
+SERVICES = web.AppKey("services", GuardServices)
+GUARD_NAME = web.AppKey("guard_name", str)
+REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_KEY = web.RequestKey("client_key", str)  # the hashed bearer key, for per-key policies
+RELOADER = web.AppKey("reloader", ConfigReloader)
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError:
+        raise bad_request("request body is not UTF-8") from None
+    except RecursionError:
+        raise bad_request("request body is nested too deeply") from None
+    except ValueError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body

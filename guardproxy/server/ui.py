@@ -1,0 +1,249 @@
+"""The page at ``/ui`` and the JSON it reads: a playground (judge a conversation token by token, then
+re-apply a policy with other thresholds to the verdicts already computed) and a live view of recent
+decisions. The page is plain HTML, CSS and JavaScript shipped in the package (``guardproxy/ui``): no
+build step, nothing from a CDN. Its data (``/ui/api/...``) needs one of guardproxy's own keys when it has
+some (the middleware checks, as for ``/v1/``); the page shell itself holds no data.
+
+    POST /ui/api/judge   {"messages": [...], "response": "...", "policy": "name"?, "thresholds": {...}?}
+        -> {"id", "policy", "prompt": {...}, "tokens": [...], "decisions": {...}}
+    POST /ui/api/decide  {"id", "policy"?, "thresholds": {"unsafe": p | null, "controversial": p | null}}
+        -> {"prompt_action", "decisions": {...}}  (the stored verdicts, the server's own policy code)
+    GET  /ui/api/policies -> the named policies and their thresholds
+    GET  /ui/api/live    -> server-sent events: "record" (a decision, as the audit log writes it, with
+                            the answer token by token where its policy records text) and "engine"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from importlib import resources
+from typing import Any
+
+from aiohttp import web
+
+from guardproxy.evaluate import judge_answer
+from guardproxy.guard.scheduler import EngineError
+from guardproxy.guard.template import ConversationError
+from guardproxy.guard.verdict import Verdict
+from guardproxy.policy import Policy, decide
+from guardproxy.server.errors import ProxyError, bad_request, engine_error
+from guardproxy.server.exchange import verdict_details
+from guardproxy.server.state import SERVICES, STORE, json_body
+from guardproxy.stream.sse import encode_event
+
+_STATIC = {"app.js": "application/javascript", "style.css": "text/css"}
+KEEP = 64  # playground results kept for threshold changes
+
+
+@dataclass(frozen=True)
+class _Judged:
+    prompt: Verdict
+    verdicts: list[Verdict]
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("guardproxy").joinpath("ui", name).read_bytes()
+
+
+def _thresholds(policy: Policy, given: Any) -> Policy:
+    if given is None:
+        return policy
+    if not isinstance(given, dict):
+        raise bad_request("thresholds must be an object", param="thresholds")
+    values: dict[str, float | None] = {}
+    for key in ("unsafe", "controversial"):
+        if key not in given:
+            continue
+        value = given[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise bad_request(f"thresholds.{key} must be a number or null", param="thresholds")
+        values[f"{key}_threshold"] = None if value is None else float(value)
+    try:
+        return replace(policy, **values)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise bad_request(str(exc), param="thresholds") from None
+
+
+def token_texts(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
+    """Each token's text. A character split over several byte-level tokens (an emoji, most CJK) is
+    given whole to the token that completes it; the ones before it get "" rather than half a character."""
+    out: list[str] = []
+    pending: list[int] = []
+    for i in ids:
+        pending.append(i)
+        text = decode(pending)
+        if text.endswith("\ufffd") and len(pending) < 4:  # a UTF-8 character has at most four bytes
+            out.append("")
+            continue
+        out.append(text)
+        pending = []
+    return out
+
+
+class Playground:
+    """Judged conversations, kept (the last ``KEEP``) so thresholds can be moved without the guard."""
+
+    def __init__(self) -> None:
+        self._kept: OrderedDict[str, _Judged] = OrderedDict()
+
+    def keep(self, judged: _Judged) -> str:
+        key = uuid.uuid4().hex
+        self._kept[key] = judged
+        while len(self._kept) > KEEP:
+            self._kept.popitem(last=False)
+        return key
+
+    def get(self, key: Any) -> _Judged:
+        judged = self._kept.get(key) if isinstance(key, str) else None
+        if judged is None:
+            raise ProxyError(404, "no such judged conversation (judge it again)", code="not_found")
+        return judged
+
+
+def _policy(request: web.Request, name: Any) -> Policy:
+    settings = request.app[STORE].current
+    if name is None or name == settings.policy.name:
+        return settings.policy
+    if not isinstance(name, str) or name not in settings.policies:
+        raise bad_request(f"no policy named {name!r}", param="policy")
+    return settings.policies[name]
+
+
+def _decisions(policy: Policy, judged: _Judged) -> dict[str, Any]:
+    return {
+        "prompt_action": str(policy.action(judged.prompt, prompt=True)),
+        "prompt_tier": policy.tier(judged.prompt),
+        "decisions": decide(policy, judged.verdicts),
+    }
+
+
+def add_routes(app: web.Application) -> None:
+    playground = Playground()
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=_asset("index.html"), content_type="text/html", charset="utf-8")
+
+    async def asset(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in _STATIC:  # a fixed set of files: no path reaches anything else
+            raise web.HTTPNotFound()
+        return web.Response(body=_asset(name), content_type=_STATIC[name], charset="utf-8")
+
+    async def policies(request: web.Request) -> web.Response:
+        settings = request.app[STORE].current
+        out = [settings.policy, *settings.policies.values()]
+        return web.json_response(
+            [
+                {
+                    "name": p.name,
+                    "mode": p.mode,
+                    "debounce": p.debounce,
+                    "thresholds": {"unsafe": p.unsafe_threshold, "controversial": p.controversial_threshold},
+                }
+                for p in out
+            ]
+        )
+
+    async def judge(request: web.Request) -> web.Response:
+        services = request.app[SERVICES]
+        body = await json_body(request)
+        policy = _thresholds(_policy(request, body.get("policy")), body.get("thresholds"))
+        response = body.get("response", "")
+        if not isinstance(response, str):
+            raise bad_request("response must be a string", param="response")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("messages must be a non-empty array", param="messages")
+        try:
+            prompt = services.template.render_prompt(messages, max_tokens=services.engine.max_prompt_tokens)
+        except ConversationError as exc:
+            raise bad_request(str(exc), param="messages") from None
+        try:
+            async with await services.engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as s:
+                pv = await s.prompt_verdict()
+                tokens = (
+                    await judge_answer(s, services.template, response, len(prompt.ids)) if response else []
+                )
+        except EngineError as exc:
+            raise engine_error(exc) from None
+        judged = _Judged(pv, [t.verdict for t in tokens])
+        tok = services.template.tok
+        markup = set(tok.markup.values())
+        texts = token_texts(tok.decode, [t.id for t in tokens])
+        return web.json_response(
+            {
+                "id": playground.keep(judged),
+                "policy": policy.name,
+                "prompt": {**verdict_details(pv, policy.action(pv, prompt=True)), **pv.to_dict()},
+                "tokens": [
+                    {
+                        "index": k,
+                        "id": t.id,
+                        "text": text,
+                        "markup": t.id in markup,
+                        "position": t.position,
+                        "risk": t.verdict.risk,
+                        "category": t.verdict.top_category,
+                        "p_unsafe": round(t.verdict.p_unsafe, 6),
+                        "p_controversial": round(t.verdict.p_controversial, 6),
+                    }
+                    for k, (t, text) in enumerate(zip(tokens, texts, strict=True))
+                ],
+                **_decisions(policy, judged),
+            }
+        )
+
+    async def decide_again(request: web.Request) -> web.Response:
+        body = await json_body(request)
+        judged = playground.get(body.get("id"))
+        policy = _thresholds(_policy(request, body.get("policy")), body.get("thresholds"))
+        return web.json_response({"policy": policy.name, **_decisions(policy, judged)})
+
+    async def live(request: web.Request) -> web.StreamResponse:
+        services = request.app[SERVICES]
+        feed = services.live
+        assert feed is not None
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        queue = feed.watch()
+        try:
+            for record in list(feed.records):
+                await out.write(encode_event(json.dumps(record, ensure_ascii=False), event="record"))
+            waits = services.metrics.verdict_waits
+            while services.stopping is None or not services.stopping.done():
+                with contextlib.suppress(TimeoutError):
+                    record = await asyncio.wait_for(queue.get(), 1.0)
+                    await out.write(encode_event(json.dumps(record, ensure_ascii=False), event="record"))
+                    continue
+                now = services.metrics.verdict_waits
+                stats = services.engine.stats()
+                done = now[0] - waits[0]
+                state = {
+                    "active_streams": stats.active_streams,
+                    "queued_streams": stats.queued_streams,
+                    "cached_tokens": stats.cached_tokens,
+                    "step_ms": round(stats.last_step_s * 1000, 2),
+                    "verdict_wait_ms": round((now[1] - waits[1]) / done * 1000, 2) if done else None,
+                    "prefix_hit_tokens": stats.prefix_hit_tokens,
+                    "prefill_tokens": stats.prefill_tokens,
+                }
+                waits = now
+                await out.write(encode_event(json.dumps(state), event="engine"))
+        except (ConnectionResetError, RuntimeError):
+            pass  # the page went away
+        finally:
+            feed.unwatch(queue)
+        return out
+
+    app.router.add_get("/ui", page)
+    app.router.add_get("/ui/api/policies", policies)
+    app.router.add_post("/ui/api/judge", judge)
+    app.router.add_post("/ui/api/decide", decide_again)
+    app.router.add_get("/ui/api/live", live)
+    app.router.add_get("/ui/{name}", asset)
