@@ -4,12 +4,15 @@ one guardproxy accepts.
 
 The chart is rendered by the small renderer below, not by helm (no helm binary installs from the
 registries this project reaches): it implements exactly the template subset the chart uses
-(value lookups, ``quote``, ``toYaml | nindent N``, ``if``/``end``, trim markers) and fails on anything else.
+(value lookups, ``quote``, ``toYaml | nindent N``, ``.Files.Get``, ``if``/``end``, trim markers) and fails on
+anything else. The ServiceMonitor is a Prometheus Operator resource, outside the Kubernetes schemas: it is
+checked against the Service it scrapes instead.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,9 @@ def _scalar(value: Any) -> str:
 def _evaluate(expr: str, ctx: dict[str, Any]) -> str:
     stages = [s.strip() for s in expr.split("|")]
     head = stages[0]
-    if head.startswith("toYaml "):
+    if head.startswith(".Files.Get "):
+        out = (CHART / json.loads(head.split(maxsplit=1)[1])).read_text().rstrip("\n")
+    elif head.startswith("toYaml "):
         out = yaml.safe_dump(_lookup(head.split()[1], ctx), default_flow_style=False, sort_keys=False).rstrip(
             "\n"
         )
@@ -101,6 +106,9 @@ def documents(text: str) -> list[dict[str, Any]]:
 
 
 def validate(doc: dict[str, Any]) -> None:
+    if doc["kind"] == "ServiceMonitor":
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        return  # no schema here; test_service_monitor_scrapes_the_service checks what it selects
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
@@ -147,13 +155,16 @@ def test_helm_chart_renders_valid_documents(variant: str) -> None:
     kinds = sorted(d["kind"] for d in docs)
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     containers = [c["name"] for c in deployment["spec"]["template"]["spec"]["containers"]]
-    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    config = next(d for d in docs if d["kind"] == "ConfigMap" and "guardproxy.yaml" in d["data"])
     check_config_map(config)
     settings = load_settings(yaml.safe_load(config["data"]["guardproxy.yaml"]))
     if variant == "defaults":
-        assert kinds == ["ConfigMap", "Deployment", "Service"] and containers == ["llm", "guardproxy"]
+        assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "Service"] and containers == [
+            "llm",
+            "guardproxy",
+        ]
     else:
-        assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"]
+        assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"]
         assert containers == ["guardproxy"]
         assert (
             settings.upstream.base_url == "http://llm.internal:8000/v1" and settings.policy.mode == "strict"
@@ -166,3 +177,57 @@ def test_an_invalid_document_is_caught() -> None:
     bad["spec"]["prots"] = bad["spec"].pop("ports")
     with pytest.raises(kubernetes_validate.ValidationError):
         validate(bad)
+
+
+def test_grafana_dashboard_ships_in_the_chart_for_grafanas_sidecar() -> None:
+    canonical = DEPLOY / "grafana" / "guardproxy.json"
+    # Helm reads files inside the chart only: its copy must be the same file.
+    assert (CHART / "dashboards" / "guardproxy.json").read_bytes() == canonical.read_bytes()
+    docs = chart(copy.deepcopy(DEFAULTS))
+    dashboard = next(d for d in docs if d["metadata"]["name"] == "guard-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["guardproxy.json"]) == json.loads(canonical.read_text())
+    values = copy.deepcopy(DEFAULTS)
+    values["grafanaDashboard"]["enabled"] = False
+    assert all(d["metadata"]["name"] != "guard-dashboard" for d in chart(values))
+
+
+def test_service_monitor_scrapes_the_service() -> None:
+    assert not any(d["kind"] == "ServiceMonitor" for d in chart(copy.deepcopy(DEFAULTS)))  # needs the CRDs
+    values = copy.deepcopy(DEFAULTS)
+    values["serviceMonitor"]["enabled"] = True
+    docs = chart(values)
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    service = next(d for d in docs if d["kind"] == "Service")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"  # kube-prometheus-stack's selector
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= service["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics" and endpoint["interval"] == "30s"
+    # The endpoint names a port of the Service, which targets the guardproxy container's named port.
+    port = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
+    proxy = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "guardproxy")
+    assert port["targetPort"] in {p["name"] for p in proxy["ports"]}
+
+
+def test_grafana_dashboard_is_well_formed() -> None:
+    dashboard = json.loads((DEPLOY / "grafana" / "guardproxy.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "instance"} <= variables
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] >= 0 and g["x"] + g["w"] <= 24, p["title"]
+        for t in p.get("targets", []):
+            # Every query reads the chosen data source and the chosen instances.
+            assert t["datasource"]["uid"] == "${datasource}" and 'instance=~"$instance"' in t["expr"]
+    # Panels do not overlap.
+    cells = set()
+    for p in panels:
+        g = p["gridPos"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, p["title"]
+                cells.add((x, y))

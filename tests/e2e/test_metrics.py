@@ -69,3 +69,44 @@ def test_metrics_follow_the_traffic(proxy: str, fake: FakeUpstream) -> None:
     # Every guard stream was returned.
     assert value(after, "guardproxy_engine_active_streams") == 0
     assert value(after, "guardproxy_engine_cached_tokens") == 0
+
+
+def test_every_metric_the_grafana_dashboard_queries_is_served(proxy: str, fake: FakeUpstream) -> None:
+    """The dashboard's queries name metrics and labels guardproxy exports: a renamed metric or label
+    would leave a panel silently empty."""
+    import json
+    import re
+    from pathlib import Path
+
+    from guardproxy.observe.metrics import Metrics
+
+    dashboard = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "guardproxy.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 15
+    # Traffic first, so the labelled counters have samples to read their labels from.
+    with openai.OpenAI(base_url=proxy, api_key="k", max_retries=0) as c:
+        fake.script = Script(pieces=[["A", " bomb", "."]])
+        list(c.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}], stream=True))
+    with urllib.request.urlopen(proxy.removesuffix("/v1") + "/metrics") as r:
+        families = list(text_string_to_metric_families(r.read().decode()))
+    labels: dict[str, set[str]] = {}
+    for family in families:
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    # A family with no sample yet (guard failures need a failing guard) has its labels from its collector.
+    declared = {"guardproxy_guard_failures_total": set(Metrics().guard_failures._labelnames)}
+    added_by_prometheus = {"instance", "job"}
+    for expr in exprs:
+        names = set(re.findall(r"\bguardproxy_[a-z_]+", expr))
+        assert names, expr
+        for name in names:
+            have = labels.get(name, declared.get(name))
+            assert have is not None, f"{name} (in {expr!r}) is not in /metrics"
+            used = {
+                lbl
+                for group in re.findall(r"by \(([^)]*)\)", expr)
+                for lbl in group.replace(" ", "").split(",")
+            }
+            used |= set(re.findall(r"[{,]\s*([a-z_]+)\s*[=!]~?", expr))
+            missing = used - have - added_by_prometheus
+            assert not missing, f"{expr!r}: {name} has no label {missing}"
