@@ -70,7 +70,7 @@ def _load_conversation(args: argparse.Namespace) -> tuple[list[Any], str | None]
 
 
 async def _check(args: argparse.Namespace) -> int:
-    from guardproxy.evaluate import judge_answer
+    from guardproxy.evaluate import judge_answer, token_rows
     from guardproxy.guard.engine import GuardEngine
     from guardproxy.guard.loading import load_guard
     from guardproxy.policy import Policy, ResponseJudge
@@ -98,10 +98,12 @@ async def _check(args: argparse.Namespace) -> int:
         "category": verdicts[at].top_category if at is not None else None,
     }
     if args.json:
-        out: dict[str, Any] = {"prompt": pv.to_dict(), "response": [], "verdict": verdict}
-        for tid, v in zip(tokens, verdicts, strict=True):
-            out["response"].append({"token": tokenizer.decode([tid]), "id": tid, **v.to_dict()})
-        print(json.dumps(out, ensure_ascii=False, indent=2))
+        rows = token_rows(tokenizer, judged)
+        print(
+            json.dumps(
+                {"prompt": pv.to_dict(), "response": rows, "verdict": verdict}, ensure_ascii=False, indent=2
+            )
+        )
         return 0
     print(
         f"prompt: {pv.risk}" + (f" ({pv.category})" if pv.category else "") + f"  p={max(pv.risk_probs):.3f}"

@@ -29,13 +29,14 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from guardproxy.guard.engine import GuardEngine, GuardStream
 from guardproxy.guard.template import ChatTemplate
+from guardproxy.guard.tokenizer import GuardTokenizer
 from guardproxy.guard.verdict import CONTROVERSIAL, UNSAFE, Verdict
 from guardproxy.policy import Policy, ResponseJudge
 from guardproxy.stream.guardview import AssistantView
@@ -115,6 +116,44 @@ async def judge_answer(
             ]
         position += len(feed.ids)
     return out
+
+
+def token_texts(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
+    """Each token's text. A character split over several byte-level tokens (an emoji, most CJK) is
+    given whole to the token that completes it; the ones before it get "" rather than half a character."""
+    out: list[str] = []
+    pending: list[int] = []
+    for i in ids:
+        pending.append(i)
+        text = decode(pending)
+        if text.endswith("\ufffd") and len(pending) < 4:  # a UTF-8 character has at most four bytes
+            out.append("")
+            continue
+        out.append(text)
+        pending = []
+    return out
+
+
+def token_rows(tokenizer: GuardTokenizer, judged: list[JudgedToken]) -> list[dict[str, Any]]:
+    """Judged tokens as JSON rows (``guardproxy check --json`` and the page's judge endpoint): the text,
+    id and position, whether it is markup the guard reads (``<|im_end|>``), the full verdict and the two
+    probabilities that thresholds compare."""
+    markup = set(tokenizer.markup.values())
+    texts = token_texts(tokenizer.decode, [t.id for t in judged])
+    return [
+        {
+            "index": k,
+            "token": text,
+            "id": t.id,
+            "position": t.position,
+            "markup": t.id in markup,
+            **t.verdict.to_dict(),
+            "top_category": t.verdict.top_category,
+            "p_unsafe": round(t.verdict.p_unsafe, 6),
+            "p_controversial": round(t.verdict.p_controversial, 6),
+        }
+        for k, (t, text) in enumerate(zip(judged, texts, strict=True))
+    ]
 
 
 @dataclass

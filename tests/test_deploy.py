@@ -159,12 +159,9 @@ def test_helm_chart_renders_valid_documents(variant: str) -> None:
     check_config_map(config)
     settings = load_settings(yaml.safe_load(config["data"]["guardproxy.yaml"]))
     if variant == "defaults":
-        assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "Service"] and containers == [
-            "llm",
-            "guardproxy",
-        ]
+        assert kinds == ["ConfigMap", "Deployment", "Service"] and containers == ["llm", "guardproxy"]
     else:
-        assert kinds == ["ConfigMap", "ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"]
+        assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"]
         assert containers == ["guardproxy"]
         assert (
             settings.upstream.base_url == "http://llm.internal:8000/v1" and settings.policy.mode == "strict"
@@ -183,13 +180,14 @@ def test_grafana_dashboard_ships_in_the_chart_for_grafanas_sidecar() -> None:
     canonical = DEPLOY / "grafana" / "guardproxy.json"
     # Helm reads files inside the chart only: its copy must be the same file.
     assert (CHART / "dashboards" / "guardproxy.json").read_bytes() == canonical.read_bytes()
-    docs = chart(copy.deepcopy(DEFAULTS))
+    assert all(d["metadata"]["name"] != "guard-dashboard" for d in chart(copy.deepcopy(DEFAULTS)))  # off
+    values = copy.deepcopy(DEFAULTS)
+    values["grafanaDashboard"]["enabled"] = True
+    docs = chart(values)
     dashboard = next(d for d in docs if d["metadata"]["name"] == "guard-dashboard")
+    validate(dashboard)
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(dashboard["data"]["guardproxy.json"]) == json.loads(canonical.read_text())
-    values = copy.deepcopy(DEFAULTS)
-    values["grafanaDashboard"]["enabled"] = False
-    assert all(d["metadata"]["name"] != "guard-dashboard" for d in chart(values))
 
 
 def test_service_monitor_scrapes_the_service() -> None:

@@ -20,14 +20,13 @@ import contextlib
 import json
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
 
 from aiohttp import web
 
-from guardproxy.evaluate import judge_answer
+from guardproxy.evaluate import judge_answer, token_rows
 from guardproxy.guard.scheduler import EngineError
 from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import Verdict
@@ -68,22 +67,6 @@ def _thresholds(policy: Policy, given: Any) -> Policy:
         return replace(policy, **values)  # type: ignore[arg-type]
     except ValueError as exc:
         raise bad_request(str(exc), param="thresholds") from None
-
-
-def token_texts(decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
-    """Each token's text. A character split over several byte-level tokens (an emoji, most CJK) is
-    given whole to the token that completes it; the ones before it get "" rather than half a character."""
-    out: list[str] = []
-    pending: list[int] = []
-    for i in ids:
-        pending.append(i)
-        text = decode(pending)
-        if text.endswith("\ufffd") and len(pending) < 4:  # a UTF-8 character has at most four bytes
-            out.append("")
-            continue
-        out.append(text)
-        pending = []
-    return out
 
 
 class Playground:
@@ -173,28 +156,12 @@ def add_routes(app: web.Application) -> None:
         except EngineError as exc:
             raise engine_error(exc) from None
         judged = _Judged(pv, [t.verdict for t in tokens])
-        tok = services.template.tok
-        markup = set(tok.markup.values())
-        texts = token_texts(tok.decode, [t.id for t in tokens])
         return web.json_response(
             {
                 "id": playground.keep(judged),
                 "policy": policy.name,
                 "prompt": {**verdict_details(pv, policy.action(pv, prompt=True)), **pv.to_dict()},
-                "tokens": [
-                    {
-                        "index": k,
-                        "id": t.id,
-                        "text": text,
-                        "markup": t.id in markup,
-                        "position": t.position,
-                        "risk": t.verdict.risk,
-                        "category": t.verdict.top_category,
-                        "p_unsafe": round(t.verdict.p_unsafe, 6),
-                        "p_controversial": round(t.verdict.p_controversial, 6),
-                    }
-                    for k, (t, text) in enumerate(zip(tokens, texts, strict=True))
-                ],
+                "tokens": token_rows(services.template.tok, tokens),
                 **_decisions(policy, judged),
             }
         )

@@ -257,7 +257,7 @@ class Outputs:
             ):
                 rows.append(
                     {
-                        "text": m.fields[span.field].text[span.start : span.end] if span is not None else "",
+                        "token": m.fields[span.field].text[span.start : span.end] if span is not None else "",
                         "field": span.field if span is not None else None,
                         "tier": tier,
                         "category": category if tier != "Safe" else None,

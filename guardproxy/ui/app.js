@@ -70,7 +70,7 @@ async function api(path, body) {
 const MARKUP_LABEL = "⟨end⟩";
 const fmt = (p) => (p === null || p === undefined ? "–" : Number(p).toFixed(4));
 
-// rows: [{text, markup, tier, category, p_unsafe, p_controversial, action}]; the first "cut" ends what
+// rows: [{token, markup, tier, category, p_unsafe, p_controversial, action}]; the first "cut" ends what
 // the client received: a marker stands before it and it and everything after are shown as not sent.
 function renderTokens(container, detail, rows) {
   container.replaceChildren();
@@ -95,7 +95,7 @@ function renderTokens(container, detail, rows) {
       "data-tier": row.tier,
       "data-action": row.action,
       style: `--p:${Math.max(0.15, p).toFixed(3)}`,
-    }, row.markup ? MARKUP_LABEL : row.text);
+    }, row.markup ? MARKUP_LABEL : row.token);
     span.addEventListener("mouseenter", () => show(row, index));
     span.addEventListener("focus", () => show(row, index));
     span.addEventListener("mouseleave", () => { if (pinned) show(...pinned); });
@@ -115,9 +115,9 @@ function showDetail(table, row, index) {
   body.replaceChildren();
   const fields = [
     ["token", `#${index}`],
-    ["text", row.markup ? "<|im_end|> (markup the guard reads)" : JSON.stringify(row.text)],
+    ["text", row.markup ? "<|im_end|> (markup the guard reads)" : JSON.stringify(row.token)],
     ["risk", row.tier],
-    ["category", row.category ?? "–"],
+    ["category", row.category ?? row.top_category ?? "–"],
     ["p(Unsafe)", fmt(row.p_unsafe)],
     ["p(Controversial)", fmt(row.p_controversial)],
     ["action", row.action],
@@ -287,6 +287,7 @@ function addRecord(record) {
     record.outcome,
     `${record.prompt?.risk ?? "–"}${record.prompt?.category ? ` (${record.prompt.category})` : ""}`,
     outcomeOf(record),
+    record.response?.first_flagged_token === undefined ? "–" : `#${record.response.first_flagged_token}`,
     String(record.duration_ms ?? ""),
   ];
   for (const c of cells) tr.append(el("td", {}, c ?? ""));

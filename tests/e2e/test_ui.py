@@ -62,22 +62,22 @@ def judge(proxy: str, **body: Any) -> dict[str, Any]:
 
 def cut_token(answer: dict[str, Any]) -> str | None:
     at = answer["decisions"]["cut_at"]
-    return None if at is None else answer["tokens"][at]["text"]
+    return None if at is None else answer["tokens"][at]["token"]
 
 
 def test_judge_gives_every_token_its_verdict_and_the_cut(ui_proxy: str) -> None:
     answer = judge(ui_proxy, response=ANSWER)
     tokens = answer["tokens"]
     # Every judged token, the answer's text exactly, then the <|im_end|> the guard also judges.
-    assert "".join(t["text"] for t in tokens if not t["markup"]) == ANSWER
-    assert tokens[-1]["markup"] and tokens[-1]["text"] == "<|im_end|>"
+    assert "".join(t["token"] for t in tokens if not t["markup"]) == ANSWER
+    assert tokens[-1]["markup"] and tokens[-1]["token"] == "<|im_end|>"
     assert [t["position"] for t in tokens] == list(
         range(tokens[0]["position"], tokens[0]["position"] + len(tokens))
     )
-    by_text = {t["text"]: t for t in tokens}
+    by_text = {t["token"]: t for t in tokens}
     assert by_text[" gun"]["risk"] == "Controversial" and 0.9 < by_text[" gun"]["p_controversial"] < 0.99
     assert by_text[" bomb"]["risk"] == "Unsafe" and 0.5 < by_text[" bomb"]["p_unsafe"] < 0.6
-    assert [(t["text"], t["risk"]) for t in tokens[:2]] == [("Take", "Safe"), (" a", "Safe")]
+    assert [(t["token"], t["risk"]) for t in tokens[:2]] == [("Take", "Safe"), (" a", "Safe")]
     # Strict mode: the Controversial " gun" and the token after it make the pair that cuts, at " gun".
     assert cut_token(answer) == " gun"
     d = answer["decisions"]
@@ -94,7 +94,7 @@ def test_thresholds_move_the_cut_without_the_guard(ui_proxy: str) -> None:
     )
     assert status == 200, later
     at = later["decisions"]["cut_at"]
-    assert answer["tokens"][at]["text"] == " bomb" and later["decisions"]["tiers"][at] == "Unsafe"
+    assert answer["tokens"][at]["token"] == " bomb" and later["decisions"]["tiers"][at] == "Unsafe"
     # " bomb" is Unsafe at ~0.55: an Unsafe threshold of 0.6 as well, and nothing is cut.
     status, _, none = call(
         ui_proxy,
@@ -105,7 +105,7 @@ def test_thresholds_move_the_cut_without_the_guard(ui_proxy: str) -> None:
     # The other policy (loose: Controversial is only flagged) cuts at " bomb" and flags " gun".
     _, _, loose = call(ui_proxy, "/ui/api/decide", {"id": answer["id"], "policy": "loose"})
     assert loose["policy"] == "loose"
-    assert answer["tokens"][loose["decisions"]["cut_at"]]["text"] == " bomb"
+    assert answer["tokens"][loose["decisions"]["cut_at"]]["token"] == " bomb"
     assert loose["decisions"]["details"]["first_flag"]["action"] == "flag"
 
 
@@ -199,8 +199,8 @@ def test_live_feed_streams_decisions_with_tokens_and_engine_state(ui_proxy: str,
     assert record["outcome"] == "cut" and record["prompt_text"]
     rows = record["tokens"]["0"]
     cut = next(i for i, t in enumerate(rows) if t["action"] == "cut")
-    assert rows[cut]["text"] == " gun" and rows[cut]["tier"] == "Controversial"
-    assert "".join(t["text"] for t in rows[:cut]) == "Take a"
+    assert rows[cut]["token"] == " gun" and rows[cut]["tier"] == "Controversial"
+    assert "".join(t["token"] for t in rows[:cut]) == "Take a"
     engine = next(d for e, d in events if e == "engine")
     assert {"active_streams", "queued_streams", "step_ms", "verdict_wait_ms", "prefix_hit_tokens"} <= set(
         engine
