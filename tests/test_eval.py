@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from guardproxy.cli import main
-from guardproxy.evaluate import timeliness
+from guardproxy.evaluate import timeliness, token_texts
 from guardproxy.guard.template import ChatTemplate
+from guardproxy.guard.tokenizer import GuardTokenizer
 
 from .conftest import answer_ids
 
@@ -176,3 +177,14 @@ def test_eval_plain_prompt_lists(trigger_checkpoint: Path, tmp_path: Path) -> No
     r = json.loads(out.read_text())
     assert r["prompt_verdicts"] == {"Safe": 1, "Controversial": 1, "Unsafe": 1}
     assert (r["prompt"]["tp"], r["prompt"]["fn"]) == (2, 1)  # strict: the Controversial one counts
+
+
+@pytest.mark.parametrize("text", ["Hi 🎉 ok", "日本語のテキスト", "plain words", "é\u0301 🧑🏽‍🚀"])
+def test_token_texts_never_split_a_character(tokenizer: GuardTokenizer, text: str) -> None:
+    ids = tokenizer.encode_text(text)
+    texts = token_texts(tokenizer.decode, ids)
+    assert len(texts) == len(ids) and "".join(texts) == text
+    assert all("\ufffd" not in t for t in texts)
+    split = any("\ufffd" in tokenizer.decode([i]) for i in ids)  # a character spread over tokens
+    assert ("" in texts) == split  # its first pieces carry nothing, the last one the whole character
+    assert split or "🎉" not in text  # the emoji is such a case: the path is exercised
