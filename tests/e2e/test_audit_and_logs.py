@@ -113,10 +113,39 @@ def test_audit_rotates_by_size(tmp_path: Path) -> None:
         log.write({"i": i, "pad": "x" * 50})
     log.close()
     files = sorted(p.name for p in tmp_path.iterdir())
-    assert files == ["a.jsonl", "a.jsonl.1", "a.jsonl.2"]
+    assert files == ["a.jsonl", "a.jsonl.1", "a.jsonl.2", "a.jsonl.lock"]
     assert all(p.stat().st_size <= 1024 for p in tmp_path.iterdir())
     last = [json.loads(x)["i"] for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert last[-1] == 99 and last == list(range(last[0], 100))
+
+
+def _append(path: str, writer: int, n: int) -> None:
+    log = AuditLog(path, max_bytes=4096, backups=1000)
+    for i in range(n):
+        log.write({"writer": writer, "i": i, "pad": "y" * (i % 97)})
+    log.close()
+
+
+def test_audit_appends_from_several_processes_lose_nothing(tmp_path: Path) -> None:
+    """Proxy workers share one audit file: lines from four processes, rotating often, are all there,
+    whole and in each writer's order, and no file grows past the limit."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_append, args=(str(tmp_path / "a.jsonl"), w, 400)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    files = [p for p in tmp_path.iterdir() if not p.name.endswith(".lock")]
+    assert len(files) > 10 and all(p.stat().st_size <= 4096 for p in files)
+    # Oldest first: a.jsonl.N ... a.jsonl.1, then a.jsonl.
+    ordered = sorted(files, key=lambda p: -int(p.suffix[1:]) if p.suffix[1:].isdigit() else 0)
+    lines = [json.loads(x) for p in ordered for x in p.read_text().splitlines()]
+    assert len(lines) == 4 * 400
+    for w in range(4):
+        assert [r["i"] for r in lines if r["writer"] == w] == list(range(400))
 
 
 @pytest.mark.parametrize(
