@@ -5,9 +5,11 @@ build step, nothing from a CDN. Its data (``/ui/api/...``) needs one of guardpro
 some (the middleware checks, as for ``/v1/``); the page shell itself holds no data.
 
     POST /ui/api/judge   {"messages": [...], "response": "...", "policy": "name"?, "thresholds": {...}?}
-        -> {"id", "policy", "prompt": {...}, "tokens": [...], "decisions": {...}}
-    POST /ui/api/decide  {"id", "policy"?, "thresholds": {"unsafe": p | null, "controversial": p | null}}
-        -> {"prompt_action", "decisions": {...}}  (the stored verdicts, the server's own policy code)
+        -> {"policy", "prompt": {...}, "tokens": [...], "decisions": {...}}
+    POST /ui/api/decide  {"verdicts": {"prompt": {...}, "tokens": [...]}, "policy"?, "thresholds": {...}?}
+        -> {"prompt_action", "decisions": {...}}  (the verdicts the judge call gave, sent back as they
+           came: their ``risk_probs`` and ``category_probs``; the server's own policy code decides.
+           Nothing is kept between the calls, so any proxy worker or replica can answer the second)
     GET  /ui/api/policies -> the named policies and their thresholds
     GET  /ui/api/live    -> server-sent events: "record" (a decision, as the audit log writes it, with
                             the answer token by token where its policy records text) and "engine"
@@ -18,8 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import uuid
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 from importlib import resources
 from typing import Any
@@ -29,15 +29,15 @@ from aiohttp import web
 from guardproxy.evaluate import judge_answer, token_rows
 from guardproxy.guard.scheduler import EngineError
 from guardproxy.guard.template import ConversationError
-from guardproxy.guard.verdict import Verdict
+from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
 from guardproxy.policy import Policy, decide
-from guardproxy.server.errors import ProxyError, bad_request, engine_error
+from guardproxy.server.errors import bad_request, engine_error
 from guardproxy.server.exchange import verdict_details
 from guardproxy.server.state import SERVICES, STORE, json_body
 from guardproxy.stream.sse import encode_event
 
 _STATIC = {"app.js": "application/javascript", "style.css": "text/css"}
-KEEP = 64  # playground results kept for threshold changes
+MAX_TOKENS = 1 << 16  # verdicts one decide call may send back
 
 
 @dataclass(frozen=True)
@@ -69,26 +69,6 @@ def _thresholds(policy: Policy, given: Any) -> Policy:
         raise bad_request(str(exc), param="thresholds") from None
 
 
-class Playground:
-    """Judged conversations, kept (the last ``KEEP``) so thresholds can be moved without the guard."""
-
-    def __init__(self) -> None:
-        self._kept: OrderedDict[str, _Judged] = OrderedDict()
-
-    def keep(self, judged: _Judged) -> str:
-        key = uuid.uuid4().hex
-        self._kept[key] = judged
-        while len(self._kept) > KEEP:
-            self._kept.popitem(last=False)
-        return key
-
-    def get(self, key: Any) -> _Judged:
-        judged = self._kept.get(key) if isinstance(key, str) else None
-        if judged is None:
-            raise ProxyError(404, "no such judged conversation (judge it again)", code="not_found")
-        return judged
-
-
 def _policy(request: web.Request, name: Any) -> Policy:
     settings = request.app[STORE].current
     if name is None or name == settings.policy.name:
@@ -106,9 +86,39 @@ def _decisions(policy: Policy, judged: _Judged) -> dict[str, Any]:
     }
 
 
-def add_routes(app: web.Application) -> None:
-    playground = Playground()
+def _probs(given: Any, names: tuple[str, ...], what: str) -> tuple[float, ...]:
+    if not isinstance(given, dict) or set(given) != set(names):
+        raise bad_request(
+            f"{what} must map exactly these labels to probabilities: {', '.join(names)}", param="verdicts"
+        )
+    out = tuple(given[n] for n in names)
+    if not all(isinstance(p, int | float) and not isinstance(p, bool) and 0 <= p <= 1 for p in out):
+        raise bad_request(f"{what} must be probabilities between 0 and 1", param="verdicts")
+    return tuple(float(p) for p in out)
 
+
+def _verdict(given: Any, labels: HeadLabels, what: str) -> Verdict:
+    if not isinstance(given, dict):
+        raise bad_request(f"{what} must be an object", param="verdicts")
+    risk = _probs(given.get("risk_probs"), labels.risk, f"{what}.risk_probs")
+    category = _probs(given.get("category_probs"), labels.category, f"{what}.category_probs")
+    return Verdict(risk, category, labels)
+
+
+def _sent_back(given: Any, labels: GuardLabels) -> _Judged:
+    """The verdicts of a judge call, as the page sends them back."""
+    if not isinstance(given, dict) or not isinstance(given.get("tokens"), list):
+        raise bad_request("verdicts must be {prompt, tokens} as /ui/api/judge gave them", param="verdicts")
+    tokens = given["tokens"]
+    if len(tokens) > MAX_TOKENS:
+        raise bad_request(f"at most {MAX_TOKENS} token verdicts", param="verdicts")
+    return _Judged(
+        _verdict(given.get("prompt"), labels.query, "verdicts.prompt"),
+        [_verdict(t, labels.response, f"verdicts.tokens[{i}]") for i, t in enumerate(tokens)],
+    )
+
+
+def add_routes(app: web.Application) -> None:
     async def page(request: web.Request) -> web.Response:
         return web.Response(body=_asset("index.html"), content_type="text/html", charset="utf-8")
 
@@ -158,7 +168,6 @@ def add_routes(app: web.Application) -> None:
         judged = _Judged(pv, [t.verdict for t in tokens])
         return web.json_response(
             {
-                "id": playground.keep(judged),
                 "policy": policy.name,
                 "prompt": {**verdict_details(pv, policy.action(pv, prompt=True)), **pv.to_dict()},
                 "tokens": token_rows(services.template.tok, tokens),
@@ -168,7 +177,11 @@ def add_routes(app: web.Application) -> None:
 
     async def decide_again(request: web.Request) -> web.Response:
         body = await json_body(request)
-        judged = playground.get(body.get("id"))
+        try:
+            labels = request.app[SERVICES].engine.labels
+        except EngineError as exc:  # a shared engine not connected yet: its label names are unknown
+            raise engine_error(exc) from None
+        judged = _sent_back(body.get("verdicts"), labels)
         policy = _thresholds(_policy(request, body.get("policy")), body.get("thresholds"))
         return web.json_response({"policy": policy.name, **_decisions(policy, judged)})
 

@@ -134,7 +134,7 @@ function showDetail(table, row, index) {
 // -- the playground --------------------------------------------------------------------------------
 
 let policies = [];
-let judged = null; // the last /ui/api/judge answer: its id lets the thresholds move without the guard
+let judged = null; // the last /ui/api/judge answer: its verdicts, sent back, move the thresholds without the guard
 
 function addTurn(role = "user", content = "") {
   const row = el("div", { class: "turn" });
@@ -205,12 +205,15 @@ function renderJudged(answer) {
   $("result").hidden = false;
 }
 
+const probs = (v) => ({ risk_probs: v.risk_probs, category_probs: v.category_probs });
+
 let deciding = 0;
 async function decideAgain() {
   if (!judged) return;
   const ticket = ++deciding; // a slider sends many; only the last answer is drawn
   try {
-    const answer = await api("/ui/api/decide", { id: judged.id, policy: $("policy").value, thresholds: thresholds() });
+    const verdicts = { prompt: probs(judged.prompt), tokens: judged.tokens.map(probs) };
+    const answer = await api("/ui/api/decide", { verdicts, policy: $("policy").value, thresholds: thresholds() });
     if (ticket !== deciding) return;
     renderJudged({ ...answer, prompt: judged.prompt });
     $("judge-error").hidden = true;

@@ -15,12 +15,31 @@ import openai
 import pytest
 
 from guardproxy.config import AuthSettings, UiSettings, key_hash
+from guardproxy.guard.testing import QUERY_CATEGORIES
 from guardproxy.observe.live import LiveFeed
 
 from .conftest import proxy_settings
 from .harness import FakeUpstream, Loopback, Script, start_proxy
 
 ANSWER = "Take a gun and then a bomb. Done"
+# A prompt verdict as the judge call gives it (the test checkpoint's query labels), and risk
+# probabilities that are not a distribution over its labels.
+PROMPT = {
+    "risk_probs": {"Safe": 1.0, "Unsafe": 0.0, "Controversial": 0.0},
+    "category_probs": {c: 1.0 / len(QUERY_CATEGORIES) for c in QUERY_CATEGORIES},
+}
+UNDER = {"Safe": -0.5, "Unsafe": 0.0, "Controversial": 0.0}
+
+
+def sent_back(answer: dict[str, Any]) -> dict[str, Any]:
+    """What the page sends to /ui/api/decide: the judge call's verdicts, as they came."""
+
+    def probs(v: dict[str, Any]) -> dict[str, Any]:
+        return {"risk_probs": v["risk_probs"], "category_probs": v["category_probs"]}
+
+    return {"prompt": probs(answer["prompt"]), "tokens": [probs(t) for t in answer["tokens"]]}
+
+
 KEY = "sk-ui-test"
 
 
@@ -90,7 +109,7 @@ def test_thresholds_move_the_cut_without_the_guard(ui_proxy: str) -> None:
     answer = judge(ui_proxy, response=ANSWER)
     # " gun" is Controversial at ~0.96: a 0.97 threshold leaves it Safe, and the cut moves to " bomb".
     status, _, later = call(
-        ui_proxy, "/ui/api/decide", {"id": answer["id"], "thresholds": {"controversial": 0.97}}
+        ui_proxy, "/ui/api/decide", {"verdicts": sent_back(answer), "thresholds": {"controversial": 0.97}}
     )
     assert status == 200, later
     at = later["decisions"]["cut_at"]
@@ -99,11 +118,11 @@ def test_thresholds_move_the_cut_without_the_guard(ui_proxy: str) -> None:
     status, _, none = call(
         ui_proxy,
         "/ui/api/decide",
-        {"id": answer["id"], "thresholds": {"controversial": 0.97, "unsafe": 0.6}},
+        {"verdicts": sent_back(answer), "thresholds": {"controversial": 0.97, "unsafe": 0.6}},
     )
     assert none["decisions"]["cut_at"] is None and set(none["decisions"]["actions"]) == {"allow"}
     # The other policy (loose: Controversial is only flagged) cuts at " bomb" and flags " gun".
-    _, _, loose = call(ui_proxy, "/ui/api/decide", {"id": answer["id"], "policy": "loose"})
+    _, _, loose = call(ui_proxy, "/ui/api/decide", {"verdicts": sent_back(answer), "policy": "loose"})
     assert loose["policy"] == "loose"
     assert answer["tokens"][loose["decisions"]["cut_at"]]["token"] == " bomb"
     assert loose["decisions"]["details"]["first_flag"]["action"] == "flag"
@@ -125,8 +144,20 @@ def test_policies_list_names_modes_and_thresholds(ui_proxy: str) -> None:
         ("/ui/api/judge", {"messages": [{"role": "user", "content": "x"}], "response": 3}, 400, "response"),
         ("/ui/api/judge", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
         ("/ui/api/judge", {"messages": [{"role": "user", "content": "x"}], "policy": "nope"}, 400, "policy"),
-        ("/ui/api/decide", {"id": "missing"}, 404, None),
-        ("/ui/api/decide", {"id": 7}, 404, None),
+        ("/ui/api/decide", {"id": "a judge call's id: nothing is kept"}, 400, "verdicts"),
+        ("/ui/api/decide", {"verdicts": {"prompt": {}, "tokens": []}}, 400, "verdicts"),
+        (
+            "/ui/api/decide",
+            {"verdicts": {"prompt": PROMPT, "tokens": [{"risk_probs": {"Safe": 1}}]}},
+            400,
+            "verdicts",
+        ),
+        (
+            "/ui/api/decide",
+            {"verdicts": {"prompt": {**PROMPT, "risk_probs": UNDER}, "tokens": []}},
+            400,
+            "verdicts",
+        ),
     ],
 )
 def test_bad_calls_get_clear_errors(
@@ -141,7 +172,9 @@ def test_bad_calls_get_clear_errors(
 @pytest.mark.parametrize("thresholds", [{"unsafe": "high"}, {"unsafe": 0}, {"controversial": 1.5}, [0.5]])
 def test_bad_thresholds_are_refused(ui_proxy: str, thresholds: Any) -> None:
     answer = judge(ui_proxy, response="Fine words")
-    status, _, error = call(ui_proxy, "/ui/api/decide", {"id": answer["id"], "thresholds": thresholds})
+    status, _, error = call(
+        ui_proxy, "/ui/api/decide", {"verdicts": sent_back(answer), "thresholds": thresholds}
+    )
     assert status == 400 and error["error"]["param"] == "thresholds"
 
 
