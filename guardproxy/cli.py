@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from guardproxy.guard.model import DEFAULT_GUARD_MODEL, GuardModelError
+from guardproxy.guard.checkpoint import DEFAULT_GUARD_MODEL, GuardModelError
 
 
 def _make_test_model(args: argparse.Namespace) -> int:
@@ -124,6 +124,8 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import socket
+
     from aiohttp import web
 
     from guardproxy.config import Settings, load_settings_file, with_overrides
@@ -131,7 +133,8 @@ def _serve(args: argparse.Namespace) -> int:
     from guardproxy.server.app import create_app, freeze_startup_heap
 
     settings = load_settings_file(args.config) if args.config else Settings()
-    logs.configure(settings.logging.format, settings.logging.level)
+    role = {"engine": "engine", "worker": f"worker {args.worker_index}"}.get(args.role or "")
+    logs.configure(settings.logging.format, settings.logging.level, role=role)
     settings = with_overrides(
         settings,
         upstream_base_url=args.upstream,
@@ -139,13 +142,35 @@ def _serve(args: argparse.Namespace) -> int:
         guard_device=args.device,
         server_host=args.host,
         server_port=args.port,
+        server_workers=args.workers,
     )
-    app = create_app(settings, config_path=args.config, reload_interval_s=settings.server.reload_interval_s)
+    if args.role == "engine":  # the engine process of several workers (started by the supervisor)
+        from guardproxy.guard.service import serve_engine
+
+        asyncio.run(serve_engine(settings, args.engine_socket))
+        return 0
+    if args.role is None and settings.server.workers > 1:
+        from guardproxy.server.workers import supervise
+
+        return supervise(settings, args.argv)
+    listen: dict[str, Any] = {"host": settings.server.host, "port": settings.server.port}
+    worker = args.role == "worker"
+    app = create_app(
+        settings,
+        config_path=args.config,
+        reload_interval_s=settings.server.reload_interval_s,
+        engine_socket=args.engine_socket if worker else None,
+        worker=args.worker_index if worker else None,
+    )
+    if worker:  # a proxy worker: the supervisor's socket, the shared engine
+        from guardproxy.server.workers import orphan_watch
+
+        listen = {"sock": socket.socket(fileno=args.listen_fd), "print": None}
+        app.cleanup_ctx.append(orphan_watch)
     app.on_startup.append(freeze_startup_heap)  # runs after the services are up (cleanup_ctx is first)
     web.run_app(
         app,
-        host=settings.server.host,
-        port=settings.server.port,
+        **listen,
         shutdown_timeout=settings.server.shutdown_grace_s,
         handler_cancellation=True,  # a client gone away cancels its handler: upstream closed, guard freed
         access_log=None,
@@ -212,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda, cuda:1 ...")
     s.add_argument("--host", help="listen address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="listen port (default 8080)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        help="proxy processes sharing one guard engine process (default 1: one process)",
+    )
+    # Set by the supervisor of several workers on the processes it starts, not by users.
+    s.add_argument("--role", choices=["engine", "worker"], help=argparse.SUPPRESS)
+    s.add_argument("--engine-socket", help=argparse.SUPPRESS)
+    s.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--listen-fd", type=int, help=argparse.SUPPRESS)
     s.set_defaults(func=_serve)
 
     e = sub.add_parser(
@@ -286,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the supervisor's children run it again
     try:
         return int(args.func(args))
     except (GuardModelError, ValueError, OSError, RuntimeError) as exc:  # ConfigError is a ValueError

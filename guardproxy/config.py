@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from guardproxy.guard.model import DEFAULT_GUARD_MODEL
+from guardproxy.guard.checkpoint import DEFAULT_GUARD_MODEL
 from guardproxy.guard.scheduler import EngineLimits
 from guardproxy.policy import Action, Policy, TierRule
 
@@ -35,6 +35,11 @@ class ServerSettings:
     reload_interval_s: float = 2.0  # how often the config file is checked for changes; 0: SIGHUP only
     response_store_entries: int = 10000  # Responses API answers kept for previous_response_id
     response_store_age_s: float = 3600.0  # and for how long
+    workers: int = 1  # proxy processes sharing one guard engine process; 1: everything in one process
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"workers must be between 1 and 64, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,7 @@ _SERVER = {
     "reload_interval_s": float,
     "response_store_entries": int,
     "response_store_age_s": float,
+    "workers": int,
 }
 _UPSTREAM = {
     "base_url": str,

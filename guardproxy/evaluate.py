@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardproxy.guard.engine import GuardEngine, GuardStream
+from guardproxy.guard.api import Engine, Stream
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.tokenizer import GuardTokenizer
 from guardproxy.guard.verdict import CONTROVERSIAL, UNSAFE, Verdict
@@ -95,9 +95,7 @@ class JudgedToken:
     verdict: Verdict
 
 
-async def judge_answer(
-    stream: GuardStream, template: ChatTemplate, text: str, start: int
-) -> list[JudgedToken]:
+async def judge_answer(stream: Stream, template: ChatTemplate, text: str, start: int) -> list[JudgedToken]:
     """An assistant answer fed to the guard exactly as the proxy feeds one (the assistant turn's layout,
     via ``AssistantView``), ``start`` being the position it follows; a verdict per judged token."""
     view = AssistantView(template)
@@ -277,7 +275,7 @@ def timeliness(flag: int | None, start: int, end: int) -> tuple[str, int | None]
 
 
 async def evaluate(
-    engine: GuardEngine,
+    engine: Engine,
     template: ChatTemplate,
     policy: Policy,
     items: Sequence[Item],

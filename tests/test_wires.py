@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from guardproxy.guard.scheduler import EngineOverloaded, GuardFailure, PromptTooLong
+from guardproxy.guard.scheduler import EngineOverloaded, EngineUnavailable, GuardFailure, PromptTooLong
 from guardproxy.guard.template import ChatTemplate, ConversationError
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, engine_error, upstream_error
@@ -307,3 +307,7 @@ def test_errors_take_each_apis_shape() -> None:
     assert engine_error(EngineOverloaded("full", retry_after=2.2)).headers == {"Retry-After": "3"}
     assert engine_error(PromptTooLong("long")).code == "context_length_exceeded"
     assert engine_error(GuardFailure("oom")).status == 503
+    # A shared engine restarting: 503 (both SDKs retry it), with when to try again.
+    gone = engine_error(EngineUnavailable("restarting", retry_after=1))
+    assert (gone.status, gone.code, gone.headers) == (503, "guard_unavailable", {"Retry-After": "1"})
+    assert gone.body("anthropic")["error"]["type"] == "api_error"

@@ -25,12 +25,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol
 
 import torch
 
+from guardproxy.guard.api import EngineStats
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.pages import PAGE_SIZE, PagePool
 from guardproxy.guard.runner import ModelRunner
@@ -79,24 +79,6 @@ class StepExecutor(Protocol):
     def execute(self, items: Sequence[WorkItem]) -> list[ItemOutput]: ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    active_streams: int
-    queued_streams: int
-    cached_tokens: int
-    reserved_tokens: int
-    steps: int
-    slides: int  # streams that reached the guard's context and went on on a window
-    memory_waits: int  # times a stream had to wait for KV memory to grow
-    memory_timeouts: int  # waits that ran out (the stream failed by the policy's on_guard_error)
-    prefill_tokens: int  # context positions computed
-    prefix_hit_tokens: int  # context positions taken from the prefix cache instead
-    cached_pages: int  # pages in the prefix cache (held by streams or waiting for reuse)
-    evictions: int  # cached pages given up for room
-    last_step_tokens: int
-    last_step_s: float
 
 
 class GuardStream:
@@ -157,6 +139,7 @@ class GuardEngine:
         *,
         threads: int | None = None,
         on_step: Callable[[int, int, float], None] | None = None,
+        on_batch: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
         """Steps run on ``executor`` (a model is run here, by a ``ModelRunner``). The engine owns the
         executor from now on and closes it on ``stop``."""
@@ -189,10 +172,15 @@ class GuardEngine:
         self._last_step = (0, 0.0)
         self._promised = (0, 0)  # (KV positions, streams) admitted from the queue, not yet added
         self._on_step = on_step  # (tokens, streams, seconds) after every step, for metrics
+        self._on_batch = on_batch  # the stream ids of every step (the shared engine: whose they are)
 
     @property
     def max_prompt_tokens(self) -> int:
         return self.limits.max_prompt_tokens
+
+    @property
+    def ready(self) -> bool:
+        return self._task is not None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -406,6 +394,8 @@ class GuardEngine:
                 self._last_step = (plan.tokens, time.perf_counter() - started)
                 if self._on_step is not None:
                     self._on_step(plan.tokens, len(plan.items), self._last_step[1])
+                if self._on_batch is not None:
+                    self._on_batch([item.sid for item in plan.items])
                 self._resolve(done)
                 self._admit_waiters()
             except Exception as exc:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from guardproxy.guard.model import Qwen3GuardStream, load_guard_model, resolve_checkpoint
+from guardproxy.guard.checkpoint import load_template
+from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.template import ChatTemplate
-from guardproxy.guard.tokenizer import GuardTokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -18,13 +18,6 @@ def load_model(
 ) -> Qwen3GuardStream:
     """The checkpoint's model, strictly loaded; ``dtype`` by name (the configuration's spelling)."""
     return load_guard_model(source, device=device, dtype=DTYPES[dtype] if dtype else None, revision=revision)
-
-
-def load_template(source: str | Path, *, revision: str | None = None) -> tuple[Path, ChatTemplate]:
-    """The checkpoint's local directory (fetched if a hub id) and the template on its tokenizer, for a
-    process that leaves the weights to the guard's own process."""
-    path = resolve_checkpoint(source, revision)
-    return path, ChatTemplate(GuardTokenizer.from_checkpoint(path))
 
 
 def load_guard(

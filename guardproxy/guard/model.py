@@ -24,11 +24,10 @@ from transformers.models.qwen3.modeling_qwen3 import (
     Qwen3RotaryEmbedding,
 )
 
+from guardproxy.guard.checkpoint import GuardModelError, resolve_checkpoint
 from guardproxy.guard.verdict import GuardLabels, HeadLabels
 
 log = logging.getLogger(__name__)
-
-DEFAULT_GUARD_MODEL = "Qwen/Qwen3Guard-Stream-0.6B"
 
 # Config keys the guard adds on top of a Qwen3 config; a checkpoint without them is not a Stream guard.
 GUARD_CONFIG_KEYS = (
@@ -46,10 +45,6 @@ GUARD_CONFIG_KEYS = (
 # The backbone ties its (unused) LM head to the embeddings; a checkpoint may still carry the tensor.
 # It is not part of the guard, so it is the one key we drop rather than reject.
 _IGNORED_CHECKPOINT_KEYS = frozenset({"lm_head.weight"})
-
-
-class GuardModelError(RuntimeError):
-    """A checkpoint that cannot be loaded as Qwen3Guard-Stream (the message says why)."""
 
 
 def _label_tuple(config: Qwen3Config, key: str, size: int) -> tuple[str, ...]:
@@ -166,25 +161,6 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-_CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "tokenizer*"]
-
-
-def resolve_checkpoint(source: str | Path, revision: str | None = None) -> Path:
-    """A local checkpoint directory, or a hub id fetched (weights, config, tokenizer) into the HF cache."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    text = str(source)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise GuardModelError(f"guard model {text!r}: no such checkpoint directory (nor a hub id 'org/name')")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=_CHECKPOINT_PATTERNS))
-    except Exception as exc:  # the hub client raises many types; all mean "could not fetch"
-        raise GuardModelError(f"guard model {text!r}: could not fetch from the hub: {exc}") from exc
 
 
 def _checkpoint_files(path: Path) -> list[Path]:

@@ -56,6 +56,11 @@ class EngineOverloaded(EngineError):
         self.retry_after = retry_after
 
 
+class EngineUnavailable(EngineOverloaded):
+    """The shared guard engine cannot be reached now (starting, or restarting after a crash); the proxy
+    answers 503 with ``Retry-After``."""
+
+
 class PromptTooLong(EngineError):
     """A prompt that can never fit (render it with ``max_tokens=engine.max_prompt_tokens``)."""
 

@@ -20,7 +20,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from guardproxy.guard.model import GuardModelError
+from guardproxy.guard.checkpoint import GuardModelError
 from guardproxy.guard.scheduler import EngineError, ItemOutput, WorkItem
 from guardproxy.guard.verdict import GuardLabels
 

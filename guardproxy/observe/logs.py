@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import re
 import time
 from typing import IO
@@ -33,16 +34,24 @@ def scrub(text: str) -> str:
 
 
 class _Context(logging.Filter):
-    """Adds the request id. Records are shared by every handler: nothing else is changed here."""
+    """Adds the request id, and which process of several wrote the line (``worker 1``, ``engine``;
+    empty with one). Records are shared by every handler: nothing else is changed here."""
+
+    def __init__(self, role: str | None = None) -> None:
+        super().__init__()
+        self.name_ = role or ""
+        self.tag = f"{role} pid {os.getpid()} " if role else ""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        record.role = self.tag
+        record.role_name = self.name_
         return True
 
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(role)s[%(request_id)s] %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         return scrub(super().format(record))
@@ -58,15 +67,22 @@ class JsonFormatter(logging.Formatter):
             "message": scrub(record.getMessage()),
             "request_id": getattr(record, "request_id", "-"),
         }
+        role = getattr(record, "role_name", "")
+        if role:
+            out["process"] = role
+            out["pid"] = record.process
         if record.exc_info:
             out["error"] = scrub(self.formatException(record.exc_info))
         return json.dumps(out, ensure_ascii=False)
 
 
-def configure(fmt: str = "text", level: str = "info", stream: IO[str] | None = None) -> None:
-    """Root logging to ``stream`` (standard error by default) in the given format."""
+def configure(
+    fmt: str = "text", level: str = "info", stream: IO[str] | None = None, role: str | None = None
+) -> None:
+    """Root logging to ``stream`` (standard error by default) in the given format. ``role`` names this
+    process on every line when there are several (``worker 0``, ``engine``), with its pid."""
     handler = logging.StreamHandler(stream)
-    handler.addFilter(_Context())
+    handler.addFilter(_Context(role))
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -1,12 +1,19 @@
 """Prometheus metrics. One registry per app (tests run many apps in one process; the global registry
-would refuse the second). Engine gauges are read at scrape time, so they cannot drift from the engine."""
+would refuse the second). Engine gauges are read at scrape time, so they cannot drift from the engine.
+
+With several proxy workers (``server.workers`` > 1) the supervisor sets ``PROMETHEUS_MULTIPROC_DIR``
+for every process it starts: counters and histograms are then kept in files there (prometheus-client's
+multiprocess mode), and whichever worker answers a scrape sums every process's, the engine process's
+step histograms included. The engine's gauges come from the engine's statistics, which each worker
+receives, so they are reported once, not summed."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -37,12 +44,21 @@ _ENGINE_COUNTERS = (
 )
 
 
-class _EngineCounters(Collector):
+_ENGINE_GAUGES = (
+    ("guardproxy_engine_active_streams", "Live guard streams.", "active_streams"),
+    ("guardproxy_engine_queued_streams", "Streams waiting for room.", "queued_streams"),
+    ("guardproxy_engine_cached_tokens", "KV positions in use.", "cached_tokens"),
+)
+
+
+class _EngineCollector(Collector):
     def __init__(self, stats: Callable[[], Any]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         s = self._stats()
+        for name, doc, attr in _ENGINE_GAUGES:
+            yield GaugeMetricFamily(name, doc, value=getattr(s, attr))
         for name, doc, attr in _ENGINE_COUNTERS:
             yield CounterMetricFamily(name, doc, value=getattr(s, attr))
         yield GaugeMetricFamily(
@@ -78,11 +94,6 @@ class Metrics:
         self.guard_failures = Counter(
             "guardproxy_guard_failures", "Requests whose guard failed, by policy mode.", ["mode"], registry=r
         )
-        self.active_streams = Gauge("guardproxy_engine_active_streams", "Live guard streams.", registry=r)
-        self.queued_streams = Gauge(
-            "guardproxy_engine_queued_streams", "Streams waiting for room.", registry=r
-        )
-        self.cached_tokens = Gauge("guardproxy_engine_cached_tokens", "KV positions in use.", registry=r)
         self.batch_tokens = Histogram(
             "guardproxy_engine_batch_tokens", "Tokens per batched guard forward.", buckets=_TOKENS, registry=r
         )
@@ -90,6 +101,12 @@ class Metrics:
             "guardproxy_engine_batch_streams",
             "Streams per batched guard forward.",
             buckets=_TOKENS,
+            registry=r,
+        )
+        self.batch_workers = Histogram(
+            "guardproxy_engine_batch_workers",
+            "Proxy workers whose streams one batched guard forward held (server.workers > 1).",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=r,
         )
         self.step_seconds = Histogram(
@@ -116,6 +133,7 @@ class Metrics:
         )
 
         self.verdict_waits = (0, 0.0)  # (count, seconds) of every verdict wait: the live view's mean
+        self._engine: _EngineCollector | None = None
 
     def observe_verdict_wait(self, seconds: float) -> None:
         self.verdict_wait.observe(seconds)
@@ -124,10 +142,8 @@ class Metrics:
 
     def bind_engine(self, stats: Callable[[], Any]) -> None:
         """``stats()`` -> the engine's ``EngineStats``, read at every scrape."""
-        self.active_streams.set_function(lambda: stats().active_streams)
-        self.queued_streams.set_function(lambda: stats().queued_streams)
-        self.cached_tokens.set_function(lambda: stats().cached_tokens)
-        self.registry.register(_EngineCounters(stats))
+        self._engine = _EngineCollector(stats)
+        self.registry.register(self._engine)
 
     def observe_step(self, tokens: int, streams: int, seconds: float) -> None:
         self.batch_tokens.observe(tokens)
@@ -135,4 +151,11 @@ class Metrics:
         self.step_seconds.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            return generate_latest(self.registry)
+        # Every process's counters and histograms from their files, the engine's state once.
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        if self._engine is not None:
+            registry.register(self._engine)
+        return generate_latest(registry)

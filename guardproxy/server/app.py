@@ -15,22 +15,21 @@ import contextlib
 import functools
 import gc
 import logging
+import os
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
 
 from guardproxy.config import Settings, key_hash
-from guardproxy.guard.engine import GuardEngine, StepExecutor, max_pages
-from guardproxy.guard.loading import load_guard, load_template
-from guardproxy.guard.runner import ModelRunner
+from guardproxy.guard.api import Engine
+from guardproxy.guard.checkpoint import load_template
+from guardproxy.guard.remote import RemoteEngine
 from guardproxy.guard.scheduler import EngineError
-from guardproxy.guard.template import ConversationError
-from guardproxy.guard.worker import GuardWorker
+from guardproxy.guard.template import ChatTemplate, ConversationError
 from guardproxy.observe.audit import AuditLog
 from guardproxy.observe.live import LiveFeed
 from guardproxy.observe.logs import request_id
@@ -42,6 +41,7 @@ from guardproxy.server.exchange import Exchange, GuardServices, verdict_details
 from guardproxy.server.reload import ConfigReloader, SettingsStore
 from guardproxy.server.state import (
     CLIENT_KEY,
+    ENGINE_SOCKET,
     GUARD_NAME,
     METRICS,
     RELOADER,
@@ -49,6 +49,7 @@ from guardproxy.server.state import (
     SERVICES,
     SETTINGS,
     STORE,
+    WORKER,
     json_body,
 )
 from guardproxy.server.store import ResponseStore
@@ -62,13 +63,23 @@ log = logging.getLogger(__name__)
 
 
 def create_app(
-    settings: Settings, *, config_path: str | None = None, reload_interval_s: float = 2.0
+    settings: Settings,
+    *,
+    config_path: str | None = None,
+    reload_interval_s: float = 2.0,
+    engine_socket: str | None = None,
+    worker: int | None = None,
 ) -> web.Application:
-    """The proxy app. With ``config_path``, the policy reloads on SIGHUP and when the file changes."""
+    """The proxy app. With ``config_path``, the policy reloads on SIGHUP and when the file changes.
+    With ``engine_socket`` it is proxy worker number ``worker`` of several, and its guard is the shared
+    engine process listening there (``server/workers.py``); otherwise the guard engine is its own."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes, middlewares=[request_id_middleware, error_middleware]
     )
     app[SETTINGS] = settings
+    if engine_socket is not None:
+        app[ENGINE_SOCKET] = engine_socket
+        app[WORKER] = worker or 0
     app[GUARD_NAME] = settings.guard.model
     app[METRICS] = Metrics()
     app[STORE] = SettingsStore(settings)
@@ -94,28 +105,24 @@ def create_app(
     return app
 
 
+async def _engine(app: web.Application) -> tuple[Engine, ChatTemplate]:
+    settings = app[SETTINGS]
+    g = settings.guard
+    if ENGINE_SOCKET not in app:
+        # Imported here: a proxy worker of a shared engine never loads torch.
+        from guardproxy.guard.local import local_engine
+
+        return await local_engine(settings, on_step=app[METRICS].observe_step)
+    _, template = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: load_template(g.model, revision=g.revision)
+    )
+    return RemoteEngine(app[ENGINE_SOCKET], max_prompt_tokens=g.engine.max_prompt_tokens), template
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # Loading weights takes seconds to minutes: off the event loop.
-    g = settings.guard
-    limits = settings.guard.engine
     metrics = app[METRICS]
-    loop = asyncio.get_running_loop()
-    executor: StepExecutor
-    if g.process:  # the weights load only in the guard's own process
-        path, template = await loop.run_in_executor(None, lambda: load_template(g.model, revision=g.revision))
-        spawn = functools.partial(
-            GuardWorker, path, device=g.device, dtype=g.dtype, threads=g.threads, max_pages=max_pages(limits)
-        )
-        executor = await loop.run_in_executor(None, spawn)
-    else:
-        model, template = await loop.run_in_executor(
-            None, lambda: load_guard(g.model, device=g.device, dtype=g.dtype, revision=g.revision)
-        )
-        executor = ModelRunner(model, max_pages=max_pages(limits))
-    limits = replace(limits, max_positions=min(limits.max_positions, executor.max_positions))
-    engine = GuardEngine(executor, limits, threads=g.threads, on_step=metrics.observe_step)
-
+    engine, template = await _engine(app)
     metrics.bind_engine(engine.stats)
     client = session(settings.upstream)
     audit = (
@@ -124,7 +131,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         else None
     )
     await engine.start()
-    app[SERVICES] = GuardServices(
+    services = app[SERVICES] = GuardServices(
         engine=engine,
         template=template,
         upstream=Upstream(settings.upstream, client),
@@ -136,6 +143,8 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         stopping=asyncio.get_running_loop().create_future(),
         live=LiveFeed(settings.ui.live_records) if settings.ui.enabled else None,
     )
+    if isinstance(engine, RemoteEngine):  # what one worker keeps, every worker keeps
+        share(engine, services)
     log.info("guardproxy ready: guard %s, upstream %s", settings.guard.model, settings.upstream.base_url)
     try:
         yield
@@ -144,6 +153,16 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await engine.stop()
         if audit is not None:
             audit.close()
+
+
+def share(engine: RemoteEngine, services: GuardServices) -> None:
+    """Decisions for the live view and Responses API turns go to the other workers through the engine."""
+    if services.live is not None:
+        services.live.shared = functools.partial(engine.share, "live")
+        engine.on_share["live"] = services.live.receive
+    if services.responses is not None:
+        services.responses.shared = functools.partial(engine.share, "response")
+        engine.on_share["response"] = services.responses.receive
 
 
 async def freeze_startup_heap(app: web.Application) -> None:
@@ -219,6 +238,8 @@ async def request_id_middleware(
 
 async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
     response.headers["x-request-id"] = request.get(REQUEST_ID) or request_id.get()
+    if WORKER in request.app:  # which of several proxy workers answered (the access log has its pid)
+        response.headers["x-guardproxy-worker"] = str(request.app[WORKER])
 
 
 @web.middleware
@@ -416,10 +437,14 @@ async def readyz(request: web.Request) -> web.Response:
     services = request.app.get(SERVICES)
     if services is None:
         return web.json_response({"status": "loading"}, status=503)
+    if not services.engine.ready:  # a shared engine still loading, or restarting
+        return web.json_response({"status": "waiting for the guard engine"}, status=503)
     stats = services.engine.stats()
+    worker = {"worker": request.app[WORKER], "pid": os.getpid()} if WORKER in request.app else {}
     return web.json_response(
         {
             "status": "ready",
+            **worker,
             "guard": request.app[GUARD_NAME],
             "upstream": request.app[SETTINGS].upstream.base_url,
             "engine": {

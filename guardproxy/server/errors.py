@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from guardproxy.guard.scheduler import EngineError, EngineOverloaded, PromptTooLong
+from guardproxy.guard.scheduler import EngineError, EngineOverloaded, EngineUnavailable, PromptTooLong
 
 Api = Literal["openai", "anthropic"]
 
@@ -71,13 +71,22 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def engine_error(exc: EngineError) -> ProxyError:
     """What a client is told when the guard engine cannot take or finish its request (every API)."""
-    if isinstance(exc, EngineOverloaded):
+    if isinstance(exc, EngineOverloaded):  # come back later: when, in whole seconds
+        retry = {"Retry-After": str(int(exc.retry_after + 0.999))}
+        if isinstance(exc, EngineUnavailable):  # a shared engine starting or restarting
+            return ProxyError(
+                503,
+                f"the guard is not available: {exc}",
+                type="server_error",
+                code="guard_unavailable",
+                headers=retry,
+            )
         return ProxyError(
             429,
             f"guard is at capacity: {exc}",
             type="rate_limit_error",
             code="guard_overloaded",
-            headers={"Retry-After": str(int(exc.retry_after + 0.999))},
+            headers=retry,
         )
     if isinstance(exc, PromptTooLong):
         return ProxyError(400, str(exc), code="context_length_exceeded")

@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from guardproxy.guard.engine import GuardEngine, GuardStream
+from guardproxy.guard.api import Engine, Stream
 from guardproxy.guard.scheduler import EngineError
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
 from guardproxy.guard.verdict import Verdict
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class GuardServices:
-    engine: GuardEngine
+    engine: Engine
     template: ChatTemplate
     upstream: Upstream
     max_choices: int
@@ -84,7 +84,7 @@ def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
 class _Stream:
     """One output's guard stream and the verdicts it waits for, in feed order."""
 
-    def __init__(self, stream: GuardStream, owned: bool) -> None:
+    def __init__(self, stream: Stream, owned: bool) -> None:
         self.stream = stream
         self.owned = owned  # closed with the exchange (output 0 shares the prompt's stream)
         self.pending: deque[asyncio.Future[list[Verdict]]] = deque()
@@ -117,7 +117,7 @@ class Exchange:
         self.streams: dict[int, _Stream] = {}
         self.prompt_verdict: Verdict | None = None
         self.prompt_action = Action.ALLOW
-        self._guard: GuardStream | None = None
+        self._guard: Stream | None = None
         self._upstream: asyncio.Task[aiohttp.ClientResponse] | None = None
         self._resp: aiohttp.ClientResponse | None = None
         self.started = time.perf_counter()

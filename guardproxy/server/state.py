@@ -22,6 +22,8 @@ GUARD_NAME = web.AppKey("guard_name", str)
 REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_KEY = web.RequestKey("client_key", str)  # the hashed bearer key, for per-key policies
 RELOADER = web.AppKey("reloader", ConfigReloader)
+ENGINE_SOCKET = web.AppKey("engine_socket", str)  # set in a proxy worker of a shared guard engine
+WORKER = web.AppKey("worker", int)  # that worker's number
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 with ``previous_response_id``: the upstream keeps the conversation, so the guard must be told what it
 holds. Each response keeps only what it added (its input turns and its answer) and a link to the
 response it continued, so a long chain costs its text once, not once a turn. Bounded by count and age
-(``server.response_store_*``); in memory, one per process. A chain with an evicted link is unknown
-(the policy's ``unknown_previous_response`` decides)."""
+(``server.response_store_*``); in memory, one per process: with several proxy workers each answer is
+handed to the others too (``shared``), so a turn continues whichever worker takes it. A chain with an
+evicted link is unknown (the policy's ``unknown_previous_response`` decides)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,18 @@ class ResponseStore:
         self.max_age_s = max_age_s
         self._clock = clock
         self._items: OrderedDict[str, _Entry] = OrderedDict()
+        # Called with what each put stores, for the other proxy workers (they ``receive`` it).
+        self.shared: Callable[[tuple[str, list[dict[str, Any]], str | None]], Any] | None = None
 
     def put(self, response_id: str, turns: list[dict[str, Any]], parent: str | None = None) -> None:
         """What ``response_id`` added (chat-shaped messages, no system instructions), after ``parent``."""
+        self.receive((response_id, turns, parent))
+        if self.shared is not None and self.max_entries > 0:
+            self.shared((response_id, turns, parent))
+
+    def receive(self, entry: tuple[str, list[dict[str, Any]], str | None]) -> None:
+        """A put made here or by another proxy worker."""
+        response_id, turns, parent = entry
         if self.max_entries <= 0:
             return
         self._items[response_id] = _Entry(self._clock(), parent, turns)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from guardproxy.guard.model import GuardModelError, Qwen3GuardStream, load_guard_model
+from guardproxy.guard.checkpoint import GuardModelError
+from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.testing import QUERY_CATEGORIES, RESPONSE_CATEGORIES, guard_config, random_guard_model
 
 

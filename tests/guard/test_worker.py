@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from guardproxy.guard.checkpoint import GuardModelError
 from guardproxy.guard.engine import GuardEngine
-from guardproxy.guard.model import GuardModelError, Qwen3GuardStream
+from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.scheduler import EngineLimits, GuardFailure
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.worker import GuardWorker
