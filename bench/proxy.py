@@ -29,6 +29,13 @@ add no latency to safe text. All processes share this machine's cores: compare r
     python bench/proxy.py --guards trigger,trigger:single --streams 1,16,64      # debounce vs single tokens
     python bench/proxy.py --guards tiny --api chat,responses,messages --streams 1,16,64   # per API
     python bench/proxy.py --guards tiny --streams 16 --words 32     # quick
+    python bench/proxy.py --guards tiny --workers 1,2 --streams 64  # proxy workers sharing one engine
+
+With ``--workers`` each guard runs once per worker count (``server.workers``), and the CPU per word is
+also given per process role: ``loop`` (the event loops: the one process, or the workers), ``engine``
+(the shared engine process: scheduler and link; with one worker this work is in ``loop``) and
+``model`` (the guard's forward passes, in their own process), with each role's peak RSS and the time
+from start to ready.
 """
 
 from __future__ import annotations
@@ -331,10 +338,59 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def roles(pid: int) -> dict[int, str]:
+    """Each process of a running ``guardproxy serve`` by role: ``loop`` (the one process, or each
+    worker), ``engine`` (the shared engine process), ``model`` (the guard's forward passes),
+    ``supervisor``."""
+    out: dict[int, str] = {}
+
+    def below(p: int, role: str) -> None:
+        for d in process_tree(p)[1:]:
+            out[d] = role
+
+    kids = _children(pid)
+    cmds = {k: Path(f"/proc/{k}/cmdline").read_bytes() for k in kids}
+    if not any(b"--role" in c for c in cmds.values()):  # one process; its child runs the model
+        out[pid] = "loop"
+        below(pid, "model")
+        return out
+    out[pid] = "supervisor"
+    for k, cmd in cmds.items():
+        out[k] = "engine" if b"--role\x00engine" in cmd else "loop"
+        below(k, "model")
+    return out
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for p, role in roles(pid).items():
+        out[role] = out.get(role, 0.0) + cpu_seconds(p, tree=False)
+    return out
+
+
+def rss_by_role(pid: int) -> dict[str, float]:
+    """The largest peak RSS among each role's processes (MB)."""
+    out: dict[str, float] = {}
+    for p, role in roles(pid).items():
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out[role] = max(out.get(role, 0.0), int(line.split()[1]) / 1024)
+    return out
+
+
+def cpu_seconds(pid: int, tree: bool = True) -> float:
     """User + system CPU time a process and its descendants have used so far (Linux /proc)."""
     total = 0.0
-    for p in process_tree(pid):
+    for p in process_tree(pid) if tree else [pid]:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
@@ -361,6 +417,47 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) ->
     raise TimeoutError(url)
 
 
+def worker_startup(ckpt: Path, cfg: Path, env: dict[str, str]) -> tuple[float, float]:
+    """A proxy worker started alone (its real entry point, on a socket made here, no engine behind
+    it): seconds from spawn to serving (imports, tokenizer, app) and its RSS in MB then."""
+    import urllib.request
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.set_inheritable(True)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/healthz"
+    with tempfile.TemporaryDirectory() as run:
+        cmd = [sys.executable, "-m", "guardproxy", "serve", "--config", str(cfg), "--guard-model", str(ckpt)]
+        cmd += [
+            "--engine-socket",
+            f"{run}/engine.sock",
+            "--role",
+            "worker",
+            "--listen-fd",
+            str(sock.fileno()),
+        ]
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env, pass_fds=(sock.fileno(),), stderr=subprocess.DEVNULL)
+        try:
+            while True:
+                with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        break
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the worker exited: {proc.returncode}")
+                time.sleep(0.02)
+            took = time.monotonic() - started
+            rss = next(
+                int(line.split()[1]) / 1024
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                if line.startswith("VmRSS:")
+            )
+            return took, rss
+        finally:
+            proc.terminate()
+            proc.wait(30)
+            sock.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--upstream", nargs=3, metavar=("PORT", "WORDS", "DELAY_MS"), help=argparse.SUPPRESS)
@@ -373,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams-0.6b", dest="streams_big", default="2,8", help="with the 0.6B-shape guard")
     ap.add_argument(
         "--api", default="chat", help="chat, responses, messages (a list: each measured in the same run)"
+    )
+    ap.add_argument(
+        "--workers", default="1", help="server.workers: proxy processes sharing one engine (a list)"
     )
     ap.add_argument("--words", type=int, default=64)
     ap.add_argument("--delay-ms", type=float, default=10.0, help="between two upstream words")
@@ -394,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     up_url = f"http://127.0.0.1:{up_port}/v1"
     rows: list[dict[str, Any]] = []
+    worker_counts = [int(x) for x in args.workers.split(",")]
+    startups: list[tuple[float, float]] = []  # a proxy worker started alone: (seconds, RSS MB)
     try:
         wait_ready(f"http://127.0.0.1:{up_port}/", upstream)
         with tempfile.TemporaryDirectory() as tmp:
@@ -411,61 +513,75 @@ def main(argv: list[str] | None = None) -> int:
                         env=env,
                         stdout=subprocess.DEVNULL,
                     )
-                port = free_port()
-                cfg = Path(tmp) / f"{preset}-{variant or 'early'}.yaml"
-                # Random weights judge at random: an audit-only policy (flag, never block or cut) keeps
-                # every stream whole, with exactly the same guard work.
-                flag = "{unsafe: {action: flag}, controversial: {action: flag}}"
-                process = str(variant != "thread").lower()
-                cfg.write_text(
-                    f"guard: {{device: cpu, threads: {args.threads}, process: {process}}}\n"
-                    "logging: {level: warning}\n"
-                    f"policy: {{details: false, early_release: {str(variant != 'exact').lower()}, "
-                    f"debounce: {str(variant != 'single').lower()}, response: {flag}, prompt: {flag}}}\n"
-                )
-                proxy = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "guardproxy",
-                        "serve",
-                        "--config",
-                        str(cfg),
-                        "--upstream",
-                        up_url,
-                        "--guard-model",
-                        str(ckpt),
-                        "--port",
-                        str(port),
-                    ],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                try:
-                    wait_ready(f"http://127.0.0.1:{port}/readyz", proxy)
-                    root = f"http://127.0.0.1:{up_port}"
-                    for api in args.api.split(","):
-                        asyncio.run(run_clients(f"http://127.0.0.1:{port}/v1", 2, root, api))  # warm-up
-                        for streams in counts:
-                            direct = asyncio.run(run_clients(up_url, streams, root, api))
-                            cpu0 = cpu_seconds(proxy.pid)
-                            through = asyncio.run(
-                                run_clients(f"http://127.0.0.1:{port}/v1", streams, root, api)
-                            )
-                            through["cpu_s"] = cpu_seconds(proxy.pid) - cpu0
-                            label = guard if args.api == "chat" else f"{guard}/{api}"
-                            row = {
-                                "guard": label,
-                                "streams": streams,
-                                "direct": direct,
-                                "proxy": through,
-                                "rss_mb": peak_rss_mb(proxy.pid),
-                            }
-                            rows.append(row)
-                finally:
-                    proxy.terminate()
-                    proxy.wait(60)
+                for workers in worker_counts:
+                    port = free_port()
+                    cfg = Path(tmp) / f"{preset}-{variant or 'early'}-{workers}.yaml"
+                    # Random weights judge at random: an audit-only policy (flag, never block or cut) keeps
+                    # every stream whole, with exactly the same guard work.
+                    flag = "{unsafe: {action: flag}, controversial: {action: flag}}"
+                    process = str(variant != "thread").lower()
+                    cfg.write_text(
+                        f"guard: {{device: cpu, threads: {args.threads}, process: {process}}}\n"
+                        "logging: {level: warning}\n"
+                        f"policy: {{details: false, early_release: {str(variant != 'exact').lower()}, "
+                        f"debounce: {str(variant != 'single').lower()}, response: {flag}, prompt: {flag}}}\n"
+                    )
+                    started = time.monotonic()
+                    proxy = subprocess.Popen(
+                        [
+                            sys.executable,
+                            "-m",
+                            "guardproxy",
+                            "serve",
+                            "--config",
+                            str(cfg),
+                            "--upstream",
+                            up_url,
+                            "--guard-model",
+                            str(ckpt),
+                            "--port",
+                            str(port),
+                            "--workers",
+                            str(workers),
+                        ],
+                        env=env,
+                        stdout=subprocess.DEVNULL,
+                        stderr=subprocess.DEVNULL,
+                    )
+                    try:
+                        wait_ready(f"http://127.0.0.1:{port}/readyz", proxy)
+                        startup_s = time.monotonic() - started
+                        root = f"http://127.0.0.1:{up_port}"
+                        for api in args.api.split(","):
+                            asyncio.run(run_clients(f"http://127.0.0.1:{port}/v1", 2, root, api))  # warm-up
+                            for streams in counts:
+                                direct = asyncio.run(run_clients(up_url, streams, root, api))
+                                cpu0, by_role0 = cpu_seconds(proxy.pid), cpu_by_role(proxy.pid)
+                                through = asyncio.run(
+                                    run_clients(f"http://127.0.0.1:{port}/v1", streams, root, api)
+                                )
+                                through["cpu_s"] = cpu_seconds(proxy.pid) - cpu0
+                                by_role = cpu_by_role(proxy.pid)
+                                through["cpu_role_s"] = {
+                                    r: by_role[r] - by_role0.get(r, 0.0) for r in by_role
+                                }
+                                label = guard if args.api == "chat" else f"{guard}/{api}"
+                                label += f" w{workers}" if len(worker_counts) > 1 or workers > 1 else ""
+                                row = {
+                                    "guard": label,
+                                    "streams": streams,
+                                    "direct": direct,
+                                    "proxy": through,
+                                    "rss_mb": peak_rss_mb(proxy.pid),
+                                    "rss_role_mb": rss_by_role(proxy.pid),
+                                    "startup_s": startup_s,
+                                }
+                                rows.append(row)
+                    finally:
+                        proxy.terminate()
+                        proxy.wait(60)
+                    if workers > 1 and not startups:
+                        startups.append(worker_startup(ckpt, cfg, env))
     finally:
         upstream.terminate()
         upstream.wait(30)
@@ -501,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
             "words_proxy": p["words"],
             "peak_rss_mb": r["rss_mb"],
             "proxy_cpu_us_per_word": p["cpu_s"] / max(1, p["words"]) * 1e6,
+            "cpu_us_per_word_by_role": {k: v / max(1, p["words"]) * 1e6 for k, v in p["cpu_role_s"].items()},
+            "peak_rss_mb_by_role": r["rss_role_mb"],
+            "startup_s": r["startup_s"],
         }
         rec["p99_added_ms"] = rec["p99_proxy_ms"] - rec["p99_direct_ms"]
         out.append(rec)
@@ -512,6 +631,23 @@ def main(argv: list[str] | None = None) -> int:
             f"{rec['words_s_direct']:>7.0f}/{rec['words_s_proxy']:<6.0f}{rec['peak_rss_mb']:>8.0f}"
             f"{rec['proxy_cpu_us_per_word']:>13.0f}"
         )
+    print()
+    print("by process role: CPU us per streamed word (all processes of the role), peak RSS of one process")
+    head = (
+        f"{'guard':<20}{'streams':>8}{'loop':>8}{'engine':>8}{'model':>8}{'super':>7}"
+        f"{'RSS loop':>10}{'engine':>8}{'model':>8}{'ready s':>9}"
+    )
+    print(head)
+    print("-" * len(head))
+    for rec in out:
+        cpu, rss = rec["cpu_us_per_word_by_role"], rec["peak_rss_mb_by_role"]
+        print(
+            f"{rec['guard']:<20}{rec['streams']:>8}{cpu.get('loop', 0):>8.0f}{cpu.get('engine', 0):>8.0f}"
+            f"{cpu.get('model', 0):>8.0f}{cpu.get('supervisor', 0):>7.0f}{rss.get('loop', 0):>10.0f}"
+            f"{rss.get('engine', 0):>8.0f}{rss.get('model', 0):>8.0f}{rec['startup_s']:>9.1f}"
+        )
+    for took, rss in startups:
+        print(f"a proxy worker alone: serving {took:.2f} s after spawn, RSS {rss:.0f} MB (no torch)")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -138,10 +138,13 @@ def chart(values: dict[str, Any]) -> list[dict[str, Any]]:
 DEFAULTS = yaml.safe_load((CHART / "values.yaml").read_text())
 
 
-@pytest.mark.parametrize("variant", ["defaults", "autoscaled-proxy-only"])
+@pytest.mark.parametrize("variant", ["defaults", "autoscaled-proxy-only", "four-workers"])
 def test_helm_chart_renders_valid_documents(variant: str) -> None:
     values = copy.deepcopy(DEFAULTS)
-    if variant != "defaults":
+    if variant == "four-workers":
+        values["workers"] = 4
+        values["resources"]["requests"]["cpu"] = "5"
+    elif variant != "defaults":
         values["autoscaling"]["enabled"] = True
         values["llm"]["enabled"] = False
         values["upstream"]["baseUrl"] = "http://llm.internal:8000/v1"
@@ -158,7 +161,10 @@ def test_helm_chart_renders_valid_documents(variant: str) -> None:
     config = next(d for d in docs if d["kind"] == "ConfigMap" and "guardproxy.yaml" in d["data"])
     check_config_map(config)
     settings = load_settings(yaml.safe_load(config["data"]["guardproxy.yaml"]))
-    if variant == "defaults":
+    assert settings.server.workers == values["workers"]
+    proxy = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "guardproxy")
+    assert proxy["resources"]["requests"]["cpu"] == values["resources"]["requests"]["cpu"]
+    if variant != "autoscaled-proxy-only":
         assert kinds == ["ConfigMap", "Deployment", "Service"] and containers == ["llm", "guardproxy"]
     else:
         assert kinds == ["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "Service"]
