@@ -144,8 +144,11 @@ class RemoteEngine:
     """A client of the engine process at ``path``. ``start`` returns at once; ``ready`` tells whether
     the engine is connected (``/readyz``)."""
 
-    def __init__(self, path: str, *, max_prompt_tokens: int) -> None:
+    def __init__(self, path: str, *, max_prompt_tokens: int, wait_s: float = 30.0) -> None:
+        """``wait_s``: how long an opener waits for an engine that is not connected (starting, or
+        restarting after a crash) before ``EngineUnavailable``; the engine's own queue timeout."""
         self.path = path
+        self.wait_s = wait_s
         self._max_prompt_tokens = max_prompt_tokens
         self._labels: GuardLabels | None = None
         self._link: Link | None = None
@@ -197,9 +200,16 @@ class RemoteEngine:
     async def open(
         self, prompt_ids: Sequence[int], verdict_index: int | None, anchor_start: int = 0
     ) -> RemoteStream:
+        if self._link is None:
+            try:
+                async with asyncio.timeout(self.wait_s):
+                    await self._connected.wait()
+            except TimeoutError:
+                raise EngineUnavailable(
+                    f"the guard engine is not connected (starting or restarting; waited {self.wait_s:g}s)"
+                ) from None
         link = self._link
-        if link is None:
-            raise EngineUnavailable("the guard engine is not connected (starting or restarting)")
+        assert link is not None
         wsid = next(self._wsids)
         stream = RemoteStream(self, wsid, link, prompt=verdict_index is not None)
         self._streams[wsid] = stream  # before the answer: the prompt verdict may come in the same frame

@@ -116,7 +116,10 @@ async def _engine(app: web.Application) -> tuple[Engine, ChatTemplate]:
     _, template = await asyncio.get_running_loop().run_in_executor(
         None, lambda: load_template(g.model, revision=g.revision)
     )
-    return RemoteEngine(app[ENGINE_SOCKET], max_prompt_tokens=g.engine.max_prompt_tokens), template
+    remote = RemoteEngine(
+        app[ENGINE_SOCKET], max_prompt_tokens=g.engine.max_prompt_tokens, wait_s=g.engine.queue_timeout_s
+    )
+    return remote, template
 
 
 async def _services(app: web.Application) -> AsyncIterator[None]:

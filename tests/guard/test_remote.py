@@ -194,12 +194,15 @@ async def test_an_engine_that_goes_away_fails_streams_and_a_new_one_is_reconnect
     with pytest.raises(EngineError, match="went away"):
         await asyncio.wait_for(pending, 10)
     await until(lambda: not remote.ready)
-    with pytest.raises(EngineUnavailable):
+    remote.wait_s = 0.05
+    with pytest.raises(EngineUnavailable):  # no engine within the wait
         await remote.open(prompt.ids, None)
-    await shared.start_engine()  # the supervisor's new engine, on the same path
-    async with asyncio.timeout(10):
-        await remote.connected()
-    fresh = await remote.open(prompt.ids, prompt.verdict_index)
+    remote.wait_s = 30
+    waiting = asyncio.ensure_future(remote.open(prompt.ids, prompt.verdict_index))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await shared.start_engine()  # the supervisor's new engine, on the same path: the opener goes on
+    fresh = await asyncio.wait_for(waiting, 10)
     assert (await fresh.prompt_verdict()).risk_probs
     assert len(await fresh.judge([1, 2])) == 2
     fresh.close()
