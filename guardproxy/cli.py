@@ -145,7 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
         server_workers=args.workers,
     )
     if args.role == "engine":  # the engine process of several workers (started by the supervisor)
-        from guardproxy.guard.service import serve_engine
+        from guardproxy.server.engines import serve_engine
 
         asyncio.run(serve_engine(settings, args.engine_socket))
         return 0

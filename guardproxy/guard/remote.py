@@ -209,7 +209,8 @@ class RemoteEngine:
                     f"the guard engine is not connected (starting or restarting; waited {self.wait_s:g}s)"
                 ) from None
         link = self._link
-        assert link is not None
+        if link is None:  # connected, and lost again before this opener ran
+            raise EngineUnavailable("the guard engine went away")
         wsid = next(self._wsids)
         stream = RemoteStream(self, wsid, link, prompt=verdict_index is not None)
         self._streams[wsid] = stream  # before the answer: the prompt verdict may come in the same frame
@@ -262,6 +263,8 @@ class RemoteEngine:
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
                 if self._link is link:
                     log.error("the guard engine went away: failing this worker's live guard streams")
+            except Exception:  # a bug on this side: start over on a new connection rather than stop
+                log.exception("guard engine link failed: failing this worker's live guard streams")
             finally:
                 self._lost(link)
 

@@ -16,16 +16,14 @@ import contextlib
 import itertools
 import logging
 import os
-import signal
 import socket
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from guardproxy.config import Settings
 from guardproxy.guard.engine import GuardEngine, GuardStream
-from guardproxy.guard.link import Link, Message, encode_error, parent_exit
+from guardproxy.guard.link import Link, Message, encode_error
 from guardproxy.guard.scheduler import EngineError, StreamClosed
 from guardproxy.guard.verdict import Verdict
 from guardproxy.observe.metrics import Metrics
@@ -160,7 +158,10 @@ class EngineService:
     ) -> None:
         try:
             stream = await self.engine.open(prompt_ids, verdict_index, anchor_start)
-        except EngineError as exc:
+        except Exception as exc:  # the engine's refusal, or a bug: the opener must hear either way
+            if not isinstance(exc, EngineError):
+                log.exception("opening a guard stream failed")
+            w.cancelled.discard(wsid)
             w.link.send(("open_failed", wsid, encode_error(exc)))
             return
         finally:
@@ -210,39 +211,3 @@ def _peer_uid(sock: socket.socket) -> int:
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _, uid, _ = struct.unpack("3i", creds)
     return int(uid)
-
-
-async def serve_engine(settings: Settings, path: str) -> None:
-    """The engine process's main: load the guard, serve the workers until SIGTERM (or until the
-    supervisor that started it is gone)."""
-    from guardproxy.guard.local import shared_engine
-
-    # Ctrl+C is the supervisor's to handle: it stops the workers first, then this process.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    metrics = Metrics()
-    service: EngineService | None = None
-
-    def on_batch(sids: Sequence[int]) -> None:
-        if service is not None:
-            service.on_batch(sids)
-
-    engine = await shared_engine(settings, on_step=metrics.observe_step, on_batch=on_batch)
-    service = EngineService(engine, path, metrics)
-    await engine.start()
-    await service.start()
-    log.info("guard engine ready: %s, serving proxy workers on %s", settings.guard.model, path)
-    orphaned = asyncio.ensure_future(parent_exit())
-    try:
-        await asyncio.wait(
-            [orphaned, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
-        )
-        if orphaned.done():
-            log.error("the supervisor is gone: stopping the guard engine")
-    finally:
-        orphaned.cancel()
-        await service.stop()
-        await engine.stop()
-    log.info("guard engine stopped")

@@ -110,7 +110,7 @@ async def _engine(app: web.Application) -> tuple[Engine, ChatTemplate]:
     g = settings.guard
     if ENGINE_SOCKET not in app:
         # Imported here: a proxy worker of a shared engine never loads torch.
-        from guardproxy.guard.local import local_engine
+        from guardproxy.server.engines import local_engine
 
         return await local_engine(settings, on_step=app[METRICS].observe_step)
     _, template = await asyncio.get_running_loop().run_in_executor(

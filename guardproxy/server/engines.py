@@ -1,0 +1,97 @@
+"""The guard engine a ``serve`` process runs, built from the settings. Imports torch: app.py imports
+this only where an engine runs in-process, so a proxy worker of a shared engine never does.
+
+- ``local_engine``: one process serving alone (with the chat template it renders prompts with);
+- ``serve_engine``: the main of the engine process that several proxy workers share
+  (``server/workers.py``): the engine without a template (the workers render), served over the link.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from guardproxy.config import Settings
+from guardproxy.guard.checkpoint import load_template, resolve_checkpoint
+from guardproxy.guard.engine import GuardEngine, StepExecutor, max_pages
+from guardproxy.guard.link import parent_exit
+from guardproxy.guard.loading import load_model
+from guardproxy.guard.runner import ModelRunner
+from guardproxy.guard.service import EngineService
+from guardproxy.guard.template import ChatTemplate
+from guardproxy.guard.worker import GuardWorker
+from guardproxy.observe.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+OnStep = Callable[[int, int, float], None]
+
+
+async def local_engine(settings: Settings, on_step: OnStep | None = None) -> tuple[GuardEngine, ChatTemplate]:
+    g = settings.guard
+    loop = asyncio.get_running_loop()
+    path, template = await loop.run_in_executor(None, lambda: load_template(g.model, revision=g.revision))
+    return await _engine(settings, path, on_step), template
+
+
+async def _engine(
+    settings: Settings,
+    path: Path,
+    on_step: OnStep | None,
+    on_batch: Callable[[Sequence[int]], None] | None = None,
+) -> GuardEngine:
+    """The model runs in the guard's own process (``guard.process``, the default) or here. Loading
+    weights takes seconds to minutes: off the event loop."""
+    g = settings.guard
+    limits = g.engine
+
+    def load() -> StepExecutor:
+        if g.process:  # the weights load only in the guard's own process
+            return GuardWorker(
+                path, device=g.device, dtype=g.dtype, threads=g.threads, max_pages=max_pages(limits)
+            )
+        return ModelRunner(load_model(path, device=g.device, dtype=g.dtype), max_pages=max_pages(limits))
+
+    executor = await asyncio.get_running_loop().run_in_executor(None, load)
+    limits = replace(limits, max_positions=min(limits.max_positions, executor.max_positions))
+    return GuardEngine(executor, limits, threads=g.threads, on_step=on_step, on_batch=on_batch)
+
+
+async def serve_engine(settings: Settings, path: str) -> None:
+    """Load the guard, serve the proxy workers on the Unix socket ``path`` until SIGTERM (or until the
+    supervisor that started this process is gone)."""
+    # Ctrl+C is the supervisor's to handle: it stops the workers first, then this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    metrics = Metrics()
+    service: EngineService | None = None
+
+    def on_batch(sids: Sequence[int]) -> None:
+        if service is not None:
+            service.on_batch(sids)
+
+    g = settings.guard
+    checkpoint = await loop.run_in_executor(None, resolve_checkpoint, g.model, g.revision)
+    engine = await _engine(settings, checkpoint, metrics.observe_step, on_batch)
+    service = EngineService(engine, path, metrics)
+    await engine.start()
+    await service.start()
+    log.info("guard engine ready: %s, serving proxy workers on %s", g.model, path)
+    orphaned = asyncio.ensure_future(parent_exit())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([orphaned, stopped], return_when=asyncio.FIRST_COMPLETED)
+        if orphaned.done():
+            log.error("the supervisor is gone: stopping the guard engine")
+    finally:
+        orphaned.cancel()
+        stopped.cancel()
+        await service.stop()
+        await engine.stop()
+    log.info("guard engine stopped")
