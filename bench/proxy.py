@@ -315,15 +315,16 @@ def pct(xs: list[float], q: float) -> float:
 
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory of a process and its descendants, summed."""
-    total = 0.0
-    for p in process_tree(pid):
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return total
+    return sum(status_mb(p, "VmHWM") for p in process_tree(pid))
+
+
+def status_mb(pid: int, field: str) -> float:
+    """A memory figure of /proc/PID/status (VmHWM: peak RSS, VmRSS: now) in MB; 0 once it is gone."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def process_tree(pid: int) -> list[int]:
@@ -332,9 +333,7 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         p = todo.pop()
         out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*/children"):
-            with contextlib.suppress(OSError):
-                todo += [int(c) for c in task.read_text().split()]
+        todo += _children(p)
     return out
 
 
@@ -380,10 +379,7 @@ def rss_by_role(pid: int) -> dict[str, float]:
     """The largest peak RSS among each role's processes (MB)."""
     out: dict[str, float] = {}
     for p, role in roles(pid).items():
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    out[role] = max(out.get(role, 0.0), int(line.split()[1]) / 1024)
+        out[role] = max(out.get(role, 0.0), status_mb(p, "VmHWM"))
     return out
 
 
@@ -417,6 +413,16 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 600) ->
     raise TimeoutError(url)
 
 
+def steps(base: str) -> tuple[float, float]:
+    """(batched guard forwards so far, streams they held in all), from the proxy's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    found = dict(re.findall(r"^guardproxy_engine_batch_streams_(count|sum) (\S+)$", text, re.M))
+    return float(found.get("count", 0)), float(found.get("sum", 0))
+
+
 def worker_startup(ckpt: Path, cfg: Path, env: dict[str, str]) -> tuple[float, float]:
     """A proxy worker started alone (its real entry point, on a socket made here, no engine behind
     it): seconds from spawn to serving (imports, tokenizer, app) and its RSS in MB then."""
@@ -438,20 +444,18 @@ def worker_startup(ckpt: Path, cfg: Path, env: dict[str, str]) -> tuple[float, f
         started = time.monotonic()
         proc = subprocess.Popen(cmd, env=env, pass_fds=(sock.fileno(),), stderr=subprocess.DEVNULL)
         try:
+            deadline = started + 120
             while True:
                 with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=5) as r:
                     if r.status == 200:
                         break
                 if proc.poll() is not None:
                     raise RuntimeError(f"the worker exited: {proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the worker did not serve within 120 s")
                 time.sleep(0.02)
             took = time.monotonic() - started
-            rss = next(
-                int(line.split()[1]) / 1024
-                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines()
-                if line.startswith("VmRSS:")
-            )
-            return took, rss
+            return took, status_mb(proc.pid, "VmRSS")
         finally:
             proc.terminate()
             proc.wait(30)
@@ -557,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                             for streams in counts:
                                 direct = asyncio.run(run_clients(up_url, streams, root, api))
                                 cpu0, by_role0 = cpu_seconds(proxy.pid), cpu_by_role(proxy.pid)
+                                steps0 = steps(f"http://127.0.0.1:{port}")
                                 through = asyncio.run(
                                     run_clients(f"http://127.0.0.1:{port}/v1", streams, root, api)
                                 )
@@ -565,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
                                 through["cpu_role_s"] = {
                                     r: by_role[r] - by_role0.get(r, 0.0) for r in by_role
                                 }
+                                steps1 = steps(f"http://127.0.0.1:{port}")
+                                through["step_streams"] = (steps1[1] - steps0[1]) / max(
+                                    1.0, steps1[0] - steps0[0]
+                                )
                                 label = guard if args.api == "chat" else f"{guard}/{api}"
                                 label += f" w{workers}" if len(worker_counts) > 1 or workers > 1 else ""
                                 row = {
@@ -620,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_us_per_word_by_role": {k: v / max(1, p["words"]) * 1e6 for k, v in p["cpu_role_s"].items()},
             "peak_rss_mb_by_role": r["rss_role_mb"],
             "startup_s": r["startup_s"],
+            "streams_per_step": p["step_streams"],
         }
         rec["p99_added_ms"] = rec["p99_proxy_ms"] - rec["p99_direct_ms"]
         out.append(rec)
@@ -632,10 +642,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{rec['proxy_cpu_us_per_word']:>13.0f}"
         )
     print()
-    print("by process role: CPU us per streamed word (all processes of the role), peak RSS of one process")
+    print(
+        "by process role: CPU us per streamed word (all processes of the role), peak RSS of one process; "
+        "mean streams per batched guard forward"
+    )
     head = (
         f"{'guard':<20}{'streams':>8}{'loop':>8}{'engine':>8}{'model':>8}{'super':>7}"
-        f"{'RSS loop':>10}{'engine':>8}{'model':>8}{'ready s':>9}"
+        f"{'RSS loop':>10}{'engine':>8}{'model':>8}{'ready s':>9}{'streams/step':>14}"
     )
     print(head)
     print("-" * len(head))
@@ -645,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{rec['guard']:<20}{rec['streams']:>8}{cpu.get('loop', 0):>8.0f}{cpu.get('engine', 0):>8.0f}"
             f"{cpu.get('model', 0):>8.0f}{cpu.get('supervisor', 0):>7.0f}{rss.get('loop', 0):>10.0f}"
             f"{rss.get('engine', 0):>8.0f}{rss.get('model', 0):>8.0f}{rec['startup_s']:>9.1f}"
+            f"{rec['streams_per_step']:>14.1f}"
         )
     for took, rss in startups:
         print(f"a proxy worker alone: serving {took:.2f} s after spawn, RSS {rss:.0f} MB (no torch)")

@@ -161,7 +161,6 @@ class RemoteEngine:
         # What another worker shared, by topic (a live-view record, a Responses API turn).
         self.on_share: dict[str, Callable[[Any], None]] = {}
         self.engine_pid: int | None = None
-        self.connects = 0
 
     # -- the Engine protocol ---------------------------------------------------------------------------
 
@@ -253,7 +252,6 @@ class RemoteEngine:
                 hello = (await link.recv())[0]
                 _, self._labels, self._max_prompt_tokens, self.engine_pid, self._stats = hello
                 self._link = link
-                self.connects += 1
                 self._connected.set()
                 delay = 0.05
                 log.info("connected to the guard engine (pid %s)", self.engine_pid)

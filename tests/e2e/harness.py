@@ -431,9 +431,19 @@ def engine_state(proxy: str) -> dict[str, int]:
         return state
 
 
+def until(check: Callable[[], bool], seconds: float = 10, what: Callable[[], object] | str = "") -> None:
+    """Poll ``check`` (state in another thread or process, with no event to wait on) until it holds;
+    fail with ``what`` (a message, or a function giving one) once ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < deadline, what() if callable(what) else what
+        time.sleep(0.02)
+
+
 def wait_idle(proxy: str, seconds: float = 10) -> None:
     """Every guard stream returned: nothing live, nothing queued, no cache held."""
-    deadline = time.monotonic() + seconds
-    while (state := engine_state(proxy)) != IDLE:
-        assert time.monotonic() < deadline, f"guard resources were not returned: {state}"
-        time.sleep(0.05)
+    until(
+        lambda: engine_state(proxy) == IDLE,
+        seconds,
+        lambda: f"guard resources were not returned: {engine_state(proxy)}",
+    )

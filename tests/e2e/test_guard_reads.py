@@ -6,7 +6,6 @@ command): like the real model, they keep an answer unsafe once a trigger appeare
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import pytest
 from guardproxy.cli import main
 
 from .conftest import proxy_settings
-from .harness import FakeUpstream, Loopback, Script, start_proxy
+from .harness import FakeUpstream, Loopback, Script, start_proxy, until
 
 WORDS = ["Sure", ",", " here", " is", " how", " to", " build", " a", " bomb", " at", " home"]
 
@@ -100,10 +99,8 @@ def test_details_and_audit_name_the_first_flag_and_the_cut(
     assert response["first_flag"]["risk"] == "Controversial" and response["first_flag"]["action"] == "flag"
     assert response["first_flag"]["token_index"] == 1 and response["first_flagged_token"] == 1
     assert response["cut"]["token_index"] == 5 and response["cut"]["p_unsafe"] > 0.5
-    deadline = time.monotonic() + 10  # the record is written as the exchange ends, after the last byte
-    while not (audit.exists() and audit.read_text().strip()):
-        assert time.monotonic() < deadline, "no audit record"
-        time.sleep(0.02)
+    # The record is written as the exchange ends, after the last byte.
+    until(lambda: audit.exists() and bool(audit.read_text().strip()), 10, "no audit record")
     record = json.loads(audit.read_text().splitlines()[-1])
     assert record["outcome"] == "cut" and record["response"] == response
 

@@ -22,7 +22,16 @@ from guardproxy.config import AuthSettings, key_hash
 from guardproxy.guard.scheduler import EngineLimits
 
 from .conftest import proxy_settings
-from .harness import FakeUpstream, Loopback, Script, engine_state, start_proxy, start_proxy_app, wait_idle
+from .harness import (
+    FakeUpstream,
+    Loopback,
+    Script,
+    engine_state,
+    start_proxy,
+    start_proxy_app,
+    until,
+    wait_idle,
+)
 
 BENIGN = ["The", " weather", " in", " Paris", " is", " mild", ";", " 日本語", " too", ".", "\n", "Bye", "!"]
 TRIGGER = ["Sure", ",", " take", " a", " bomb", " and", " go", "."]
@@ -333,10 +342,8 @@ def test_policy_routes_metrics_and_audit_know_the_route(
         msg = c.messages.create(model="m", max_tokens=8, messages=USER)
     assert msg.content[0].type == "text" and msg.content[0].text == "Sure, take a [withheld]"
     assert value(scrape(proxy), "guardproxy_requests_total", route="/v1/messages", status="200") == 1
-    deadline = time.monotonic() + 10  # the record is written as the exchange ends
-    while not (tmp_path / "audit.jsonl").exists() or not (tmp_path / "audit.jsonl").read_text().strip():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    audit = tmp_path / "audit.jsonl"  # the record is written as the exchange ends
+    until(lambda: audit.exists() and bool(audit.read_text().strip()), 10, "no audit record")
     record = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
     assert (record["route"], record["policy"], record["outcome"]) == ("/v1/messages", "for-claude", "cut")
 

@@ -22,7 +22,7 @@ from typing import Any
 import openai
 import pytest
 
-from .harness import IDLE, FakeUpstream, engine_state, serve_process, wait_ready
+from .harness import FakeUpstream, engine_state, serve_process, until, wait_idle, wait_ready
 from .test_metrics import scrape, value
 from .test_serve_cli import free_port
 from .test_ui import read_events
@@ -101,13 +101,6 @@ def chat(base: str, pieces: list[str], delay: float = 0.0) -> tuple[str, str, st
         return worker, text, finish
 
 
-def wait_idle_engine(base: str, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while (state := engine_state(base + "/v1")) != IDLE:
-        assert time.monotonic() < deadline, f"guard streams left in the engine: {state}"
-        time.sleep(0.05)
-
-
 def test_only_the_engine_process_loads_torch(cluster: Cluster) -> None:
     def mapped(pid: int) -> str:
         return Path(f"/proc/{pid}/maps").read_text()
@@ -135,7 +128,7 @@ def test_both_workers_serve_and_their_streams_share_engine_steps(cluster: Cluste
             assert (text, finish) == ("A [cut]", "content_filter")
         else:
             assert (text, finish) == ("".join(BENIGN), "stop")
-    wait_idle_engine(cluster.base)
+    wait_idle(cluster.v1, 20)
     after = scrape(cluster.v1)
     # Steps whose batch held streams of both workers (the engine process's histogram, summed in).
     steps = value(after, "guardproxy_engine_batch_workers_count") - value(
@@ -223,16 +216,13 @@ def streams_on_both(base: str, pieces: list[str], delay: float) -> dict[str, Any
         else:
             held[worker] = resp
         if len(held) == 2:
-            deadline = time.monotonic() + 20
-            while engine_state(base + "/v1")["active_streams"] != 2:
-                assert time.monotonic() < deadline, engine_state(base + "/v1")
-                time.sleep(0.05)
+            until(lambda: engine_state(base + "/v1")["active_streams"] == 2, 20, "two guard streams")
             return held
     raise AssertionError(f"40 connections reached only worker(s) {sorted(held)}")
 
 
 def test_a_killed_worker_leaves_no_engine_stream_and_is_replaced(cluster: Cluster) -> None:
-    wait_idle_engine(cluster.base)
+    wait_idle(cluster.v1, 20)
     held = streams_on_both(cluster.base, BENIGN * 40, 0.05)  # ~10 s answers
     victim = cluster.pids("worker 1")[-1]
     subprocess.run(["kill", "-KILL", str(victim)], check=True)
@@ -241,12 +231,9 @@ def test_a_killed_worker_leaves_no_engine_stream_and_is_replaced(cluster: Cluste
     # The other worker's stream goes on whole; the dead worker's guard stream is gone from the engine.
     survivor = events(held["0"])
     assert survivor[-1] == "[DONE]"
-    wait_idle_engine(cluster.base)
+    wait_idle(cluster.v1, 20)
     # The supervisor started a new worker 1, and it serves.
-    deadline = time.monotonic() + 60
-    while len(cluster.pids("worker 1")) < 2:
-        assert time.monotonic() < deadline, cluster.log.read_text()[-3000:]
-        time.sleep(0.1)
+    until(lambda: len(cluster.pids("worker 1")) == 2, 60, lambda: cluster.log.read_text()[-3000:])
     for _ in range(40):
         worker, text, finish = chat(cluster.base, CUT)
         if worker == "1":
@@ -258,7 +245,7 @@ def test_a_killed_engine_fails_streams_cleanly_in_both_workers_and_a_new_one_ser
     cluster: Cluster,
 ) -> None:
     wait_ready(cluster.base, cluster.proc)
-    wait_idle_engine(cluster.base)
+    wait_idle(cluster.v1, 20)
     before = scrape(cluster.v1)
     held = streams_on_both(cluster.base, BENIGN * 40, 0.05)
     subprocess.run(["kill", "-KILL", str(cluster.pids("guard engine")[-1])], check=True)

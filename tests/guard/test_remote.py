@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -223,8 +223,7 @@ async def test_errors_keep_their_kind_across_the_link(
         assert not isinstance(err.value, EngineUnavailable) and err.value.retry_after >= 1.0
         first.close()
         await until(lambda: s.engine.stats().active_streams == 0)
-        again: Callable[[], Awaitable[Any]] = lambda: remote.open(prompt.ids, None)  # noqa: E731
-        (await again()).close()
+        (await remote.open(prompt.ids, None)).close()  # room again once the first is closed
         await remote.stop()
     finally:
         await s.stop_engine()
