@@ -274,6 +274,8 @@ _POLICY_SCALARS: dict[str, type] = {
     "audit_text": bool,
     "on_guard_error": str,
     "unknown_previous_response": str,
+    "unknown_events": str,
+    "prompt_overflow": str,
 }
 
 

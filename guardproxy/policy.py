@@ -81,6 +81,13 @@ class Policy:
     on_guard_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     # Responses API: a previous_response_id this proxy never saw (its turns cannot be judged)
     unknown_previous_response: Literal["judge_visible", "refuse"] = "judge_visible"
+    # An upstream event or output item of a kind guardproxy does not know, that carries text: judged
+    # (its text read as a tool call of its own, the event released whole once judged), dropped, or the
+    # response ended with an error. Never passed unread.
+    unknown_events: Literal["judge", "drop", "fail"] = "judge"
+    # A prompt longer than the guard's context: the earlier part judged in windows (the worst verdict
+    # applied), or the request refused.
+    prompt_overflow: Literal["window", "block"] = "window"
 
     def __post_init__(self) -> None:
         for name in ("unsafe_threshold", "controversial_threshold"):
@@ -98,6 +105,10 @@ class Policy:
                 "policy.unknown_previous_response must be judge_visible or refuse, "
                 f"got {self.unknown_previous_response!r}"
             )
+        if self.unknown_events not in ("judge", "drop", "fail"):
+            raise ValueError(f"policy.unknown_events must be judge, drop or fail, got {self.unknown_events!r}")
+        if self.prompt_overflow not in ("window", "block"):
+            raise ValueError(f"policy.prompt_overflow must be window or block, got {self.prompt_overflow!r}")
         if self.blocked_prompt not in ("error", "refusal"):
             raise ValueError(f"policy.blocked_prompt must be error or refusal, got {self.blocked_prompt!r}")
         if self.prompt_check not in ("parallel", "before"):
