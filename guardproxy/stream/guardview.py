@@ -249,6 +249,7 @@ class AssistantView:
         self._run: _Run | None = None
         self._stage = "start"  # start -> reasoning -> content -> tool -> done
         self._tool: int | None = None
+        self.closed_calls: set[int] = set()  # tool calls whose JSON is complete and fed to the end
         self._received: dict[str, int] = {}  # client characters received per field
         self._split = False  # the content carried a think block: the answer is what follows it
         self._probe = ""  # content held while it may still open a think block
@@ -299,16 +300,29 @@ class AssistantView:
             self._run.push(text)
         return self._feeds.take()
 
+    def other(self, field: str, text: str) -> list[GuardFeed]:
+        """Text of a field the template has no place for (a chat ``refusal``): read in a run of its
+        own where it arrives, judged all the same."""
+        if not text:
+            return []
+        origin = self._receive(field, text)
+        if self._stage != "aside" or self._run is None or self._run.field != field:
+            self._aside(field, origin)
+        assert self._run is not None
+        self._run.push(text)
+        return self._feeds.take()
+
     def tool_call(self, index: int, name: str | None, arguments: str) -> list[GuardFeed]:
         field = tool_field(index)
         origin = self._receive(field, arguments)
-        if self._stage != "tool" or index != self._tool:
+        if self._stage != "tool" or index != self._tool or self._run is None:
             self._resolve_probe(final=True)
             self._to_content(self._received.get(CONTENT, 0))
-            assert self._run is not None
             if self._stage == "tool":
                 self._end_tool()
                 self._feeds.text(self.t, "\n")
+            elif self._run is None:
+                raise AssertionError("no text run is open outside a tool call")
             elif self._run.field == CONTENT and self._stage == "content":
                 self._run.close("\n" if self._content_nonempty() else "")
             else:  # an aside run of another field
@@ -319,6 +333,14 @@ class AssistantView:
             self._stage, self._tool = "tool", index
         assert self._run is not None
         self._run.push(arguments)
+        return self._feeds.take()
+
+    def end_tool_call(self, index: int) -> list[GuardFeed]:
+        """The upstream says tool call ``index`` is complete: its JSON is closed now (the template's
+        ``}\n</tool_call>``), so its last tokens are final and judged without waiting for what comes
+        next. The ids are the same as when the next call or the end closes it."""
+        if self._stage == "tool" and self._tool == index:
+            self._end_tool()
         return self._feeds.take()
 
     def finish(self) -> list[GuardFeed]:
@@ -435,7 +457,10 @@ class AssistantView:
         self._stage = "aside"
 
     def _end_tool(self) -> None:
-        assert self._run is not None
+        if self._run is None:  # closed already (end_tool_call)
+            return
         self._run.close("}\n")
         self._feeds.token(self.t.tool_call_end, None)
         self._run = None
+        assert self._tool is not None
+        self.closed_calls.add(self._tool)

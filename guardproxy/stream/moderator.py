@@ -3,10 +3,11 @@ feeds out; verdicts in, what the client may see out.
 
 It knows no wire format. The upstream side takes text by field (``REASONING``, ``CONTENT``, a tool
 call's arguments), *markers* (any other event or delta of the output, handed back in order with the
-text around it: a role delta, a tool call's header, a Responses ``content_part.added``) and the finish
-(with the upstream's ending payload). The client side gives ``Out`` items in upstream order: released
-text, markers, the finish, or the cut. No I/O here: the proxy feeds the ``GuardFeed``s to the engine in
-order and hands the verdicts back with ``judged``; ``drain`` then gives what the client may see.
+text around it: a role delta, a tool call's header, a Responses ``content_part.added``), the end of a
+tool call, and the finish (with the upstream's ending payload). The client side gives ``Out`` items
+in upstream order: released text, markers, the finish, or the cut. No I/O here: the proxy feeds the
+``GuardFeed``s to the engine in order and hands the verdicts back with ``judged``; ``drain`` then
+gives what the client may see.
 Invariants:
 - nothing is released before every token covering it is judged and ``holdback_tokens`` more are judged
   after it (at the end of the answer everything judged is released); text the guard does not read
@@ -15,7 +16,12 @@ Invariants:
   which may make a pair that covers it; a Safe token is not delayed;
 - after the first token the policy cuts on, nothing more of the answer is released, not one character
   of that token's text included, and no marker after it; the cut (with the policy's notice) ends it;
-- text of tokens to redact is replaced by the policy's mask (adjacent tokens share one mask).
+- text of tokens to redact is replaced by the policy's mask (adjacent tokens share one mask);
+- a tool call is released whole: its markers (header, done events) and its arguments wait until the
+  call is complete (the upstream ended it, or what came next did) and every token of its arguments is
+  judged final and releasable, then go out together in order; a cut before that drops the call and
+  everything after it (clients act on a call, so a partial one must never reach them). Text before
+  the call is released as usual.
 
 With ``speculate`` (a streamed answer, policy ``early_release``, and ``holdback_tokens`` 0: a holdback
 waits for later tokens anyway), the held last word is judged tentatively (see ``guardview``) and its
@@ -37,7 +43,7 @@ from typing import Any, Literal
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.verdict import SAFE, Verdict
 from guardproxy.policy import Action, Decision, Policy, ResponseJudge
-from guardproxy.stream.guardview import REASONING, AssistantView, GuardFeed, Span, tool_field
+from guardproxy.stream.guardview import CONTENT, REASONING, AssistantView, GuardFeed, Span, tool_field
 
 CONTENT_FILTER = "content_filter"
 
@@ -85,6 +91,7 @@ class _Item:
     marker: Any = None
     finish: bool = False
     reason: str | None = None
+    call: int | None = None  # part of tool call ``call``: released with the whole call, or never
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +137,7 @@ class ChoiceModerator:
         self._now = 0.0
         self._scan = 0  # tokens before this index are entirely released: boundaries need not see them
         self.unguarded = False
+        self._ended: set[int] = set()  # tool calls the upstream said are complete
 
     # -- upstream side ---------------------------------------------------------------------------------
 
@@ -137,23 +145,33 @@ class ChoiceModerator:
         return self._track(self.view.header())
 
     def text(self, name: str, text: str, now: float = 0.0) -> list[GuardFeed]:
-        """Text of ``REASONING`` or ``CONTENT``; ``now`` is the caller's clock when it arrived, handed
-        back on the released text."""
+        """Text of ``REASONING``, ``CONTENT`` or another field (read where it arrives); ``now`` is the
+        caller's clock when it arrived, handed back on the released text."""
         if not text:
             return []  # empty deltas (vLLM opens with content "") change nothing
         self._now = now
         self._text(name, text)
-        return self._track(self.view.reasoning(text) if name == REASONING else self.view.content(text))
+        if name == REASONING:
+            return self._track(self.view.reasoning(text))
+        if name == CONTENT:
+            return self._track(self.view.content(text))
+        return self._track(self.view.other(name, text))
 
     def tool_call(self, call: int, name: str | None, arguments: str, now: float = 0.0) -> list[GuardFeed]:
         """Arguments of tool call ``call`` (its ``name`` as known when it starts)."""
         self._now = now
-        self._text(tool_field(call), arguments)
+        self._text(tool_field(call), arguments, call)
         return self._track(self.view.tool_call(call, name, arguments))
 
-    def marker(self, payload: Any) -> None:
-        """Anything else of this output, handed back by ``drain`` in order with the text around it."""
-        self.queue.append(_Item(None, marker=payload))
+    def marker(self, payload: Any, call: int | None = None) -> None:
+        """Anything else of this output, handed back by ``drain`` in order with the text around it;
+        with ``call``, part of that tool call (its header, its done events), held with it."""
+        self.queue.append(_Item(None, marker=payload, call=call))
+
+    def end_call(self, call: int) -> list[GuardFeed]:
+        """The upstream ended tool call ``call``: its arguments are complete."""
+        self._ended.add(call)
+        return self._track(self.view.end_tool_call(call))
 
     def finish(self, reason: str | None, payload: Any = None) -> list[GuardFeed]:
         """The upstream ended this output: the held text is fed, then the closing token; the finish
@@ -164,14 +182,14 @@ class ChoiceModerator:
         self.queue.append(_Item(None, finish=True, reason=reason, marker=payload))
         return self._track(self.view.finish())
 
-    def _text(self, name: str, text: str) -> None:
+    def _text(self, name: str, text: str, call: int | None = None) -> None:
         f = self.fields.setdefault(name, _Field())
         f.text += text
         f.arrivals.append((len(f.text), self._now))
         if self.queue and self.queue[-1].field == name:
             self.queue[-1].end = len(f.text)
         else:
-            self.queue.append(_Item(name, end=len(f.text)))
+            self.queue.append(_Item(name, end=len(f.text), call=call))
 
     def _fed(self) -> int:
         """Judged tokens fed so far, final and tentative."""
@@ -348,6 +366,8 @@ class ChoiceModerator:
         out: list[Out] = []
         while self.queue:
             item = self.queue[0]
+            if item.call is not None and not self._call_ready(item.call, bound):
+                break  # a tool call goes out whole, or not at all
             if item.field is None:
                 if item.finish:
                     if self.cut_at is not None:
@@ -376,10 +396,23 @@ class ChoiceModerator:
             self.closed = True
         return out
 
+    def _call_ready(self, call: int, bound: dict[str, int]) -> bool:
+        """Tool call ``call`` is complete and all of its arguments may be released."""
+        name = tool_field(call)
+        f = self.fields.get(name)
+        if f is None or not f.text:  # no arguments to judge: complete once ended
+            return call in self._ended or call in self.view.closed_calls or self.finished
+        return call in self.view.closed_calls and bound.get(name, f.released) >= len(f.text)
+
     def end(self) -> Out:
         """Close this output now (another output was cut: one connection carries them all)."""
         self.closed = True
         return Out("cut")
+
+    def released_whole(self, name: str) -> bool:
+        """Every character of field ``name`` was released (a field never seen has none to hold)."""
+        f = self.fields.get(name)
+        return f is None or f.released >= len(f.text)
 
     def shown(self, name: str, start: int, end: int) -> str:
         """What the client got of ``field[start:end]``, masks applied (for answers sent whole)."""

@@ -47,11 +47,22 @@ class ToolArgs:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolEnd:
+    """The upstream ended tool call ``call`` of an output: its arguments are complete."""
+
+    output: int
+    call: int
+
+
+@dataclass(frozen=True, slots=True)
 class Marker:
-    """Anything else of an output, for the client in order with its text (released, never judged)."""
+    """Anything else of an output, for the client in order with its text. A marker carries no model
+    text (a wire turns text it finds in one into ``ToolArgs`` of a call of its own); with ``call`` it
+    belongs to that tool call and is released with the whole call, or not at all."""
 
     output: int
     payload: Any
+    call: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +74,7 @@ class Finish:
     payload: Any = None
 
 
-Event = Text | ToolArgs | Marker | Finish
+Event = Text | ToolArgs | ToolEnd | Marker | Finish
 
 
 # -- commands out --------------------------------------------------------------------------------------
@@ -156,8 +167,10 @@ class Outputs:
             feeds = m.text(e.field, e.text, now)
         elif isinstance(e, ToolArgs):
             feeds = m.tool_call(e.call, e.name, e.text, now)
+        elif isinstance(e, ToolEnd):
+            feeds = m.end_call(e.call)
         elif isinstance(e, Marker):
-            m.marker(e.payload)
+            m.marker(e.payload, e.call)
             feeds = []
         else:
             feeds = m.finish(e.reason, e.payload)
