@@ -18,7 +18,7 @@ from guardproxy.server.wire_messages import chat_tools as anthropic_tools
 from guardproxy.server.wire_responses import ResponsesWire, chat_tools, input_messages
 from guardproxy.stream.guardview import CONTENT, REASONING
 from guardproxy.stream.moderator import Out
-from guardproxy.stream.outputs import Finish, Marker, Text, ToolArgs
+from guardproxy.stream.outputs import Finish, Marker, Text, ToolArgs, ToolEnd
 from guardproxy.stream.sse import SSEEvent
 
 from .conftest import hf_chat_ids
@@ -149,9 +149,12 @@ def test_responses_events_are_read_into_the_core_events() -> None:
     }
     out = read(added)  # arguments sent with the item are judged like any others
     assert out[1] == ToolArgs(0, 0, "f", '{"a"') and out[0].payload["item"]["arguments"] == ""
+    assert out[0].call == 0  # the item's start is held with the call
     assert read({"type": "response.function_call_arguments.delta", "item_id": "fc", "delta": ": 1}"}) == [
         ToolArgs(0, 0, "f", ": 1}")
     ]
+    done = {"type": "response.function_call_arguments.done", "item_id": "fc", "arguments": '{"a": 1}'}
+    assert read(done) == [ToolEnd(0, 0), Marker(0, done, call=0)]
     end = {"type": "response.completed", "response": {"id": "resp_7"}}
     assert read(end) == [Finish(0, "stop", end)] and wire.upstream_done and wire.response_id == "resp_7"
     with pytest.raises(ProxyError, match="boom"):
@@ -243,7 +246,7 @@ def test_messages_blocks_read_as_the_chat_turns_they_are(template: ChatTemplate,
     assert anthropic_tools([{"name": "f", "input_schema": {"type": "object"}}]) == [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     ]
-    for bad in ([], "x", [{"role": "system", "content": "x"}], [{"role": "user", "content": 5}]):
+    for bad in ([], "x", [{"role": "robot", "content": "x"}], [{"role": "user", "content": 5}]):
         with pytest.raises(ConversationError):
             chat_messages(None, bad)
 
@@ -259,7 +262,7 @@ def test_messages_events_are_read_into_the_core_events() -> None:
         "index": 1,
         "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}},
     }
-    assert read(tool) == [Marker(0, tool)]
+    assert read(tool) == [Marker(0, tool, call=0)]  # a tool call's start is held with the call
     assert read(
         {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}}
     ) == [Text(0, CONTENT, "Hi")]
@@ -273,6 +276,8 @@ def test_messages_events_are_read_into_the_core_events() -> None:
             "delta": {"type": "input_json_delta", "partial_json": "{"},
         }
     ) == [ToolArgs(0, 0, "f", "{")]
+    tool_stop = {"type": "content_block_stop", "index": 1}
+    assert read(tool_stop) == [ToolEnd(0, 0), Marker(0, tool_stop, call=0)]
     sig = {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "x"}}
     assert read(sig) == [Marker(0, sig)]
     delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}

@@ -93,6 +93,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/responses", responses)
+    app.router.add_get("/v1/responses", responses_websocket)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/v1/moderations", moderations)
@@ -347,6 +348,19 @@ async def responses(request: web.Request) -> web.StreamResponse:
     return await _moderated(request, lambda body, policy: ResponsesWire(body, policy, store))
 
 
+async def responses_websocket(request: web.Request) -> web.StreamResponse:
+    """The Responses API's WebSocket mode (``GET /v1/responses`` with an upgrade) is not served: 426
+    tells clients that try it first (Codex, the Agents SDK's websocket model) to use HTTP at once;
+    a 404 or 405 makes Codex retry for seconds before it falls back."""
+    raise ProxyError(
+        426,
+        "guardproxy serves the Responses API over HTTP only: use POST /v1/responses (streamed with "
+        "stream: true). WebSocket mode is not supported.",
+        type="invalid_request_error",
+        code="websocket_not_supported",
+    )
+
+
 async def messages(request: web.Request) -> web.StreamResponse:
     return await _moderated(request, MessagesWire)
 
@@ -356,7 +370,7 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     upstream = request.app[SERVICES].upstream
     raw = await request.read()
     resp = await upstream.request(
-        "POST", request.path, request.headers, raw, forward_auth=forward_client_key(request)
+        "POST", request.path_qs, request.headers, raw, forward_auth=forward_client_key(request)
     )
     async with resp:
         body = await resp.read()

@@ -32,7 +32,7 @@ from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Action, Policy
 from guardproxy.server.errors import ProxyError, engine_error, guard_failed, upstream_error
 from guardproxy.server.store import ResponseStore
-from guardproxy.server.upstream import Upstream
+from guardproxy.server.upstream import Upstream, returned_headers
 from guardproxy.server.wire import Wire
 from guardproxy.stream.outputs import (
     Abort,
@@ -157,7 +157,9 @@ class Exchange:
             assert self._upstream is not None
             self._resp = await self._upstream
             if self._resp.status != 200:
-                raise upstream_error(self._resp.status, await self._resp.read())
+                err = upstream_error(self._resp.status, await self._resp.read())
+                err.headers = {**returned_headers(self._resp.headers), **(err.headers or {})}
+                raise err
             if self.wire.streaming:
                 return await self._stream()
             return await self._whole()
@@ -268,10 +270,15 @@ class Exchange:
         return details
 
     def _headers(self) -> dict[str, str]:
+        upstream = returned_headers(self._resp.headers) if self._resp is not None else {}
         if not self.policy.details:
-            return {}
+            return upstream
         d = self._details()
-        h = {"x-guardproxy-prompt-risk": str(d["prompt"]["risk"]), "x-guardproxy-policy": self.policy.name}
+        h = {
+            **upstream,
+            "x-guardproxy-prompt-risk": str(d["prompt"]["risk"]),
+            "x-guardproxy-policy": self.policy.name,
+        }
         if "guard_error" in d:
             h["x-guardproxy-guard"] = "failed-open"
         if not self.wire.streaming:
@@ -343,9 +350,10 @@ class Exchange:
 
     def _start_upstream(self) -> None:
         self._upstream_started = time.perf_counter()
+        query = self.request.query_string  # e.g. Claude Code's ?beta=true: the upstream's to read
         request = self.s.upstream.request(
             "POST",
-            self.wire.route,
+            self.wire.route + (f"?{query}" if query else ""),
             self.request.headers,
             self.wire.upstream_body(),
             forward_auth=self.forward_key,

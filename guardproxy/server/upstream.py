@@ -39,6 +39,19 @@ _DROP = frozenset(
 _SET_HERE = frozenset({"x-request-id", "content-type"})  # set by headers() itself
 _KEYS = frozenset({"authorization", "x-api-key"})  # the client's credentials
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
+# The upstream's response headers a client reads, handed back: its request id (what a bug report to the
+# provider needs), rate limits and retry advice. Everything else is the proxy's own.
+_RETURNED = ("request-id", "retry-after", "openai-processing-ms", "openai-version")
+_RETURNED_PREFIXES = ("x-ratelimit-", "anthropic-ratelimit-")
+
+
+def returned_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """What of the upstream's response headers goes back to the client."""
+    return {
+        name: value
+        for name, value in headers.items()
+        if name.lower() in _RETURNED or name.lower().startswith(_RETURNED_PREFIXES)
+    }
 
 
 class _RetryStatus(Exception):

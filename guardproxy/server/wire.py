@@ -18,8 +18,9 @@ from typing import Any
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import Api, ProxyError, bad_request
+from guardproxy.stream.guardview import tool_field
 from guardproxy.stream.moderator import Out
-from guardproxy.stream.outputs import Event, Outputs
+from guardproxy.stream.outputs import Event, Marker, Outputs, ToolArgs, ToolEnd
 from guardproxy.stream.sse import SSEEvent
 
 Details = Callable[
@@ -44,6 +45,55 @@ def parse_json(data: str | bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ProxyError(502, f"upstream sent {what} that is not a JSON object", type="upstream_error")
     return value
+
+
+# Keys whose strings are never model-written text: names of the protocol, ids, states, and opaque or
+# binary payloads (encrypted reasoning, signatures, base64 images) that the text guard cannot read.
+NO_TEXT_KEYS = frozenset(
+    {
+        "type",
+        "id",
+        "item_id",
+        "call_id",
+        "tool_use_id",
+        "object",
+        "status",
+        "role",
+        "model",
+        "created_at",
+        "sequence_number",
+        "output_index",
+        "content_index",
+        "summary_index",
+        "index",
+        "encrypted_content",
+        "signature",
+        "partial_image_b64",
+        "data",  # base64 payloads: audio, images, redacted thinking
+        "result",  # image_generation_call: the image, base64
+        "approval_request_id",
+        "server_label",
+        "stop_reason",
+        "stop_sequence",
+        "finish_reason",
+        "logprobs",
+    }
+)
+
+
+def carried_text(value: Any) -> Any:
+    """What of ``value`` may be model-written text: a copy keeping only the string leaves outside
+    ``NO_TEXT_KEYS`` (and the objects and lists that hold them), or None when there is none."""
+    if isinstance(value, str):
+        return value if value else None
+    if isinstance(value, Mapping):
+        kept = {k: v for k, v in ((k, carried_text(v)) for k, v in value.items() if k not in NO_TEXT_KEYS)}
+        kept = {k: v for k, v in kept.items() if v is not None}
+        return kept or None
+    if isinstance(value, list):
+        items = [v for v in (carried_text(v) for v in value) if v is not None]
+        return items or None
+    return None
 
 
 def dumps(value: Any) -> str:
@@ -71,6 +121,7 @@ class Wire(ABC):
             raise bad_request("stream must be a boolean", param="stream")
         self.streaming = bool(stream)
         self.max_outputs = 1
+        self.silent: set[str] = set()  # fields of calls that stand for events read whole (``opaque``)
 
     # -- request -----------------------------------------------------------------------------------
 
@@ -87,6 +138,32 @@ class Wire(ABC):
         return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in conv.messages)
 
     # -- upstream ----------------------------------------------------------------------------------
+
+    def opaque(self, output: int, call: int, kind: str, payload: Any) -> list[Event]:
+        """An upstream event (or an output item) of a kind this wire does not read. Without text it is
+        a marker. With text, ``policy.unknown_events`` decides: ``judge`` reads the text as tool call
+        ``call`` named ``kind`` (its JSON as the arguments) and releases the event whole once that is
+        judged (dropped with it on a cut); ``drop`` leaves it out; ``fail`` ends the response."""
+        text = carried_text(payload)
+        if text is None:
+            return [Marker(output, payload)]
+        rule = self.policy.unknown_events
+        if rule == "drop":
+            return []
+        if rule == "fail":
+            raise ProxyError(
+                502,
+                f"upstream sent {kind}, which carries text guardproxy does not know how to read "
+                "(policy.unknown_events: fail)",
+                type="upstream_error",
+                code="unknown_event",
+            )
+        self.silent.add(tool_field(call))
+        return [
+            ToolArgs(output, call, kind, text if isinstance(text, str) else dumps(text)),
+            ToolEnd(output, call),
+            Marker(output, payload, call=call),
+        ]
 
     @abstractmethod
     def read_event(self, event: SSEEvent) -> list[Event]:

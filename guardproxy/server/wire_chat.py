@@ -22,6 +22,11 @@ from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, Tool
 from guardproxy.stream.sse import DONE, SSEEvent, encode_event
 
 MAX_MESSAGES = 4096  # far beyond the guard's context; refuses pathological requests cheaply
+REFUSAL = "refusal"  # the field of a choice's own refusal text
+# What a delta (or a whole answer's message) holds that this wire reads; anything else is ``opaque``.
+_READ = frozenset({"role", "content", "reasoning_content", "reasoning", "refusal", "tool_calls"})
+# Calls standing for opaque fields are numbered from here: far past any upstream tool call index.
+_OPAQUE_CALLS = 1 << 20
 
 
 class ChatWire(Wire):
@@ -47,6 +52,10 @@ class ChatWire(Wire):
         self._tools: dict[tuple[int, int], str | None] = {}  # (choice, call) -> function name
         self._tail: list[dict[str, Any]] = []  # usage chunks (choices: []), sent last
         self._original: dict[str, Any] | None = None  # a whole answer as received
+        self._opaque = 0  # opaque calls so far
+        # A whole answer's fields this wire does not read: (choice, key) -> the call judging its text,
+        # None when the policy dropped it, -1 when it holds no text.
+        self._whole_extra: dict[tuple[int, str], int | None] = {}
 
     def conversation(self) -> Conversation:
         messages = self.body.get("messages")
@@ -95,11 +104,10 @@ class ChatWire(Wire):
             raise ProxyError(502, "upstream sent a malformed delta", type="upstream_error")
         return delta
 
-    def _delta(self, index: int, delta: Mapping[str, Any]) -> list[Event]:
+    def _delta(self, index: int, delta: Mapping[str, Any], whole: bool = False) -> list[Event]:
         out: list[Event] = []
-        meta = {k: v for k, v in delta.items() if k in ("role", "refusal") and v is not None}
-        if meta:
-            out.append(Marker(index, meta))
+        if delta.get("role") is not None:
+            out.append(Marker(index, {"role": delta["role"]}))
         for key in ("reasoning_content", "reasoning"):
             text = delta.get(key)
             if isinstance(text, str) and text:
@@ -108,6 +116,9 @@ class ChatWire(Wire):
         text = delta.get("content")
         if isinstance(text, str) and text:
             out.append(Text(index, CONTENT, text))
+        refusal = delta.get("refusal")
+        if isinstance(refusal, str) and refusal:  # the model's own refusal: model text, judged
+            out.append(Text(index, REFUSAL, refusal))
         for call in delta.get("tool_calls") or []:
             if not isinstance(call, Mapping):
                 continue
@@ -119,8 +130,20 @@ class ChatWire(Wire):
                 self._tools[(index, k)] = str(fn["name"])
             if header or (index, k) not in self._tools:
                 self._tools.setdefault((index, k), None)
-                out.append(Marker(index, {"tool_calls": [{"index": k, **header}]}))
+                out.append(Marker(index, {"tool_calls": [{"index": k, **header}]}, call=k))
             out.append(ToolArgs(index, k, self._tools[(index, k)], str(fn.get("arguments") or "")))
+        for key, value in delta.items():
+            if key in _READ or value is None:
+                continue
+            # A field this wire does not read (audio with its transcript, a legacy function_call...).
+            call = _OPAQUE_CALLS + self._opaque
+            self._opaque += 1
+            events = self.opaque(index, call, f"{key}", {key: value})
+            if whole and not events:
+                self._whole_extra[(index, key)] = None
+            elif whole and isinstance(events[0], ToolArgs):
+                self._whole_extra[(index, key)] = call
+            out += events
         return out
 
     def read_whole(self, raw: bytes) -> list[Event]:
@@ -133,9 +156,11 @@ class ChatWire(Wire):
             if not isinstance(c, Mapping):
                 raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
             msg = c.get("message") or {}
-            delta = {k: msg.get(k) for k in ("content", "reasoning_content", "reasoning")}
+            if not isinstance(msg, Mapping):
+                raise ProxyError(502, "upstream sent a malformed message", type="upstream_error")
+            delta = {k: v for k, v in msg.items() if k not in ("role", "tool_calls")}
             delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(msg.get("tool_calls") or [])]
-            out += self._delta(_index(c), delta)
+            out += self._delta(_index(c), delta, whole=True)
             out.append(Finish(_index(c), c.get("finish_reason")))
         return out
 
@@ -146,6 +171,8 @@ class ChatWire(Wire):
             return {"content": text}
         if field == REASONING:
             return {self._reasoning_key: text}
+        if field == REFUSAL:
+            return {"refusal": text}
         k = int(field.split("[", 1)[1].split("]", 1)[0])
         return {"tool_calls": [{"index": k, "function": {"arguments": text}}]}
 
@@ -159,6 +186,8 @@ class ChatWire(Wire):
     def render(self, output: int, out: Out, details: Details) -> bytes:
         if out.kind == "text":
             assert out.field is not None
+            if out.field in self.silent:
+                return b""  # an opaque field's text: the field itself goes out whole, as a marker
             return self._chunk(output, self._text_delta(out.field, out.text), None, None)
         if out.kind == "marker":
             return self._chunk(output, dict(out.payload), None, None)
@@ -183,10 +212,16 @@ class ChatWire(Wire):
         m = outputs.moderators[index]
         msg = dict(original.get("message") or {})
         finish = original.get("finish_reason")
-        for key in ("content", "reasoning_content", "reasoning"):
+        for key, name in (("content", CONTENT), ("reasoning_content", REASONING), ("reasoning", REASONING)):
             value = msg.get(key)
             if isinstance(value, str):
-                msg[key] = m.shown(CONTENT if key == "content" else REASONING, 0, len(value))
+                msg[key] = m.shown(name, 0, len(value))
+        if isinstance(msg.get("refusal"), str):
+            msg["refusal"] = m.shown(REFUSAL, 0, len(msg["refusal"]))
+        for key in list(msg):
+            call = self._whole_extra.get((index, key), -1)
+            if call is None or (call >= 0 and not m.released_whole(tool_field(call))):
+                del msg[key]  # dropped by policy, or cut: an opaque field goes whole or not at all
         cut = m.cut_at is not None  # whole answers: each choice is complete, cut or not, on its own
         if cut:
             finish = CONTENT_FILTER

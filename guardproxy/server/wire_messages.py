@@ -18,7 +18,6 @@ Anthropic-shaped, the ``error`` event once the stream has started.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -27,16 +26,18 @@ from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, bad_request
-from guardproxy.server.wire import Conversation, Details, Wire, dumps, parse_json
+from guardproxy.server.wire import Conversation, Details, Wire, carried_text, dumps, parse_json
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import Out
-from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs
+from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs, ToolEnd
 from guardproxy.stream.sse import SSEEvent, encode_event
 
 REFUSAL = "refusal"
+_TEXT_DELTAS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
 
 def _text_blocks(value: Any, where: str) -> str:
+    """The text of content given as a string or as blocks (``block_text`` of each, joined)."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
@@ -45,16 +46,52 @@ def _text_blocks(value: Any, where: str) -> str:
     for k, block in enumerate(value):
         if not isinstance(block, Mapping):
             raise ConversationError(f"{where}[{k}] must be an object", param="messages")
-        if block.get("type") == "text":
-            text = block.get("text")
-            if not isinstance(text, str):
-                raise ConversationError(f"{where}[{k}].text must be a string", param="messages")
+        text = block_text(block, f"{where}[{k}]")
+        if text:
             texts.append(text)
     return "\n".join(texts)
 
 
+# Blocks with no text the guard can read: pictures, encrypted reasoning, file references.
+NO_TEXT_BLOCKS = frozenset({"image", "redacted_thinking", "container_upload"})
+# Blocks that are tool calls the model made (its input is the arguments) and their results.
+CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+
+
+def block_text(block: Mapping[str, Any], where: str) -> str:
+    """What the guard reads of one content block that is not a tool call or its result. ``text``,
+    a text ``document`` (its title, context and text), a ``search_result`` (title and text blocks);
+    ``image``, ``redacted_thinking`` and ``container_upload`` carry none; a block of any other kind is
+    read for whatever text it holds (nothing the API adds goes unread)."""
+    kind = block.get("type")
+    if kind == "text":
+        text = block.get("text")
+        if not isinstance(text, str):
+            raise ConversationError(f"{where}.text must be a string", param="messages")
+        return text
+    if kind in NO_TEXT_BLOCKS:
+        return ""
+    if kind == "document":
+        source = block.get("source")
+        parts = [block.get("title"), block.get("context")]
+        if isinstance(source, Mapping) and source.get("type") == "text":
+            parts.append(source.get("data"))
+        elif isinstance(source, Mapping) and source.get("type") == "content":
+            parts.append(_text_blocks(source.get("content") or [], f"{where}.source.content"))
+        return "\n".join(p for p in parts if isinstance(p, str) and p)
+    if kind == "search_result":
+        parts = [block.get("title"), _text_blocks(block.get("content") or [], f"{where}.content")]
+        return "\n".join(p for p in parts if isinstance(p, str) and p)
+    text = carried_text({k: v for k, v in block.items() if k not in ("cache_control", "citations")})
+    return "" if text is None else text if isinstance(text, str) else dumps(text)
+
+
 def chat_messages(system: Any, messages: Any) -> list[dict[str, Any]]:
-    """A Messages request's conversation as chat messages: what the guard's template renders."""
+    """A Messages request's conversation as chat messages: what the guard's template renders.
+
+    ``role: "system"`` entries among the messages (the ``mid-conversation-system`` beta Claude Code
+    sends) are system turns where they stand, as the template renders a system message after the
+    first."""
     out: list[dict[str, Any]] = []
     if system is not None:
         text = _text_blocks(system, "system")
@@ -67,8 +104,15 @@ def chat_messages(system: Any, messages: Any) -> list[dict[str, Any]]:
         if not isinstance(msg, Mapping):
             raise ConversationError(f"{where} must be an object", param="messages")
         role, content = msg.get("role"), msg.get("content")
-        if role not in ("user", "assistant"):
-            raise ConversationError(f"{where}.role must be user or assistant; got {role!r}", param="messages")
+        if role not in ("user", "assistant", "system"):
+            raise ConversationError(
+                f"{where}.role must be user, assistant or system; got {role!r}", param="messages"
+            )
+        if role == "system":
+            text = _text_blocks(content, f"{where}.content")
+            if text:
+                out.append({"role": "system", "content": text})
+            continue
         if isinstance(content, str):
             out.append({"role": role, "content": content})
             continue
@@ -82,24 +126,29 @@ def chat_messages(system: Any, messages: Any) -> list[dict[str, Any]]:
             if not isinstance(block, Mapping):
                 raise ConversationError(f"{w} must be an object", param="messages")
             kind = block.get("type")
-            if kind == "text":
-                texts.append(_text_blocks([block], w))
-            elif kind == "thinking" and role == "assistant":
+            if kind == "thinking":
                 if isinstance(block.get("thinking"), str):
                     reasoning.append(block["thinking"])
-            elif kind == "tool_use":
+            elif kind in CALL_BLOCKS:
                 name = block.get("name")
                 if not isinstance(name, str):
                     raise ConversationError(f"{w}.name must be a string", param="messages")
-                args = json.dumps(block.get("input") or {}, ensure_ascii=False)
+                args = dumps(block.get("input") or {})
                 calls.append(
                     {"id": block.get("id"), "type": "function", "function": {"name": name, "arguments": args}}
                 )
-            elif kind == "tool_result":
+            elif isinstance(kind, str) and kind.endswith("tool_result"):
+                # A tool's result (the client's tool_result, a server or MCP tool's): a tool turn.
                 result = block.get("content")
-                text = "" if result is None else _text_blocks(result, f"{w}.content")
+                if result is None or isinstance(result, str | list):
+                    text = "" if result is None else _text_blocks(result, f"{w}.content")
+                else:
+                    text = block_text({"type": kind, "content": result}, w)
                 out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
-            # Images, documents, redacted thinking: nothing the text guard can read.
+            else:
+                text = block_text(block, w)
+                if text:
+                    texts.append(text)
         if role == "assistant":
             turn: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
             if reasoning:
@@ -135,8 +184,9 @@ class MessagesWire(Wire):
         super().__init__(body, policy)
         if "messages" not in body:
             raise bad_request("messages: field required", param="messages")
-        self._blocks: dict[int, tuple[str, int | None]] = {}  # upstream block index -> (type, tool call)
+        self._block_calls: dict[int, int] = {}  # upstream block index -> the tool call it holds
         self._names: dict[int, str | None] = {}  # tool call -> name
+        self._calls = 0  # tool calls so far (opaque blocks and events count as calls of their own)
         self._message_delta: dict[str, Any] | None = None
         self._deltas = 0  # upstream content deltas read (about one a token): the usage of a cut answer
         # Writing to the client.
@@ -146,6 +196,7 @@ class MessagesWire(Wire):
         self._snapshot: dict[str, Any] = {}
         self._original: dict[str, Any] | None = None
         self._whole_map: list[tuple[int, str, int, int]] = []  # (block, field, start, end)
+        self._whole_dropped: set[int] = set()  # blocks the policy drops (unknown_events: drop)
 
     def conversation(self) -> Conversation:
         return Conversation(
@@ -157,7 +208,7 @@ class MessagesWire(Wire):
 
     def read_event(self, event: SSEEvent) -> list[Event]:
         ev = parse_json(event.data, "an event")
-        kind = ev.get("type") or event.event
+        kind = str(ev.get("type") or event.event)
         if kind == "error":
             err = ev["error"] if isinstance(ev.get("error"), Mapping) else {}
             raise ProxyError(
@@ -170,50 +221,28 @@ class MessagesWire(Wire):
             self.upstream_done = True
             reason = (self._message_delta or {}).get("delta", {}).get("stop_reason")
             return [Finish(0, reason, (self._message_delta, ev))]
-        if kind == "content_block_start":
-            block = ev.get("content_block")
-            if not isinstance(block, Mapping) or not isinstance(ev.get("index"), int):
-                raise ProxyError(502, "upstream sent a malformed content_block_start", type="upstream_error")
-            index, btype = ev["index"], str(block.get("type"))
-            call = None
-            if btype == "tool_use":
-                call = len(self._names)
-                self._names[call] = block.get("name")
-            self._blocks[index] = (btype, call)
-            # Text that comes with the block's start is judged as any other (rare, but allowed).
-            first: list[Event] = []
-            if btype == "text" and block.get("text"):
-                first = [Text(0, CONTENT, str(block["text"]))]
-            elif btype == "thinking" and block.get("thinking"):
-                first = [Text(0, REASONING, str(block["thinking"]))]
-            elif btype == "tool_use" and block.get("input"):
-                first = [
-                    ToolArgs(0, call or 0, block.get("name"), json.dumps(block["input"], ensure_ascii=False))
-                ]
-            if first:
-                empty = (
-                    {**block, "text": ""}
-                    if btype == "text"
-                    else {**block, "thinking": ""}
-                    if btype == "thinking"
-                    else {**block, "input": {}}
-                )
-                return [Marker(0, {**ev, "content_block": empty}), *first]
+        if kind == "message_start":
+            message = ev.get("message")
+            if isinstance(message, Mapping) and message.get("content"):
+                # Content comes in blocks, judged; none is taken from the opening snapshot.
+                ev = {**ev, "message": {**message, "content": []}}
             return [Marker(0, ev)]
+        if kind in ("ping", "content_block_stop"):
+            call = self._block_calls.get(int(ev.get("index", -1))) if kind == "content_block_stop" else None
+            return [Marker(0, ev)] if call is None else [ToolEnd(0, call), Marker(0, ev, call=call)]
+        if kind == "content_block_start":
+            return self._block_start(ev)
         if kind == "content_block_delta":
             delta = ev.get("delta")
             if not isinstance(delta, Mapping):
                 raise ProxyError(
                     502, "upstream sent a content_block_delta without a delta", type="upstream_error"
                 )
-            dtype = delta.get("type")
-            if dtype in ("text_delta", "thinking_delta", "input_json_delta"):
+            dtype = str(delta.get("type"))
+            index = int(ev.get("index", -1))
+            if dtype in _TEXT_DELTAS:
                 self._deltas += 1
-                key = {
-                    "text_delta": "text",
-                    "thinking_delta": "thinking",
-                    "input_json_delta": "partial_json",
-                }[dtype]
+                key = _TEXT_DELTAS[dtype]
                 text = delta.get(key)
                 if not isinstance(text, str):
                     raise ProxyError(502, f"upstream sent a {dtype} without {key}", type="upstream_error")
@@ -221,10 +250,52 @@ class MessagesWire(Wire):
                     return [Text(0, CONTENT, text)]
                 if dtype == "thinking_delta":
                     return [Text(0, REASONING, text)]
-                _, call = self._blocks.get(int(ev.get("index", -1)), ("tool_use", None))
-                call = call if call is not None else 0
+                call = self._block_calls.get(index)
+                if call is None:
+                    raise ProxyError(
+                        502, "upstream sent tool input outside a tool_use block", type="upstream_error"
+                    )
                 return [ToolArgs(0, call, self._names.get(call), text)]
-        return [Marker(0, ev)]
+            if dtype == "signature_delta":
+                return [Marker(0, ev)]  # the thinking block's signature: no text
+            call = self._block_calls.get(index)
+            if call is not None:  # any other delta of a tool call's block goes out with the call
+                return [Marker(0, ev, call=call)]
+            # citations_delta (a quote from a source) and kinds this wire does not know.
+            return self.opaque(0, self._new_call(), dtype, ev)
+        return self.opaque(0, self._new_call(), kind, ev)
+
+    def _new_call(self) -> int:
+        call = self._calls
+        self._calls += 1
+        return call
+
+    def _block_start(self, ev: dict[str, Any]) -> list[Event]:
+        block = ev.get("content_block")
+        if not isinstance(block, Mapping) or not isinstance(ev.get("index"), int):
+            raise ProxyError(502, "upstream sent a malformed content_block_start", type="upstream_error")
+        index, btype = ev["index"], str(block.get("type"))
+        if btype in CALL_BLOCKS:
+            call = self._new_call()
+            self._names[call] = block.get("name")
+            self._block_calls[index] = call
+            out: list[Event] = [Marker(0, {**ev, "content_block": {**block, "input": {}}}, call=call)]
+            if block.get("input"):  # input given with the start: judged as any other
+                out.append(ToolArgs(0, call, block.get("name"), dumps(block["input"])))
+            return out
+        if btype in ("text", "thinking"):
+            key, name = ("text", CONTENT) if btype == "text" else ("thinking", REASONING)
+            first = block.get(key)
+            if first:  # text that comes with the block's start is judged as any other (rare, allowed)
+                return [Marker(0, {**ev, "content_block": {**block, key: ""}}), Text(0, name, str(first))]
+            return [Marker(0, ev)]
+        if btype in NO_TEXT_BLOCKS:
+            return [Marker(0, ev)]
+        # A server tool's result (web search, code execution...) or a block this wire does not know:
+        # its text is judged whole, and its later events go out with it.
+        call = self._new_call()
+        self._block_calls[index] = call
+        return self.opaque(0, call, btype, ev)
 
     def read_whole(self, raw: bytes) -> list[Event]:
         body = parse_json(raw, "a message")
@@ -233,19 +304,13 @@ class MessagesWire(Wire):
         self._original = body
         out: list[Event] = []
         lengths: dict[str, int] = {}
-        calls = 0
         for i, block in enumerate(body["content"]):
             if not isinstance(block, Mapping):
                 raise ProxyError(
                     502, "upstream sent a content block that is not an object", type="upstream_error"
                 )
-            btype = block.get("type")
-            if btype == "tool_use":
-                args = json.dumps(block.get("input") or {}, ensure_ascii=False)
-                self._whole_map.append((i, tool_field(calls), 0, len(args)))
-                out.append(ToolArgs(0, calls, block.get("name"), args))
-                calls += 1
-            elif btype in ("text", "thinking"):
+            btype = str(block.get("type"))
+            if btype in ("text", "thinking"):
                 name, key = (CONTENT, "text") if btype == "text" else (REASONING, "thinking")
                 text = block.get(key)
                 if isinstance(text, str):
@@ -253,6 +318,22 @@ class MessagesWire(Wire):
                     lengths[name] = start + len(text)
                     self._whole_map.append((i, name, start, start + len(text)))
                     out.append(Text(0, name, text))
+                continue
+            if btype in NO_TEXT_BLOCKS:
+                continue
+            call = self._new_call()
+            if btype in CALL_BLOCKS:
+                args = dumps(block.get("input") or {})
+                read: list[Event] = [ToolArgs(0, call, block.get("name"), args), ToolEnd(0, call)]
+            else:  # a server tool's result, or a block this wire does not know: read whole
+                events = self.opaque(0, call, btype, block)
+                if not events:
+                    self._whole_dropped.add(i)
+                read = [e for e in events if not isinstance(e, Marker)]
+            arguments = next((e.text for e in read if isinstance(e, ToolArgs)), None)
+            if arguments is not None:
+                self._whole_map.append((i, tool_field(call), 0, len(arguments)))
+            out += read
         out.append(Finish(0, body.get("stop_reason")))
         return out
 
@@ -265,6 +346,8 @@ class MessagesWire(Wire):
     def render(self, output: int, out: Out, details: Details) -> bytes:
         if out.kind == "text":
             assert out.field is not None
+            if out.field in self.silent:
+                return b""  # an opaque block's or event's text: the event itself goes out whole
             return self._text(out.field, out.text)
         if out.kind == "marker":
             return self._marker(dict(out.payload))
@@ -282,8 +365,8 @@ class MessagesWire(Wire):
             self._open[index] = btype
             self._next_block = max(self._next_block, index + 1)
             field = {"text": CONTENT, "thinking": REASONING}.get(btype)
-            if field is None and btype == "tool_use":
-                field = tool_field(sum(1 for name in self._field_block if name.startswith("tool_calls[")))
+            if field is None and index in self._block_calls:
+                field = tool_field(self._block_calls[index])
             if field is not None:
                 self._field_block[field] = index
         elif kind == "content_block_stop":
@@ -337,7 +420,7 @@ class MessagesWire(Wire):
         self._open.clear()
         delta: dict[str, Any] = {
             "type": "message_delta",
-            "delta": {"stop_reason": REFUSAL, "stop_sequence": None},
+            "delta": {"stop_reason": REFUSAL, "stop_sequence": None, "stop_details": self._stop_details()},
             "usage": {"output_tokens": self._deltas},
         }
         if self.policy.details:
@@ -345,6 +428,17 @@ class MessagesWire(Wire):
         out.append(self._emit(delta))
         out.append(self._emit({"type": "message_stop"}))
         return b"".join(out)
+
+    def _stop_details(self, text: str | None = None) -> dict[str, Any]:
+        """Why the message stopped, as Anthropic's API says it for a refusal. Claude Code shows the
+        ``explanation`` for the ``general_harms`` category (for none it prints only its generic
+        usage-policy text); the guard's own category is in the details."""
+        explanation = (text if text is not None else self.policy.notice).strip()
+        return {
+            "type": "refusal",
+            "category": "general_harms",
+            "explanation": explanation or "The response was stopped by guardproxy's content policy.",
+        }
 
     def error_event(self, exc: ProxyError) -> bytes:
         return self._emit(exc.body("anthropic"))
@@ -377,7 +471,8 @@ class MessagesWire(Wire):
                     blocks.append({"type": "text", "text": self.policy.notice})
             body["stop_reason"] = REFUSAL
             body["stop_sequence"] = None
-        body["content"] = blocks
+            body["stop_details"] = self._stop_details()
+        body["content"] = [b for i, b in enumerate(blocks) if i not in self._whole_dropped]
         if self.policy.details:
             body["guardproxy"] = details()
         return body
@@ -392,16 +487,21 @@ class MessagesWire(Wire):
             "content": [{"type": "text", "text": text}],
             "stop_reason": REFUSAL,
             "stop_sequence": None,
+            "stop_details": self._stop_details(text),
             "usage": {"input_tokens": 0, "output_tokens": 0},
         }
         if not self.streaming:
             if self.policy.details:
                 message["guardproxy"] = details()
             return message
-        start = {**message, "content": [], "stop_reason": None}
+        start = {**message, "content": [], "stop_reason": None, "stop_details": None}
         end: dict[str, Any] = {
             "type": "message_delta",
-            "delta": {"stop_reason": REFUSAL, "stop_sequence": None},
+            "delta": {
+                "stop_reason": REFUSAL,
+                "stop_sequence": None,
+                "stop_details": self._stop_details(text),
+            },
             "usage": {"output_tokens": 0},
         }
         if self.policy.details:

@@ -34,12 +34,41 @@ from guardproxy.server.wire import Conversation, Details, Wire, optional_str, pa
 from guardproxy.server.wire_responses_events import ResponseEvents
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
-from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs
+from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs, ToolEnd
 from guardproxy.stream.sse import SSEEvent
 
 _TERMINAL = {"response.completed": "stop", "response.incomplete": "length", "response.failed": "failed"}
 _CONTENT_DELTAS = ("response.output_text.delta", "response.refusal.delta")
 _REASONING_DELTAS = ("response.reasoning_text.delta", "response.reasoning_summary_text.delta")
+# Tool calls whose input the model writes: item type -> the key of that input. Both are judged as tool
+# call arguments and released whole.
+_CALL_ITEMS = {"function_call": "arguments", "custom_tool_call": "input"}
+_CALL_DELTAS = ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta")
+_CALL_ENDS = (
+    "response.function_call_arguments.done",
+    "response.custom_tool_call_input.done",
+    "response.output_item.done",
+)
+# Items whose text comes in the deltas above (their other events are rewritten to what was released).
+_READ_ITEMS = frozenset({"message", "reasoning"})
+# Events that carry no model text of their own: state, part boundaries, and the done events whose text
+# ``ResponseEvents`` replaces with what was released. Every other event is read as ``opaque``.
+_NO_TEXT = frozenset(
+    {
+        "response.created",
+        "response.in_progress",
+        "response.queued",
+        "response.content_part.added",
+        "response.content_part.done",
+        "response.output_text.done",
+        "response.refusal.done",
+        "response.reasoning_text.done",
+        "response.reasoning_summary_part.added",
+        "response.reasoning_summary_part.done",
+        "response.reasoning_summary_text.done",
+        "response.output_text.annotation.added",  # a citation: a URL and the source's title
+    }
+)
 
 
 # -- request -> guard --------------------------------------------------------------------------------
@@ -163,9 +192,11 @@ class ResponsesWire(Wire):
         self._turns: list[dict[str, Any]] | None = None  # the conversation, instructions left out
         self._input: list[dict[str, Any]] = []  # this request's own turns
         self._continues: str | None = None  # the stored response it continues, when known
-        # Reading the upstream: function calls by item id -> (tool call index, name).
+        # Reading the upstream: tool calls by item id -> (tool call index, name); opaque events take
+        # call indexes from the same count.
         self._read_calls: dict[str, tuple[int, str | None]] = {}
         self._read_kind: dict[str, str] = {}
+        self._next_call = 0
         self.response_id: str | None = None
         # Writing to the client.
         self.events = ResponseEvents(policy)
@@ -174,6 +205,7 @@ class ResponsesWire(Wire):
         self._whole_map: list[tuple[int, str, int, str, int, int]] = []
         self._original: dict[str, Any] | None = None
         self._lengths: dict[str, int] = {}
+        self._whole_dropped: set[int] = set()
 
     # -- request -----------------------------------------------------------------------------------
 
@@ -223,7 +255,7 @@ class ResponsesWire(Wire):
 
     def read_event(self, event: SSEEvent) -> list[Event]:
         ev = parse_json(event.data, "an event")
-        kind = ev.get("type") or event.event
+        kind = str(ev.get("type") or event.event)
         if kind == "error":
             raise ProxyError(
                 502, str(ev.get("message") or "upstream error"), type="upstream_error", code=ev.get("code")
@@ -238,27 +270,53 @@ class ResponsesWire(Wire):
             return [Text(0, CONTENT, _delta(ev))]
         if kind in _REASONING_DELTAS:
             return [Text(0, REASONING, _delta(ev))]
-        if kind == "response.function_call_arguments.delta":
-            k, name = self._read_calls.get(str(ev.get("item_id")), (len(self._read_calls), None))
-            return [ToolArgs(0, k, name, _delta(ev))]
         if kind == "response.output_item.added":
-            item = ev.get("item")
-            if not isinstance(item, Mapping):
-                raise ProxyError(
-                    502, "upstream sent an output item that is not an object", type="upstream_error"
-                )
-            item_id = str(item.get("id"))
-            self._read_kind[item_id] = str(item.get("type"))
-            if item.get("type") == "function_call":
-                k = len(self._read_calls)
-                self._read_calls[item_id] = (k, str(item.get("name") or ""))
-                args = item.get("arguments")
-                if isinstance(args, str) and args:  # arguments sent whole with the item: judged as text
-                    return [
-                        Marker(0, {**ev, "item": {**item, "arguments": ""}}),
-                        ToolArgs(0, k, item.get("name"), args),
-                    ]
-        return [Marker(0, ev)]
+            return self._item_added(ev)
+        item = ev.get("item")
+        item_id = str(
+            item.get("id")
+            if kind == "response.output_item.done" and isinstance(item, Mapping)
+            else ev.get("item_id")
+        )
+        call = self._read_calls.get(item_id)
+        if call is not None:
+            k, name = call
+            if kind in _CALL_DELTAS:
+                return [ToolArgs(0, k, name, _delta(ev))]
+            if kind in _CALL_ENDS:
+                return [ToolEnd(0, k), Marker(0, ev, call=k)]
+            return [Marker(0, ev, call=k)]
+        if kind in _NO_TEXT or (item_id in self._read_kind and self._read_kind[item_id] in _READ_ITEMS):
+            return [Marker(0, ev)]
+        # An event this wire does not read: a hosted tool's (web search, code interpreter, MCP...) or a
+        # kind it does not know. Its text, if any, is judged whole (policy.unknown_events).
+        k = self._next_call
+        self._next_call += 1
+        return self.opaque(0, k, kind, ev)
+
+    def _item_added(self, ev: dict[str, Any]) -> list[Event]:
+        item = ev.get("item")
+        if not isinstance(item, Mapping):
+            raise ProxyError(502, "upstream sent an output item that is not an object", type="upstream_error")
+        item_id, kind = str(item.get("id")), str(item.get("type"))
+        self._read_kind[item_id] = kind
+        if kind in _CALL_ITEMS:
+            k = self._next_call
+            self._next_call += 1
+            name = str(item.get("name") or "")
+            self._read_calls[item_id] = (k, name)
+            self.events.calls[k] = item_id
+            key = _CALL_ITEMS[kind]
+            args = item.get(key)
+            out: list[Event] = [Marker(0, {**ev, "item": {**item, key: ""}}, call=k)]
+            if isinstance(args, str) and args:  # arguments sent whole with the item: judged as text
+                out.append(ToolArgs(0, k, name, args))
+            return out
+        if kind in _READ_ITEMS:
+            return [Marker(0, ev)]
+        k = self._next_call
+        self._next_call += 1
+        return self.opaque(0, k, kind, ev)
 
     def _note_response(self, response: Any) -> None:
         if isinstance(response, Mapping) and isinstance(response.get("id"), str):
@@ -271,19 +329,30 @@ class ResponsesWire(Wire):
         self._original = body
         self._note_response(body)
         out: list[Event] = []
-        calls = 0
+        self._whole_dropped = set()  # items the policy drops (unknown_events: drop)
         for i, item in enumerate(body["output"]):
             if not isinstance(item, Mapping):
                 raise ProxyError(
                     502, "upstream sent an output item that is not an object", type="upstream_error"
                 )
-            kind = item.get("type")
-            if kind == "function_call":
-                args = str(item.get("arguments") or "")
-                self._whole_map.append((i, "arguments", 0, tool_field(calls), 0, len(args)))
-                self._read_calls[str(item.get("id"))] = (calls, str(item.get("name") or ""))
-                out.append(ToolArgs(0, calls, item.get("name"), args))
-                calls += 1
+            kind = str(item.get("type"))
+            if kind in _CALL_ITEMS or kind not in _READ_ITEMS:
+                k = self._next_call
+                self._next_call += 1
+                if kind in _CALL_ITEMS:
+                    key = _CALL_ITEMS[kind]
+                    args = str(item.get(key) or "")
+                    self._read_calls[str(item.get("id"))] = (k, str(item.get("name") or ""))
+                    read: list[Event] = [ToolArgs(0, k, item.get("name"), args), ToolEnd(0, k)]
+                else:  # a hosted tool's item, or a kind this wire does not know
+                    key = "opaque"
+                    read = self.opaque(0, k, kind, item)
+                    args = next((e.text for e in read if isinstance(e, ToolArgs)), "")
+                    if not read:
+                        self._whole_dropped.add(i)
+                if any(isinstance(e, ToolArgs) for e in read):
+                    self._whole_map.append((i, key, 0, tool_field(k), 0, len(args)))
+                out += [e for e in read if not isinstance(e, Marker)]
                 continue
             groups: list[tuple[str, Any]] = []
             if kind == "message":
@@ -307,6 +376,8 @@ class ResponsesWire(Wire):
     # -- client: streamed ----------------------------------------------------------------------------
 
     def render(self, output: int, out: Out, details: Details) -> bytes:
+        if out.kind == "text" and out.field in self.silent:
+            return b""  # an opaque event's text: the event itself goes out whole, as a marker
         return self.events.render(out, details)
 
     def error_event(self, exc: ProxyError) -> bytes:
@@ -324,11 +395,11 @@ class ResponsesWire(Wire):
         for i, key, j, name, start, end in self._whole_map:
             shown = m.shown(name, start, end) if m is not None else ""
             full = m is not None and name in m.fields and shown == m.fields[name].text[start:end]
-            if key == "arguments":
+            if key not in ("content", "summary"):  # a tool call's input, or an item read whole
                 if not full:
-                    keep = min(keep, i)  # cut in its arguments: no tool call
-                else:
-                    items[i]["arguments"] = shown
+                    keep = min(keep, i)  # cut in it: no tool call, no item
+                elif key != "opaque":
+                    items[i][key] = shown
                 continue
             parts = [dict(p) for p in items[i].get(key) or []]
             part = parts[j]
@@ -347,7 +418,7 @@ class ResponsesWire(Wire):
             for item in items[-1:]:
                 item["status"] = "incomplete"
             body.update(status="incomplete", incomplete_details={"reason": CONTENT_FILTER})
-        body["output"] = items
+        body["output"] = [item for i, item in enumerate(items) if i not in self._whole_dropped]
         if self.policy.details:
             body["guardproxy"] = details()
         return body

@@ -33,6 +33,10 @@ _PART_TEXT_DONE = {
 }
 
 
+# Tool calls the model writes the input of: item type -> the key holding it.
+_CALL_INPUT = {"function_call": "arguments", "custom_tool_call": "input"}
+
+
 @dataclass
 class _Part:
     kind: str  # output_text | refusal | reasoning_text | summary_text
@@ -60,7 +64,7 @@ class ResponseEvents:
         self._seq = 0
         self._snapshot: dict[str, Any] = {}
         self._items: dict[str, _Item] = {}
-        self._calls: list[str] = []  # item ids of function calls, by tool call index
+        self.calls: dict[int, str] = {}  # item ids of tool calls by tool call index (filled by the reader)
         self._current: dict[str, tuple[_Item, _Part]] = {}  # the open part each field's text goes to
         self._next_output = 0
         self._done: dict[int, dict[str, Any]] = {}  # output items as sent in output_item.done, by index
@@ -94,9 +98,12 @@ class ResponseEvents:
                 str(item.get("id") or f"item_{uuid.uuid4().hex}"), str(item.get("type")), index, item
             )
             self._items[tracked.id] = tracked
-            if tracked.kind == "function_call":
-                self._calls.append(tracked.id)
-                item["arguments"] = ""
+            if tracked.kind in _CALL_INPUT:
+                item[_CALL_INPUT[tracked.kind]] = ""
+            elif tracked.kind == "message":
+                item["content"] = []  # parts and their text come as events, judged
+            elif tracked.kind == "reasoning":
+                item["summary"] = []
             return self.emit({**ev, "item": item, "output_index": index})
         done_item = ev.get("item")  # output_item.done names its item inside it
         item_id = str(
@@ -150,6 +157,9 @@ class ResponseEvents:
         if kind == "response.function_call_arguments.done":
             ev["arguments"] = tracked_item.arguments
             return self.emit(ev)
+        if kind == "response.custom_tool_call_input.done":
+            ev["input"] = tracked_item.arguments
+            return self.emit(ev)
         if kind == "response.output_item.done":
             final = self._final_item(tracked_item, dict(ev.get("item") or tracked_item.item))
             return self.emit({**ev, "item": final})
@@ -167,8 +177,8 @@ class ResponseEvents:
         """An output item with its texts as released."""
         item.done = True
         final = dict(raw)
-        if item.kind == "function_call":
-            final["arguments"] = item.arguments
+        if item.kind in _CALL_INPUT:
+            final[_CALL_INPUT[item.kind]] = item.arguments
         elif item.kind == "message":
             content = [dict(c) for c in final.get("content") or []]
             for p in item.parts:
@@ -237,15 +247,16 @@ class ResponseEvents:
     def _text(self, name: str, text: str) -> bytes:
         if name.startswith("tool_calls["):
             k = int(name.split("[", 1)[1].split("]", 1)[0])
-            item = self._items[self._calls[k]]
+            item = self._items[self.calls[k]]
             item.arguments += text
-            ev = {
-                "type": "response.function_call_arguments.delta",
-                "item_id": item.id,
-                "output_index": item.output_index,
-                "delta": text,
-            }
-            return self.emit(ev)
+            kind = (
+                "response.custom_tool_call_input.delta"
+                if item.kind == "custom_tool_call"
+                else "response.function_call_arguments.delta"
+            )
+            return self.emit(
+                {"type": kind, "item_id": item.id, "output_index": item.output_index, "delta": text}
+            )
         pre, item, part = self._open_part(name)
         part.text += text
         base = {"item_id": item.id, "output_index": item.output_index, "delta": text}
@@ -261,14 +272,9 @@ class ResponseEvents:
 
     def _response(self, base: Any, details: Details) -> dict[str, Any]:
         resp = {**self._snapshot, **(base if isinstance(base, Mapping) else {})}
-        ours = [self._done[i] for i in sorted(self._done)]
-        upstream = resp.get("output")
-        if isinstance(upstream, list) and upstream:
-            mine = {d.get("id"): d for d in ours}
-            merged = [mine.pop(o.get("id"), o) if isinstance(o, Mapping) else o for o in upstream]
-            resp["output"] = merged + list(mine.values())
-        else:
-            resp["output"] = ours
+        # The output is the items the client was given, as released: an item of the upstream's final
+        # response that was never streamed was never judged, and is left out.
+        resp["output"] = [self._done[i] for i in sorted(self._done)]
         if self.policy.details:
             resp["guardproxy"] = details()
         return resp
