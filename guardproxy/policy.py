@@ -106,7 +106,9 @@ class Policy:
                 f"got {self.unknown_previous_response!r}"
             )
         if self.unknown_events not in ("judge", "drop", "fail"):
-            raise ValueError(f"policy.unknown_events must be judge, drop or fail, got {self.unknown_events!r}")
+            raise ValueError(
+                f"policy.unknown_events must be judge, drop or fail, got {self.unknown_events!r}"
+            )
         if self.prompt_overflow not in ("window", "block"):
             raise ValueError(f"policy.prompt_overflow must be window or block, got {self.prompt_overflow!r}")
         if self.blocked_prompt not in ("error", "refusal"):

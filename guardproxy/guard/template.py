@@ -13,9 +13,15 @@ user-side turn (a user message, or a group of tool results, which the template r
 The answer is laid out and judged by ``stream.guardview.AssistantView``.
 
 Context overflow (the guard has ``max_position_embeddings`` positions, 8192 for the released models):
-``render_prompt(max_tokens=N)`` drops whole turns from the oldest on (system included) until the prompt
-fits; the last user-side turn and the turns after it are never dropped. If they alone do not fit, the
-last user-side turn keeps its header and the END of its content (the newest text), cut at a token.
+``render_prompt(max_tokens=N)`` makes a main prompt that fits by dropping whole turns from the oldest on
+(system included); the last user-side turn and the turns after it are never dropped. If they alone do
+not fit, the last user-side turn keeps its header and the END of its content (the newest text), cut at a
+token. Nothing is left unjudged: what the main prompt leaves out goes into ``windows``, each at most N
+ids, in order: the dropped turns packed greedily, whole, into windows (each turn's ids exactly as in the
+full rendering, so the same leading turns always give the same first window: the engine's prefix cache
+reuses it), a turn longer than N split into pieces framed as a turn of its own (its opening, a slice of
+its body, ``<|im_end|>\n``), then the cut-off head of the last user-side turn, framed the same way. The
+caller judges the main prompt and every window and applies the worst verdict.
 """
 
 from __future__ import annotations
@@ -110,6 +116,17 @@ def _tool_call_json(call: Any, where: str) -> tuple[str, str]:
 class _Turn:
     segments: list[Segment]
     user_side: bool  # rendered as a user turn: its <|im_end|> can carry the prompt verdict
+    role: str  # the header after <|im_start|>: system, user (tool results too) or assistant
+
+
+@dataclass(frozen=True, slots=True)
+class PromptWindow:
+    """Part of a conversation the main prompt left out (see the module's "Context overflow"), judged on
+    its own: ``ids`` are whole turns or a piece of one, ending ``<|im_end|>\\n``; ``verdict_index`` is the
+    position of that last ``<|im_end|>``, where the guard's query heads are read."""
+
+    ids: list[int]
+    verdict_index: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +135,9 @@ class GuardPrompt:
 
     ``ids`` ends with the last turn's ``<|im_end|>\\n``; ``verdict_index`` is the position whose query
     heads give the prompt verdict; ``anchor_start`` is where the last user-side turn begins (what is kept
-    if a long response must be re-judged on a window).
+    if a long response must be re-judged on a window). ``dropped_turns`` whole turns and the first
+    ``truncated_tokens`` body ids of the last user-side turn are not in ``ids``: they are in ``windows``
+    (empty when the conversation fits), which must be judged too.
     """
 
     ids: list[int]
@@ -126,6 +145,17 @@ class GuardPrompt:
     anchor_start: int
     dropped_turns: int = 0
     truncated_tokens: int = 0
+    windows: tuple[PromptWindow, ...] = ()
+
+    @property
+    def windowed(self) -> bool:
+        """Whether the conversation overflowed: ``windows`` hold what ``ids`` left out."""
+        return bool(self.windows)
+
+    @property
+    def judged_tokens(self) -> int:
+        """Ids fed to the guard for the prompt: the main prompt and every window."""
+        return len(self.ids) + sum(len(w.ids) for w in self.windows)
 
 
 class ChatTemplate:
@@ -136,6 +166,7 @@ class ChatTemplate:
         self.think, self.think_end = t(THINK), t(THINK_END)
         self.tool_call, self.tool_call_end = t(TOOL_CALL), t(TOOL_CALL_END)
         self.tool_response, self.tool_response_end = t(TOOL_RESPONSE), t(TOOL_RESPONSE_END)
+        self._openings: dict[str, list[int]] = {}
 
     def encode(self, segments: Sequence[Segment]) -> list[int]:
         """Markup ids as they are; each maximal run of text encoded as plain text."""
@@ -175,6 +206,7 @@ class ChatTemplate:
                 "\n",
             ],
             False,
+            "system",
         )
 
     def _turns(self, messages: Sequence[Any], tools: Any = None) -> list[_Turn]:
@@ -216,17 +248,19 @@ class ChatTemplate:
             if i == 0 and skip_first_system:
                 continue
             if kind in ("system", "user"):
-                turns.append(_Turn([self.im_start, f"{kind}\n{text}", self.im_end, "\n"], kind == "user"))
+                turns.append(
+                    _Turn([self.im_start, f"{kind}\n{text}", self.im_end, "\n"], kind == "user", kind)
+                )
             elif kind == "assistant":
                 last = i == len(parsed) - 1
-                turns.append(_Turn(self._assistant(msg, text, i, i > last_query, last), False))
+                turns.append(_Turn(self._assistant(msg, text, i, i > last_query, last), False, "assistant"))
             else:  # tool results: consecutive ones share one user turn
                 body: list[Segment] = ["\n", self.tool_response, f"\n{text}\n", self.tool_response_end]
                 if i > 0 and parsed[i - 1][0] == "tool":
                     prev = turns[-1].segments
                     prev[-2:-2] = body  # before the closing <|im_end|>, "\n"
                 else:
-                    turns.append(_Turn([self.im_start, "user", *body, self.im_end, "\n"], True))
+                    turns.append(_Turn([self.im_start, "user", *body, self.im_end, "\n"], True, "user"))
         return turns
 
     def _assistant(
@@ -258,6 +292,61 @@ class ChatTemplate:
 
     # -- prompt --------------------------------------------------------------------------------------
 
+    def _opening(self, role: str) -> list[int]:
+        """``<|im_start|>`` and the role header as the template renders them (``user\\n``...)."""
+        ids = self._openings.get(role)
+        if ids is None:
+            ids = self._openings[role] = self.encode([self.im_start, f"{role}\n"])
+        return ids
+
+    @staticmethod
+    def _body_start(turn: list[int], opening: list[int]) -> int:
+        """Where the turn's body begins: after its opening, or after as much of it as the turn's ids share
+        (content that starts with a newline fuses with the header's: ``user\\n\\nx`` is user, \\n\\n, x)."""
+        k, end = 0, min(len(opening), len(turn) - 2)
+        while k < end and turn[k] == opening[k]:
+            k += 1
+        return k
+
+    def _pieces(
+        self, turn: list[int], opening: list[int], start: int, stop: int, max_tokens: int
+    ) -> list[PromptWindow]:
+        """The body ids ``turn[start:stop]`` as windows framed as turns: the opening, a slice, the closing
+        ``<|im_end|>\\n``. The first piece opens with the turn's own ids (``turn[:start]``, a prefix of the
+        full rendering). Slices are cut at a token, which may split a character's bytes: the guard reads
+        the bytes either side in two windows."""
+        room = max_tokens - len(opening) - 2
+        if room < 1:
+            raise ValueError(f"max_tokens ({max_tokens}) leaves no room for a turn's text")
+        close = turn[-2:]
+        out = []
+        for a in range(start, stop, room):
+            ids = [*(turn[:start] if a == start else opening), *turn[a : min(a + room, stop)], *close]
+            out.append(PromptWindow(ids, len(ids) - 2))
+        return out
+
+    def _windows(
+        self, turns: list[_Turn], encoded: list[list[int]], count: int, max_tokens: int
+    ) -> list[PromptWindow]:
+        """The first ``count`` turns, packed greedily into windows of whole turns (each turn's ids as in
+        the full rendering, so windows only ever grow at the end as a conversation does: earlier ones stay
+        identical, prefix-cache friendly); a turn longer than ``max_tokens`` is split into pieces."""
+        out: list[PromptWindow] = []
+        group: list[int] = []
+        for k in range(count):
+            e = encoded[k]
+            if group and len(group) + len(e) > max_tokens:
+                out.append(PromptWindow(group, len(group) - 2))
+                group = []
+            if len(e) <= max_tokens:
+                group += e
+                continue
+            opening = self._opening(turns[k].role)
+            out += self._pieces(e, opening, self._body_start(e, opening), len(e) - 2, max_tokens)
+        if group:
+            out.append(PromptWindow(group, len(group) - 2))
+        return out
+
     def render_prompt(
         self, messages: Sequence[Any], *, tools: Any = None, max_tokens: int | None = None
     ) -> GuardPrompt:
@@ -265,23 +354,28 @@ class ChatTemplate:
         verdict_turn = max((k for k, t in enumerate(turns) if t.user_side), default=None)
         if verdict_turn is None:
             raise ConversationError("messages must contain a user or tool message to judge")
-        encoded = [self.encode(t.segments) for t in turns]
-        first, dropped_tokens = 0, 0
+        encoded = [self.encode(t.segments) for t in turns]  # once per turn: windows slice these
+        first, cut = 0, 0
+        windows: list[PromptWindow] = []
         if max_tokens is not None:
             total = sum(len(e) for e in encoded)
             while total > max_tokens and first < verdict_turn:
                 total -= len(encoded[first])
                 first += 1
+            windows = self._windows(turns, encoded, first, max_tokens)
             if total > max_tokens:
-                excess = total - max_tokens
-                head = self.encode([*turns[verdict_turn].segments[:1], "user\n"])
-                body = encoded[verdict_turn][len(head) : -2]
-                if excess > len(body):
+                whole = encoded[verdict_turn]
+                head = self._opening("user")
+                start = self._body_start(whole, head)
+                body = whole[start:-2]
+                # The main prompt keeps ``head`` + the end of the body: as many body ids go as it exceeds.
+                cut = total - max_tokens + len(head) - start
+                if cut > len(body):
                     raise ConversationError(
                         f"the messages after the last user turn alone exceed the guard context ({max_tokens})"
                     )
-                encoded[verdict_turn] = head + body[excess:] + encoded[verdict_turn][-2:]
-                dropped_tokens = excess
+                windows += self._pieces(whole, head, start, start + cut, max_tokens)
+                encoded[verdict_turn] = head + body[cut:] + whole[-2:]
         ids: list[int] = []
         anchor = 0
         for k in range(first, len(encoded)):
@@ -295,5 +389,6 @@ class ChatTemplate:
             verdict_index=verdict_index,
             anchor_start=anchor,
             dropped_turns=first,
-            truncated_tokens=dropped_tokens,
+            truncated_tokens=cut,
+            windows=tuple(windows),
         )

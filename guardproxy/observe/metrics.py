@@ -91,6 +91,12 @@ class Metrics:
             ["action", "risk", "category"],
             registry=r,
         )
+        self.prompt_windows = Counter(
+            "guardproxy_prompt_windows",
+            "Prompts longer than the guard's context, judged in windows: prompts, and windows judged.",
+            ["kind"],
+            registry=r,
+        )
         self.guard_failures = Counter(
             "guardproxy_guard_failures", "Requests whose guard failed, by policy mode.", ["mode"], registry=r
         )

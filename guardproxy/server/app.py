@@ -37,7 +37,13 @@ from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Policy
 from guardproxy.server import ui
 from guardproxy.server.errors import Api, ProxyError, bad_request, engine_error, upstream_error
-from guardproxy.server.exchange import Exchange, GuardServices, verdict_details
+from guardproxy.server.exchange import (
+    Exchange,
+    GuardServices,
+    severity,
+    verdict_details,
+    window_verdict,
+)
 from guardproxy.server.reload import ConfigReloader, SettingsStore
 from guardproxy.server.state import (
     CLIENT_KEY,
@@ -330,6 +336,15 @@ async def _moderated(
     except ConversationError as exc:
         param = exc.param if exc.param != "messages" else wire.conversation_param
         raise bad_request(str(exc), param=param) from None
+    if prompt.windowed and policy.prompt_overflow == "block":
+        raise ProxyError(
+            400,
+            f"The conversation renders to {prompt.judged_tokens} guard tokens, more than the guard's "
+            f"context ({services.engine.max_prompt_tokens}), and the policy refuses prompts it cannot "
+            "judge whole (policy.prompt_overflow: block).",
+            param=wire.conversation_param,
+            code="context_length_exceeded",
+        )
     return await Exchange(services, request, wire, policy, prompt, forward_client_key(request)).run()
 
 
@@ -400,7 +415,11 @@ async def moderations(request: web.Request) -> web.Response:
         )
         try:
             async with await services.engine.open(prompt.ids, prompt.verdict_index) as stream:
-                v = await stream.prompt_verdict()
+                # A text longer than the guard's context: every window judged, the worst one answers.
+                verdicts = await asyncio.gather(
+                    stream.prompt_verdict(), *(window_verdict(services.engine, w) for w in prompt.windows)
+                )
+            v = max(verdicts, key=lambda v: severity(policy, v))
         except EngineError as exc:
             raise engine_error(exc) from None
         unsafe_mass = 1.0 - v.p("Safe")

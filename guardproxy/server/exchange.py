@@ -23,7 +23,7 @@ from aiohttp import web
 
 from guardproxy.guard.api import Engine, Stream
 from guardproxy.guard.scheduler import EngineError
-from guardproxy.guard.template import ChatTemplate, GuardPrompt
+from guardproxy.guard.template import ChatTemplate, GuardPrompt, PromptWindow
 from guardproxy.guard.verdict import Verdict
 from guardproxy.observe.audit import AuditLog, capped
 from guardproxy.observe.live import LiveFeed
@@ -116,6 +116,7 @@ class Exchange:
         )
         self.streams: dict[int, _Stream] = {}
         self.prompt_verdict: Verdict | None = None
+        self.window_report: dict[str, Any] | None = None
         self.prompt_action = Action.ALLOW
         self._guard: Stream | None = None
         self._upstream: asyncio.Task[aiohttp.ClientResponse] | None = None
@@ -140,7 +141,7 @@ class Exchange:
             if self.policy.prompt_check == "parallel":
                 self._start_upstream()
             try:
-                self.prompt_verdict = await self._guard.prompt_verdict()
+                self.prompt_verdict = await self._prompt_verdict(self._guard)
             except EngineError as exc:
                 await self._execute(self.outputs.guard_failed(None, str(exc)))  # fail open: go on, marked
             if self.prompt_verdict is not None:
@@ -176,6 +177,25 @@ class Exchange:
                 if s.owned:
                     s.stream.close()
             self._guard.close()
+
+    async def _prompt_verdict(self, guard: Stream) -> Verdict:
+        """The prompt's verdict: the main prompt's, or for a prompt longer than the guard's context,
+        the worst of it and every window's (each judged in a stream of its own, alongside)."""
+        windows = self.prompt.windows
+        if not windows:
+            return await guard.prompt_verdict()
+        self.s.metrics.prompt_windows.labels("prompt").inc()
+        self.s.metrics.prompt_windows.labels("window").inc(len(windows))
+        verdicts = await asyncio.gather(
+            guard.prompt_verdict(), *(window_verdict(self.s.engine, w) for w in windows)
+        )
+        worst = max(range(len(verdicts)), key=lambda k: severity(self.policy, verdicts[k]))
+        self.window_report = {
+            "windows": len(windows),
+            "judged_tokens": self.prompt.judged_tokens,
+            "worst": "main" if worst == 0 else worst - 1,
+        }
+        return verdicts[worst]
 
     # -- commands --------------------------------------------------------------------------------------
 
@@ -265,6 +285,8 @@ class Exchange:
             "prompt": verdict_details(self.prompt_verdict, self.prompt_action),
             "response": self.outputs.details(),
         }
+        if self.window_report is not None:  # the prompt was longer than the guard's context
+            details["prompt"]["windowed"] = self.window_report
         if self.outputs.failure is not None:
             details["guard_error"] = self.outputs.failure  # failed open: what follows it was not judged
         return details
@@ -516,6 +538,18 @@ class Exchange:
         remember = getattr(self.wire, "remember", None)
         if remember is not None and self.s.responses is not None:
             remember(self.s.responses, self.outputs)
+
+
+async def window_verdict(engine: Engine, window: PromptWindow) -> Verdict:
+    """The prompt verdict of one window of a long prompt, in a stream of its own (the engine's prefix
+    cache keeps an agent's fixed system prompt and tools, so a window that repeats costs no prefill)."""
+    async with await engine.open(window.ids, window.verdict_index) as stream:
+        return await stream.prompt_verdict()
+
+
+def severity(policy: Policy, v: Verdict) -> tuple[Action, float, float]:
+    """How bad a prompt verdict is under ``policy``: its action first, then its probabilities."""
+    return policy.action(v, prompt=True), v.p_unsafe, v.p_controversial
 
 
 async def _read(reader: AsyncIterator[bytes]) -> bytes:

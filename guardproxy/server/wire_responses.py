@@ -30,7 +30,15 @@ from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, bad_request
 from guardproxy.server.store import ResponseStore
-from guardproxy.server.wire import Conversation, Details, Wire, optional_str, parse_json
+from guardproxy.server.wire import (
+    Conversation,
+    Details,
+    Wire,
+    carried_text,
+    dumps,
+    optional_str,
+    parse_json,
+)
 from guardproxy.server.wire_responses_events import ResponseEvents
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
@@ -48,6 +56,17 @@ _CALL_ENDS = (
     "response.function_call_arguments.done",
     "response.custom_tool_call_input.done",
     "response.output_item.done",
+)
+# Input items read by kind (others: ``carried_text``).
+_INPUT_READ = frozenset(
+    {
+        "message",
+        "function_call",
+        "custom_tool_call",
+        "function_call_output",
+        "custom_tool_call_output",
+        "reasoning",
+    }
 )
 # Items whose text comes in the deltas above (their other events are rewritten to what was released).
 _READ_ITEMS = frozenset({"message", "reasoning"})
@@ -123,8 +142,16 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
             if role == "assistant" and reasoning is not None:
                 msg["reasoning_content"], reasoning = reasoning, None
             out.append(msg)
-        elif kind == "function_call":
-            name, args = item.get("name"), item.get("arguments", "")
+        elif kind in ("function_call", "custom_tool_call") or (
+            kind not in _INPUT_READ and isinstance(kind, str) and kind.endswith("_call")
+        ):
+            # A call the model made: a function's or a custom tool's (its input), or a hosted tool's
+            # (web search, shell, computer...: what it holds of text, read as the arguments).
+            if kind in _CALL_ITEMS:
+                name, args = item.get("name"), item.get(_CALL_ITEMS[kind], "")
+            else:
+                text = carried_text(item)
+                name, args = kind, "" if text is None else text if isinstance(text, str) else dumps(text)
             if not isinstance(name, str) or not isinstance(args, str):
                 raise ConversationError(f"{where} needs a string name and arguments", param="input")
             call = {
@@ -139,7 +166,7 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
                 if reasoning is not None:
                     msg["reasoning_content"], reasoning = reasoning, None
                 out.append(msg)
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             content = _parts_text(item.get("output"), f"{where}.output")
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
         elif kind == "reasoning":
@@ -148,7 +175,13 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
                 _parts_text(item.get("content"), f"{where}.content"),
             ]
             reasoning = "\n".join(t for t in texts if t)
-        # Other kinds (item references, built-in tool calls) carry no text the guard can read here.
+        elif kind not in _INPUT_READ:
+            # A hosted tool's output, an MCP listing or approval, a kind this proxy does not know:
+            # whatever text it holds is read as a tool result (an item reference holds only an id).
+            text = carried_text(item)
+            if text is not None:
+                content = text if isinstance(text, str) else dumps(text)
+                out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
     return out
 
 
