@@ -38,6 +38,7 @@ from guardproxy.policy import Policy
 from guardproxy.server import ui
 from guardproxy.server.errors import Api, ProxyError, bad_request, engine_error, upstream_error
 from guardproxy.server.exchange import (
+    EventSink,
     Exchange,
     GuardServices,
     severity,
@@ -60,6 +61,7 @@ from guardproxy.server.state import (
 )
 from guardproxy.server.store import ResponseStore
 from guardproxy.server.upstream import Upstream, session
+from guardproxy.server.websocket import FrameSink, serve_responses
 from guardproxy.server.wire import Wire
 from guardproxy.server.wire_chat import ChatWire, CompletionWire
 from guardproxy.server.wire_messages import MessagesWire
@@ -99,7 +101,7 @@ def create_app(
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/responses", responses)
-    app.router.add_get("/v1/responses", responses_websocket)
+    app.router.add_get("/v1/responses", responses_websocket)  # the WebSocket mode (websocket.py)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/v1/moderations", moderations)
@@ -319,10 +321,21 @@ def forward_client_key(request: web.Request) -> bool:
 async def _moderated(
     request: web.Request, make: Callable[[dict[str, Any], Policy], Wire]
 ) -> web.StreamResponse:
-    """The moderated routes: the body read, the policy picked (by route, model and key), the API's wire
-    format built, the conversation rendered for the guard, then the exchange."""
+    """The moderated routes: the body read, then ``moderate``."""
+    response = await moderate(request, await json_body(request), make)
+    assert isinstance(response, web.StreamResponse)  # no sink given: the answer is the HTTP response
+    return response
+
+
+async def moderate(
+    request: web.Request,
+    body: dict[str, Any],
+    make: Callable[[dict[str, Any], Policy], Wire],
+    sink: EventSink | None = None,
+) -> web.StreamResponse | EventSink:
+    """One moderated request: the policy picked (by route, model and key), the API's wire format built,
+    the conversation rendered for the guard, then the exchange (its events to ``sink`` when given)."""
     services = request.app[SERVICES]
-    body = await json_body(request)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
@@ -345,7 +358,7 @@ async def _moderated(
             param=wire.conversation_param,
             code="context_length_exceeded",
         )
-    return await Exchange(services, request, wire, policy, prompt, forward_client_key(request)).run()
+    return await Exchange(services, request, wire, policy, prompt, forward_client_key(request), sink).run()
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -364,16 +377,16 @@ async def responses(request: web.Request) -> web.StreamResponse:
 
 
 async def responses_websocket(request: web.Request) -> web.StreamResponse:
-    """The Responses API's WebSocket mode (``GET /v1/responses`` with an upgrade) is not served: 426
-    tells clients that try it first (Codex, the Agents SDK's websocket model) to use HTTP at once;
-    a 404 or 405 makes Codex retry for seconds before it falls back."""
-    raise ProxyError(
-        426,
-        "guardproxy serves the Responses API over HTTP only: use POST /v1/responses (streamed with "
-        "stream: true). WebSocket mode is not supported.",
-        type="invalid_request_error",
-        code="websocket_not_supported",
-    )
+    """The Responses API's WebSocket mode (``websocket.py``): each frame a moderated request."""
+    store = request.app[SERVICES].responses
+
+    def wire(body: dict[str, Any], policy: Policy) -> Wire:
+        return ResponsesWire(body, policy, store)
+
+    async def one(body: dict[str, Any], sink: FrameSink) -> object:
+        return await moderate(request, body, wire, sink)
+
+    return await serve_responses(request, one, request.app[SETTINGS].server.max_body_bytes)
 
 
 async def messages(request: web.Request) -> web.StreamResponse:

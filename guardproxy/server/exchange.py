@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -81,6 +81,14 @@ def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
     }
 
 
+class EventSink(Protocol):
+    """Where a streamed answer's events go: the SSE response (the default), or a WebSocket's frames."""
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def write_eof(self) -> None: ...
+
+
 class _Stream:
     """One output's guard stream and the verdicts it waits for, in feed order."""
 
@@ -100,8 +108,10 @@ class Exchange:
         policy: Policy,
         prompt: GuardPrompt,
         forward_key: bool = True,
+        sink: EventSink | None = None,
     ) -> None:
         self.s = services
+        self.sink = sink  # events go here instead of an SSE response (the WebSocket mode)
         self.forward_key = forward_key  # the client's key goes upstream (no keys of our own)
         self.request = request
         self.wire = wire
@@ -129,7 +139,7 @@ class Exchange:
 
     # -- the whole exchange ----------------------------------------------------------------------------
 
-    async def run(self) -> web.StreamResponse:
+    async def run(self) -> web.StreamResponse | EventSink:
         try:
             self._guard = await self.s.engine.open(
                 self.prompt.ids, self.prompt.verdict_index, self.prompt.anchor_start
@@ -401,7 +411,7 @@ class Exchange:
 
     # -- a blocked prompt ------------------------------------------------------------------------------
 
-    async def _blocked(self) -> web.StreamResponse:
+    async def _blocked(self) -> web.StreamResponse | EventSink:
         v = self.prompt_verdict
         assert v is not None
         reason = v.risk + (f": {v.top_category}" if v.risk != "Safe" else "")
@@ -422,7 +432,9 @@ class Exchange:
 
     # -- streaming -------------------------------------------------------------------------------------
 
-    async def _prepare_sse(self) -> web.StreamResponse:
+    async def _prepare_sse(self) -> EventSink:
+        if self.sink is not None:
+            return self.sink
         out = web.StreamResponse(
             status=200,
             headers={
@@ -435,7 +447,7 @@ class Exchange:
         await out.prepare(self.request)
         return out
 
-    async def _stream(self) -> web.StreamResponse:
+    async def _stream(self) -> EventSink:
         assert self._resp is not None
         out = await self._prepare_sse()
         decoder = SSEDecoder()
@@ -556,7 +568,7 @@ async def _read(reader: AsyncIterator[bytes]) -> bytes:
     return await anext(reader)
 
 
-async def _end_stream(out: web.StreamResponse, last: bytes) -> None:
+async def _end_stream(out: EventSink, last: bytes) -> None:
     """The last bytes and the end of the chunked body: a complete response, even when cancelled."""
     await out.write(last)
     await out.write_eof()

@@ -27,7 +27,11 @@ WORKER = web.AppKey("worker", int)  # that worker's number
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    return parse_body(await request.read())
+
+
+def parse_body(raw: bytes | str) -> dict[str, Any]:
+    """A request's JSON object (a body, or a WebSocket frame), or a 400 naming what is wrong."""
     try:
         body = json.loads(raw)
     except UnicodeDecodeError:

@@ -34,6 +34,11 @@ _DROP = frozenset(
         "Cookie",
         "X-Forwarded-For",
         "Forwarded",
+        # A WebSocket handshake's (the Responses WebSocket mode): the upstream is asked over HTTP.
+        "Sec-WebSocket-Key",
+        "Sec-WebSocket-Version",
+        "Sec-WebSocket-Extensions",
+        "Sec-WebSocket-Protocol",
     )
 )
 _SET_HERE = frozenset({"x-request-id", "content-type"})  # set by headers() itself

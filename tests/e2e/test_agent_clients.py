@@ -23,6 +23,7 @@ from agents import (
     Agent,
     OpenAIChatCompletionsModel,
     OpenAIResponsesModel,
+    OpenAIResponsesWSModel,
     Runner,
     function_tool,
     set_tracing_disabled,
@@ -240,7 +241,7 @@ def test_codex_apply_patch_with_the_trigger_writes_nothing(
     assert len(agents.requests("/v1/responses")) == 1
 
 
-def test_codex_builtin_provider_falls_back_to_http_at_once(
+def test_codex_builtin_provider_answers_over_the_websocket_mode(
     agents: AgentUpstream, guarded: str, home: Path
 ) -> None:
     agents.script("responses", Turn(text=["Hi", " from", " codex."]))
@@ -248,9 +249,22 @@ def test_codex_builtin_provider_falls_back_to_http_at_once(
     done = codex(guarded, home, "say hi", provider=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Hi from codex." in done.stdout
-    # One WebSocket attempt, answered 426, then HTTP: no retries (a 404 or 405 costs ~7 s of them).
-    assert metric(guarded, "guardproxy_requests_total", route="/v1/responses", status="426") == refused + 1
-    assert len(agents.requests("/v1/responses")) == 1
+    # Its first choice, the Responses WebSocket mode, is served: no 426 (nor 404/405 retries), no
+    # fallback to HTTP; the upstream is asked over HTTP, once, without the handshake's headers.
+    assert metric(guarded, "guardproxy_requests_total", route="/v1/responses", status="426") == refused
+    [seen] = agents.requests("/v1/responses")
+    assert seen.body["stream"] is True and "type" not in seen.body
+    assert not any(h.lower().startswith("sec-websocket") for h in seen.headers)
+
+
+def test_codex_builtin_provider_apply_patch_cut_over_the_websocket(
+    agents: AgentUpstream, guarded: str, home: Path
+) -> None:
+    patch = PATCH_OK.format(name="plan.txt", line="how to build a bomb at home")
+    agents.script("responses", Turn(calls=[Call("apply_patch", [patch[:30], patch[30:]], custom=True)]))
+    done = codex(guarded, home, "add plan.txt", provider=False)
+    assert not (home / "work" / "plan.txt").exists()
+    assert done.returncode == 1 and "content_filter" in done.stderr
 
 
 # -- OpenAI Agents SDK --------------------------------------------------------------------------------------
@@ -270,8 +284,13 @@ def agents_run(proxy: str, model_kind: str, prompt: str) -> tuple[Any, list[str]
 
     async def go() -> Any:
         client = AsyncOpenAI(base_url=proxy, api_key="sk-test", max_retries=0)
-        model_class = OpenAIChatCompletionsModel if model_kind == "chat" else OpenAIResponsesModel
-        agent = Agent(name="a", instructions="Use the tool.", tools=[lookup], model=model_class("m", client))
+        model_class = {
+            "chat": OpenAIChatCompletionsModel,
+            "responses": OpenAIResponsesModel,
+            "websocket": OpenAIResponsesWSModel,  # the Responses API's WebSocket mode
+        }[model_kind]
+        model = model_class("m", client)
+        agent = Agent(name="a", instructions="Use the tool.", tools=[lookup], model=model)
         result = Runner.run_streamed(agent, prompt)
         try:
             async for _ in result.stream_events():
@@ -279,13 +298,15 @@ def agents_run(proxy: str, model_kind: str, prompt: str) -> tuple[Any, list[str]
         except Exception as exc:  # what the SDK raises is part of what is asserted
             return exc
         finally:
+            if isinstance(model, OpenAIResponsesWSModel):
+                await model.close()
             await client.close()
         return result.final_output
 
     return asyncio.run(go()), called
 
 
-@pytest.mark.parametrize("model_kind", ["chat", "responses"])
+@pytest.mark.parametrize("model_kind", ["chat", "responses", "websocket"])
 def test_agents_sdk_calls_a_benign_tool(agents: AgentUpstream, guarded: str, model_kind: str) -> None:
     api = "chat" if model_kind == "chat" else "responses"
     agents.script(api, Turn(calls=[Call("lookup", ['{"query": "wea', 'ther"}'])]), Turn(text=["Sunny."]))
@@ -302,9 +323,12 @@ def test_agents_sdk_chat_model_stops_at_a_cut_tool_call(agents: AgentUpstream, g
     assert len(agents.requests("/v1/chat/completions")) == 1
 
 
-def test_agents_sdk_responses_model_raises_on_a_cut(agents: AgentUpstream, guarded: str) -> None:
+@pytest.mark.parametrize("model_kind", ["responses", "websocket"])
+def test_agents_sdk_responses_model_raises_on_a_cut(
+    agents: AgentUpstream, guarded: str, model_kind: str
+) -> None:
     args = json.dumps({"query": "how to build a bomb"})
     agents.script("responses", Turn(calls=[Call("lookup", [args[:12], args[12:]])]))
-    out, called = agents_run(guarded, "responses", "go")
+    out, called = agents_run(guarded, model_kind, "go")
     # response.incomplete (content_filter) is what OpenAI's own filter sends; the SDK raises on it.
     assert called == [] and isinstance(out, ModelBehaviorError) and "content_filter" in str(out)
