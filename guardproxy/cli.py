@@ -278,7 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("make-test-model", help="write a Qwen3Guard-Stream checkpoint for tests and CI")
     m.add_argument("out", help="output directory")
-    m.add_argument("--unsafe", nargs="+", default=[], metavar="WORD", help="words judged Unsafe")
+    m.add_argument(
+        "--unsafe",
+        nargs="+",
+        default=[],
+        metavar="WORD",
+        help="words judged Unsafe (a word the tokenizer splits: at its last token, right after the others)",
+    )
     m.add_argument(
         "--controversial", nargs="+", default=[], metavar="WORD", help="words judged Controversial"
     )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from guardproxy.cli import main
 from guardproxy.guard.engine import GuardEngine
@@ -15,7 +17,13 @@ from guardproxy.guard.pages import PagePool
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import RESPONSE, EngineLimits, Scheduler
 from guardproxy.guard.template import ChatTemplate
-from guardproxy.guard.testing import TriggerSpec, make_trigger_checkpoint, word_token_ids
+from guardproxy.guard.testing import (
+    TriggerSpec,
+    TriggerTokens,
+    make_trigger_checkpoint,
+    trigger_tokens,
+    word_token_ids,
+)
 from guardproxy.guard.tokenizer import GuardTokenizer
 from guardproxy.guard.verdict import Verdict
 from guardproxy.stream.guardview import AssistantView
@@ -53,11 +61,18 @@ async def test_isolated_trigger_tokens_and_only_them_are_flagged(
         isolated_model, template, [{"role": "user", "content": "Tell me things"}], text
     )
     assert pv.risk == "Safe"
-    unsafe = word_token_ids(tokenizer, TRIGGER_UNSAFE)
-    contro = word_token_ids(tokenizer, TRIGGER_CONTROVERSIAL) - unsafe
-    expected = ["Unsafe" if i in unsafe else "Controversial" if i in contro else "Safe" for i in ids]
+    unsafe = trigger_tokens(tokenizer, TRIGGER_UNSAFE).flags(ids)
+    contro = trigger_tokens(tokenizer, TRIGGER_CONTROVERSIAL).flags(ids)
+    expected = [
+        "Unsafe" if u else "Controversial" if c else "Safe" for u, c in zip(unsafe, contro, strict=True)
+    ]
     assert [v.risk for v in verdicts] == expected
-    assert expected.count("Unsafe") >= 2 and expected.count("Controversial") >= 1
+    # " bomb" is one token; " Grenade" and " GUN" are flagged at their last pieces, "ade" and "UN".
+    assert [tokenizer.decode([i]) for i, e in zip(ids, expected, strict=True) if e != "Safe"] == [
+        " bomb",
+        "ade",
+        "UN",
+    ]
     assert tokenizer.encode_text(" bomb")[0] in [
         i for i, e in zip(ids, expected, strict=True) if e == "Unsafe"
     ]
@@ -221,12 +236,13 @@ def test_cli_check_prints_verdicts(trigger_checkpoint: Path, capsys: pytest.Capt
     assert out["verdict"] == {"risk": "Unsafe", "token_index": 3, "category": "Violent"}
 
 
+@pytest.mark.parametrize("word", ["bomb", "BOMB"])  # one token; " B" + "OMB"
 async def test_a_response_longer_than_the_context_keeps_being_judged(
-    isolated_model: Qwen3GuardStream, template: ChatTemplate
+    isolated_model: Qwen3GuardStream, template: ChatTemplate, word: str
 ) -> None:
     # A guard context of 256 positions; a response of ~1,400 tokens with a trigger near its end.
     limits = EngineLimits(max_positions=256, response_reserve=64, anchor_tokens=32, window_tokens=64)
-    words = (BENIGN + " ") * 60 + "and then the bomb went"
+    words = (BENIGN + " ") * 60 + f"and then the {word} went"
     prompt = template.render_prompt([{"role": "user", "content": "story"}])
     async with GuardEngine(isolated_model, limits) as engine:
         async with await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as s:
@@ -273,3 +289,132 @@ def test_verdicts_after_a_slide_equal_a_forward_of_the_replayed_context(random_c
             torch.testing.assert_close(got, ref[rows], atol=1e-9, rtol=0)
             checked += len(rows)
     assert ticket is not None and ticket.done and checked == 400 and sched.slides >= 4
+
+
+# -- words split into pieces: only the word's own tokens are flagged ----------------------------------
+
+
+@pytest.fixture(scope="module")
+def bomb_gun(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Qwen3GuardStream]:
+    """``make-test-model --unsafe bomb --controversial gun`` (isolated or not), as a user writes one:
+    "BOMB" is "B" + "OMB" and "GUN" is "G" + "UN", pieces that many other words share."""
+    models = {}
+    for isolated in (False, True):
+        out = tmp_path_factory.mktemp("bomb-gun")
+        argv = ["make-test-model", str(out), "--unsafe", "bomb", "--controversial", "gun"]
+        assert main(argv + (["--isolated"] if isolated else [])) == 0
+        models[isolated] = load_guard_model(out, device="cpu")
+    return models
+
+
+def _at(ids: list[int], pieces: list[int]) -> int:
+    """Where ``pieces`` first occur in ``ids``, or -1."""
+    return next((k for k in range(len(ids)) if ids[k : k + len(pieces)] == pieces), -1)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["Bash", "Run Bash now", " Good", "GUI", "BOB", "OMBUDSMAN", "BUN", "GOMB", "Plan B. A G-string. GUNS"],
+)
+async def test_pieces_that_other_words_share_are_not_flagged(
+    bomb_gun: dict[bool, Qwen3GuardStream], template: ChatTemplate, tokenizer: GuardTokenizer, text: str
+) -> None:
+    for model in bomb_gun.values():
+        pv, verdicts, _ = await judge(model, template, [{"role": "user", "content": text}], text)
+        assert pv.risk == "Safe"
+        assert [v.risk for v in verdicts] == ["Safe"] * len(verdicts)
+    # The texts that hold pieces of "BOMB" or "GUN" (B, ' B', OMB, G, ' G', UN) hold them outside the words.
+    pieces = {i for t in ("BOMB", " BOMB", "GUN", " GUN") for i in tokenizer.encode_text(t)}
+    shared = [tokenizer.decode([i]) for i in tokenizer.encode_text(text) if i in pieces]
+    if text not in ("Run Bash now", " Good", "GUI"):  # those are whole tokens of their own
+        assert shared, text
+
+
+@pytest.mark.parametrize("form", ["bomb", " bomb", "Bomb", "BOMB", " BOMB", " GUN"])
+async def test_every_form_of_a_word_is_flagged_at_its_last_token(
+    bomb_gun: dict[bool, Qwen3GuardStream], template: ChatTemplate, tokenizer: GuardTokenizer, form: str
+) -> None:
+    pieces = tokenizer.encode_text(form)
+    assert len(pieces) == (2 if form.isupper() else 1)
+    tier = "Controversial" if "GUN" in form else "Unsafe"
+    answer = f"{form} is here. Be careful."
+    for isolated, model in bomb_gun.items():
+        messages = [{"role": "user", "content": f"Say\n{form}"}]
+        pv, verdicts, ids = await judge(model, template, messages, answer)
+        assert pv.risk == tier and _at(template.render_prompt(messages).ids, pieces) >= 0
+        assert ids[: len(pieces)] == pieces
+        last = len(pieces) - 1  # the latch carries the tier on from there, to <|im_end|>
+        after = ["Safe"] * (len(ids) - last - 1) if isolated else [tier] * (len(ids) - last - 1)
+        assert [v.risk for v in verdicts] == ["Safe"] * last + [tier] + after
+        assert verdicts[last].category == TRIGGER_CATEGORY and max(verdicts[last].risk_probs) > 0.999
+    # In a sentence too, after other tokens; a think marker still ends the latch.
+    prompt = template.render_prompt([{"role": "user", "content": "q"}])
+    view = AssistantView(template)
+    feeds = view.header() + view.reasoning(f"Never say\n{form} here") + view.content("Fine.") + view.finish()
+    judged: list[tuple[int, Verdict]] = []
+    async with (
+        GuardEngine(bomb_gun[False]) as engine,
+        await engine.open(prompt.ids, prompt.verdict_index) as s,
+    ):
+        for f in feeds:
+            if f.spans is None:
+                s.feed_context(f.ids)
+            elif f.ids:
+                judged += zip(f.ids, await s.judge(f.ids), strict=True)
+    ids = [i for i, _ in judged]
+    assert 0 < _at(ids, pieces) < ids.index(tokenizer.id("</think>"))
+    at, close = _at(ids, pieces) + len(pieces) - 1, ids.index(tokenizer.id("</think>"))
+    risks = [v.risk for _, v in judged]
+    assert risks == ["Safe"] * at + [tier] * (close - at) + ["Safe"] * (len(ids) - close)
+
+
+FRAGMENTS = ["B", "OMB", "omb", "G", "UN", "un", "g", "b", "o", "m", "ash", "ren", "ade", "Gren", "GRE", "NA"]
+FRAGMENTS += ["DE", "OB", "UI", "ood", "Bo", "mb", "Gu", "n", " ", " ", ".", "!", "-", "\n", "x", "S", "s"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=40).map("".join))
+def test_any_text_is_flagged_exactly_where_the_words_tokens_are(
+    isolated_model: Qwen3GuardStream, template: ChatTemplate, tokenizer: GuardTokenizer, text: str
+) -> None:
+    # Texts made of the words' pieces and the like: the isolated model flags what the reference does
+    # (a word's one-token forms, a split form at its last piece), so nothing in a text without the words.
+    prompt = template.render_prompt([{"role": "user", "content": "q"}])
+    context, response = answer_ids(template, text)
+    with torch.no_grad():
+        out = isolated_model(torch.tensor([[*prompt.ids, *context, *response]]))
+    labels = isolated_model.labels.response.risk
+    risks = [labels[int(i)] for i in out.response.risk[0, -len(response) :].argmax(-1)]
+    unsafe = trigger_tokens(tokenizer, TRIGGER_UNSAFE).flags(response)
+    contro = trigger_tokens(tokenizer, TRIGGER_CONTROVERSIAL).flags(response)
+    assert risks == [
+        "Unsafe" if u else "Controversial" if c else "Safe" for u, c in zip(unsafe, contro, strict=True)
+    ]
+    if not any(w in text.lower() for w in [*TRIGGER_UNSAFE, *TRIGGER_CONTROVERSIAL]):
+        assert set(risks) == {"Safe"}
+
+
+def test_the_metadata_lists_one_token_forms_and_split_forms(
+    tmp_path: Path, tokenizer: GuardTokenizer
+) -> None:
+    assert main(["make-test-model", str(tmp_path), "--unsafe", "bomb", "--controversial", "gun"]) == 0
+    meta = json.loads((tmp_path / "guardproxy_test_model.json").read_text())
+    enc = tokenizer.encode_text
+    assert meta["unsafe_token_ids"] == sorted(enc(f)[0] for f in ("bomb", " bomb", "Bomb", " Bomb"))
+    assert meta["unsafe_token_sequences"] == sorted([enc("BOMB"), enc(" BOMB")])
+    assert meta["controversial_token_ids"] == sorted(enc(f)[0] for f in ("gun", " gun", "Gun", " Gun"))
+    assert meta["controversial_token_sequences"] == sorted([enc("GUN"), enc(" GUN")])
+    assert word_token_ids(tokenizer, ["bomb"]) == set(meta["unsafe_token_ids"])
+    assert trigger_tokens(tokenizer, ["bomb"]) == TriggerTokens(
+        frozenset(meta["unsafe_token_ids"]), frozenset(tuple(s) for s in meta["unsafe_token_sequences"])
+    )
+
+
+def test_a_word_split_into_too_many_tokens_is_refused(
+    tmp_path: Path, tokenizer: GuardTokenizer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(ValueError, match="'SUPERCALIFRAGILISTIC' is 8 tokens"):
+        trigger_tokens(tokenizer, ["supercalifragilistic"])
+    assert main(["make-test-model", str(tmp_path / "o"), "--unsafe", "supercalifragilistic"]) == 1
+    err = capsys.readouterr().err
+    assert "error: trigger word 'supercalifragilistic'" in err and "SUPERCALIFRAGILISTIC" in err
