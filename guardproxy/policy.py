@@ -82,8 +82,8 @@ class Policy:
     # Responses API: a previous_response_id this proxy never saw (its turns cannot be judged)
     unknown_previous_response: Literal["judge_visible", "refuse"] = "judge_visible"
     # An upstream event or output item of a kind guardproxy does not know, that carries text: judged
-    # (its text read as a tool call of its own, the event released whole once judged), dropped, or the
-    # response ended with an error. Never passed unread.
+    # (its text read as a tool call of its own, the event released whole once judged), passed with its
+    # text emptied (drop), or the response ended with an error. Never passed unread.
     unknown_events: Literal["judge", "drop", "fail"] = "judge"
     # A prompt longer than the guard's context: the earlier part judged in windows (the worst verdict
     # applied), or the request refused.

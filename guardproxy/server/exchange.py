@@ -491,7 +491,8 @@ class Exchange:
                             next_read.cancel()
                             next_read = None
                         await self._settle()
-                        await self._execute(self.outputs.end())
+                        # No last event from the upstream (a clean close mid-stream): truncated.
+                        await self._execute(self.outputs.end(truncated=not self.wire.upstream_done))
                 await self._settle()
                 parts: list[bytes] = []
                 await self._execute(self.outputs.drain(), parts)

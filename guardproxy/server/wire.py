@@ -70,6 +70,9 @@ NO_TEXT_KEYS = frozenset(
         "signature",
         "partial_image_b64",
         "data",  # base64 payloads: audio, images, redacted thinking
+        "image_url",  # a screenshot or picture: a URL, or the image itself as a data URL
+        "file_data",
+        "file_url",
         "result",  # image_generation_call: the image, base64
         "approval_request_id",
         "server_label",
@@ -85,7 +88,8 @@ def carried_text(value: Any) -> Any:
     """What of ``value`` may be model-written text: a copy keeping only the string leaves outside
     ``NO_TEXT_KEYS`` (and the objects and lists that hold them), or None when there is none."""
     if isinstance(value, str):
-        return value if value else None
+        # A data URL is a file's bytes (an image, a PDF), never text the model wrote.
+        return value if value and not value.startswith("data:") else None
     if isinstance(value, Mapping):
         kept = {k: v for k, v in ((k, carried_text(v)) for k, v in value.items() if k not in NO_TEXT_KEYS)}
         kept = {k: v for k, v in kept.items() if v is not None}
@@ -93,6 +97,25 @@ def carried_text(value: Any) -> Any:
     if isinstance(value, list):
         items = [v for v in (carried_text(v) for v in value) if v is not None]
         return items or None
+    return None
+
+
+def without_text(value: Any) -> Any:
+    """``value`` with every string ``carried_text`` would keep emptied: the same shape, no text."""
+    if isinstance(value, str):
+        return "" if carried_text(value) is not None else value
+    if isinstance(value, Mapping):
+        return {k: v if k in NO_TEXT_KEYS else without_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_text(v) for v in value]
+    return value
+
+
+def stripped(events: list[Event], original: Any) -> Any:
+    """What ``Wire.opaque`` made of ``original`` when the policy dropped its text: the payload to send
+    in its place (None when it was judged, or carried no text)."""
+    if len(events) == 1 and isinstance(events[0], Marker) and events[0].payload != original:
+        return events[0].payload
     return None
 
 
@@ -143,13 +166,15 @@ class Wire(ABC):
         """An upstream event (or an output item) of a kind this wire does not read. Without text it is
         a marker. With text, ``policy.unknown_events`` decides: ``judge`` reads the text as tool call
         ``call`` named ``kind`` (its JSON as the arguments) and releases the event whole once that is
-        judged (dropped with it on a cut); ``drop`` leaves it out; ``fail`` ends the response."""
+        judged (dropped with it on a cut); ``drop`` passes the event with its text emptied; ``fail``
+        ends the response."""
         text = carried_text(payload)
         if text is None:
             return [Marker(output, payload)]
         rule = self.policy.unknown_events
         if rule == "drop":
-            return []
+            # Its text is left out, not the event: clients track items and blocks by their events.
+            return [Marker(output, without_text(payload))]
         if rule == "fail":
             raise ProxyError(
                 502,

@@ -15,7 +15,7 @@ from typing import Any
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, bad_request
-from guardproxy.server.wire import Conversation, Details, Wire, dumps, parse_json
+from guardproxy.server.wire import Conversation, Details, Wire, dumps, parse_json, stripped
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs
@@ -53,9 +53,11 @@ class ChatWire(Wire):
         self._tail: list[dict[str, Any]] = []  # usage chunks (choices: []), sent last
         self._original: dict[str, Any] | None = None  # a whole answer as received
         self._opaque = 0  # opaque calls so far
+        self._truncated = False  # the upstream stopped before [DONE] with a choice unfinished
         # A whole answer's fields this wire does not read: (choice, key) -> the call judging its text,
-        # None when the policy dropped it, -1 when it holds no text.
-        self._whole_extra: dict[tuple[int, str], int | None] = {}
+        # or the field with its text emptied (unknown_events: drop).
+        self._whole_extra: dict[tuple[int, str], int] = {}
+        self._whole_stripped: dict[tuple[int, str], Any] = {}
 
     def conversation(self) -> Conversation:
         messages = self.body.get("messages")
@@ -139,10 +141,10 @@ class ChatWire(Wire):
             call = _OPAQUE_CALLS + self._opaque
             self._opaque += 1
             events = self.opaque(index, call, f"{key}", {key: value})
-            if whole and not events:
-                self._whole_extra[(index, key)] = None
-            elif whole and isinstance(events[0], ToolArgs):
+            if whole and isinstance(events[0], ToolArgs):
                 self._whole_extra[(index, key)] = call
+            elif whole and stripped(events, {key: value}) is not None:
+                self._whole_stripped[(index, key)] = stripped(events, {key: value})[key]
             out += events
         return out
 
@@ -192,11 +194,18 @@ class ChatWire(Wire):
         if out.kind == "marker":
             return self._chunk(output, dict(out.payload), None, None)
         if out.kind == "finish":
+            if out.truncated:  # no finish_reason and no [DONE]: the stream ends with an error instead
+                self._truncated = True
+                return b""
             return self._chunk(output, {}, out.reason or "stop", details)
         delta = {"content": out.text} if out.text else {}
         return self._chunk(output, delta, CONTENT_FILTER, details)
 
     def tail(self) -> bytes:
+        if self._truncated:
+            return self.error_event(
+                ProxyError(502, "upstream ended the stream before its end ([DONE])", type="upstream_error")
+            )
         return b"".join(encode_event(dumps(chunk)) for chunk in self._tail) + DONE
 
     def whole(self, outputs: Outputs, details: Details) -> dict[str, Any]:
@@ -219,9 +228,11 @@ class ChatWire(Wire):
         if isinstance(msg.get("refusal"), str):
             msg["refusal"] = m.shown(REFUSAL, 0, len(msg["refusal"]))
         for key in list(msg):
-            call = self._whole_extra.get((index, key), -1)
-            if call is None or (call >= 0 and not m.released_whole(tool_field(call))):
-                del msg[key]  # dropped by policy, or cut: an opaque field goes whole or not at all
+            call = self._whole_extra.get((index, key))
+            if call is not None and not m.released_whole(tool_field(call)):
+                del msg[key]  # cut: an opaque field goes whole or not at all
+            elif (index, key) in self._whole_stripped:
+                msg[key] = self._whole_stripped[(index, key)]  # its text dropped by the policy
         cut = m.cut_at is not None  # whole answers: each choice is complete, cut or not, on its own
         if cut:
             finish = CONTENT_FILTER

@@ -26,7 +26,15 @@ from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, bad_request
-from guardproxy.server.wire import Conversation, Details, Wire, carried_text, dumps, parse_json
+from guardproxy.server.wire import (
+    Conversation,
+    Details,
+    Wire,
+    carried_text,
+    dumps,
+    parse_json,
+    stripped,
+)
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs, ToolEnd
@@ -118,46 +126,64 @@ def chat_messages(system: Any, messages: Any) -> list[dict[str, Any]]:
             continue
         if not isinstance(content, list):
             raise ConversationError(f"{where}.content must be a string or a list of blocks", param="messages")
-        texts: list[str] = []
-        reasoning: list[str] = []
-        calls: list[dict[str, Any]] = []
-        for k, block in enumerate(content):
-            w = f"{where}.content[{k}]"
-            if not isinstance(block, Mapping):
-                raise ConversationError(f"{w} must be an object", param="messages")
-            kind = block.get("type")
-            if kind == "thinking":
-                if isinstance(block.get("thinking"), str):
-                    reasoning.append(block["thinking"])
-            elif kind in CALL_BLOCKS:
-                name = block.get("name")
-                if not isinstance(name, str):
-                    raise ConversationError(f"{w}.name must be a string", param="messages")
-                args = dumps(block.get("input") or {})
-                calls.append(
-                    {"id": block.get("id"), "type": "function", "function": {"name": name, "arguments": args}}
-                )
-            elif isinstance(kind, str) and kind.endswith("tool_result"):
-                # A tool's result (the client's tool_result, a server or MCP tool's): a tool turn.
-                result = block.get("content")
-                if result is None or isinstance(result, str | list):
-                    text = "" if result is None else _text_blocks(result, f"{w}.content")
-                else:
-                    text = block_text({"type": kind, "content": result}, w)
-                out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
-            else:
-                text = block_text(block, w)
-                if text:
-                    texts.append(text)
-        if role == "assistant":
+        out += _block_turns(role, content, where)
+    return out
+
+
+def _block_turns(role: str, content: list[Any], where: str) -> list[dict[str, Any]]:
+    """One message's blocks as chat messages, in their order: its text, reasoning and tool calls as a
+    turn of its role, and each tool result as a tool turn after what came before it (a server tool's
+    call and its result share the assistant's content). An assistant message gives a turn even when it
+    holds no text: the template renders one."""
+    out: list[dict[str, Any]] = []
+    texts: list[str] = []
+    reasoning: list[str] = []
+    calls: list[dict[str, Any]] = []
+
+    def flush(last: bool) -> None:
+        if role == "assistant" and (texts or reasoning or calls or (last and not out)):
             turn: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
             if reasoning:
                 turn["reasoning_content"] = "\n".join(reasoning)
             if calls:
-                turn["tool_calls"] = calls
+                turn["tool_calls"] = list(calls)
             out.append(turn)
-        elif texts:
+        elif role == "user" and texts:
             out.append({"role": "user", "content": "\n".join(texts)})
+        texts.clear()
+        reasoning.clear()
+        calls.clear()
+
+    for k, block in enumerate(content):
+        w = f"{where}.content[{k}]"
+        if not isinstance(block, Mapping):
+            raise ConversationError(f"{w} must be an object", param="messages")
+        kind = block.get("type")
+        if kind == "thinking":
+            if isinstance(block.get("thinking"), str):
+                reasoning.append(block["thinking"])
+        elif kind in CALL_BLOCKS:
+            name = block.get("name")
+            if not isinstance(name, str):
+                raise ConversationError(f"{w}.name must be a string", param="messages")
+            args = dumps(block.get("input") or {})
+            calls.append(
+                {"id": block.get("id"), "type": "function", "function": {"name": name, "arguments": args}}
+            )
+        elif isinstance(kind, str) and kind.endswith("tool_result"):
+            # A tool's result (the client's tool_result, a server or MCP tool's): a tool turn.
+            flush(last=False)
+            result = block.get("content")
+            if result is None or isinstance(result, str | list):
+                text = "" if result is None else _text_blocks(result, f"{w}.content")
+            else:
+                text = block_text({"type": kind, "content": result}, w)
+            out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
+        else:
+            text = block_text(block, w)
+            if text:
+                texts.append(text)
+    flush(last=True)
     return out
 
 
@@ -185,6 +211,7 @@ class MessagesWire(Wire):
         if "messages" not in body:
             raise bad_request("messages: field required", param="messages")
         self._block_calls: dict[int, int] = {}  # upstream block index -> the tool call it holds
+        self._opaque_blocks: dict[int, int] = {}  # block read whole -> the call judging its start
         self._names: dict[int, str | None] = {}  # tool call -> name
         self._calls = 0  # tool calls so far (opaque blocks and events count as calls of their own)
         self._message_delta: dict[str, Any] | None = None
@@ -196,7 +223,7 @@ class MessagesWire(Wire):
         self._snapshot: dict[str, Any] = {}
         self._original: dict[str, Any] | None = None
         self._whole_map: list[tuple[int, str, int, int]] = []  # (block, field, start, end)
-        self._whole_dropped: set[int] = set()  # blocks the policy drops (unknown_events: drop)
+        self._whole_replaced: dict[int, Any] = {}  # blocks with their text dropped (unknown_events: drop)
 
     def conversation(self) -> Conversation:
         return Conversation(
@@ -227,9 +254,14 @@ class MessagesWire(Wire):
                 # Content comes in blocks, judged; none is taken from the opening snapshot.
                 ev = {**ev, "message": {**message, "content": []}}
             return [Marker(0, ev)]
-        if kind in ("ping", "content_block_stop"):
-            call = self._block_calls.get(int(ev.get("index", -1))) if kind == "content_block_stop" else None
-            return [Marker(0, ev)] if call is None else [ToolEnd(0, call), Marker(0, ev, call=call)]
+        if kind == "ping":
+            return [Marker(0, ev)]
+        if kind == "content_block_stop":
+            index = int(ev.get("index", -1))
+            call = self._block_calls.get(index)
+            if call is not None:
+                return [ToolEnd(0, call), Marker(0, ev, call=call)]
+            return [Marker(0, ev, call=self._opaque_blocks.get(index))]  # goes with its block's start
         if kind == "content_block_start":
             return self._block_start(ev)
         if kind == "content_block_delta":
@@ -261,7 +293,8 @@ class MessagesWire(Wire):
             call = self._block_calls.get(index)
             if call is not None:  # any other delta of a tool call's block goes out with the call
                 return [Marker(0, ev, call=call)]
-            # citations_delta (a quote from a source) and kinds this wire does not know.
+            # citations_delta (a quote from a source), a delta of a block read whole, a kind this wire
+            # does not know: each judged whole (it carries text the block's start did not).
             return self.opaque(0, self._new_call(), dtype, ev)
         return self.opaque(0, self._new_call(), kind, ev)
 
@@ -292,10 +325,12 @@ class MessagesWire(Wire):
         if btype in NO_TEXT_BLOCKS:
             return [Marker(0, ev)]
         # A server tool's result (web search, code execution...) or a block this wire does not know:
-        # its text is judged whole, and its later events go out with it.
+        # its text is judged whole; its stop goes out with it, its deltas are judged each.
         call = self._new_call()
-        self._block_calls[index] = call
-        return self.opaque(0, call, btype, ev)
+        events = self.opaque(0, call, btype, ev)
+        if any(isinstance(e, ToolArgs) for e in events):
+            self._opaque_blocks[index] = call
+        return events
 
     def read_whole(self, raw: bytes) -> list[Event]:
         body = parse_json(raw, "a message")
@@ -327,8 +362,8 @@ class MessagesWire(Wire):
                 read: list[Event] = [ToolArgs(0, call, block.get("name"), args), ToolEnd(0, call)]
             else:  # a server tool's result, or a block this wire does not know: read whole
                 events = self.opaque(0, call, btype, block)
-                if not events:
-                    self._whole_dropped.add(i)
+                if stripped(events, block) is not None:
+                    self._whole_replaced[i] = stripped(events, block)
                 read = [e for e in events if not isinstance(e, Marker)]
             arguments = next((e.text for e in read if isinstance(e, ToolArgs)), None)
             if arguments is not None:
@@ -472,7 +507,7 @@ class MessagesWire(Wire):
             body["stop_reason"] = REFUSAL
             body["stop_sequence"] = None
             body["stop_details"] = self._stop_details()
-        body["content"] = [b for i, b in enumerate(blocks) if i not in self._whole_dropped]
+        body["content"] = [self._whole_replaced.get(i, b) for i, b in enumerate(blocks)]
         if self.policy.details:
             body["guardproxy"] = details()
         return body

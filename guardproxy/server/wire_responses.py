@@ -38,6 +38,7 @@ from guardproxy.server.wire import (
     dumps,
     optional_str,
     parse_json,
+    stripped,
 )
 from guardproxy.server.wire_responses_events import ResponseEvents
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
@@ -238,7 +239,7 @@ class ResponsesWire(Wire):
         self._whole_map: list[tuple[int, str, int, str, int, int]] = []
         self._original: dict[str, Any] | None = None
         self._lengths: dict[str, int] = {}
-        self._whole_dropped: set[int] = set()
+        self._whole_replaced: dict[int, Any] = {}  # items with their text dropped (unknown_events: drop)
 
     # -- request -----------------------------------------------------------------------------------
 
@@ -362,7 +363,6 @@ class ResponsesWire(Wire):
         self._original = body
         self._note_response(body)
         out: list[Event] = []
-        self._whole_dropped = set()  # items the policy drops (unknown_events: drop)
         for i, item in enumerate(body["output"]):
             if not isinstance(item, Mapping):
                 raise ProxyError(
@@ -381,8 +381,8 @@ class ResponsesWire(Wire):
                     key = "opaque"
                     read = self.opaque(0, k, kind, item)
                     args = next((e.text for e in read if isinstance(e, ToolArgs)), "")
-                    if not read:
-                        self._whole_dropped.add(i)
+                    if stripped(read, item) is not None:
+                        self._whole_replaced[i] = stripped(read, item)
                 if any(isinstance(e, ToolArgs) for e in read):
                     self._whole_map.append((i, key, 0, tool_field(k), 0, len(args)))
                 out += [e for e in read if not isinstance(e, Marker)]
@@ -451,7 +451,7 @@ class ResponsesWire(Wire):
             for item in items[-1:]:
                 item["status"] = "incomplete"
             body.update(status="incomplete", incomplete_details={"reason": CONTENT_FILTER})
-        body["output"] = [item for i, item in enumerate(items) if i not in self._whole_dropped]
+        body["output"] = [self._whole_replaced.get(i, item) for i, item in enumerate(items)]
         if self.policy.details:
             body["guardproxy"] = details()
         return body

@@ -335,6 +335,11 @@ class AssistantView:
         self._run.push(arguments)
         return self._feeds.take()
 
+    @property
+    def open_call(self) -> int | None:
+        """The tool call whose JSON is being read (not closed yet), if any."""
+        return self._tool if self._stage == "tool" and self._run is not None else None
+
     def end_tool_call(self, index: int) -> list[GuardFeed]:
         """The upstream says tool call ``index`` is complete: its JSON is closed now (the template's
         ``}\n</tool_call>``), so its last tokens are final and judged without waiting for what comes

@@ -92,6 +92,7 @@ class _Item:
     finish: bool = False
     reason: str | None = None
     call: int | None = None  # part of tool call ``call``: released with the whole call, or never
+    truncated: bool = False  # the finish of an upstream that stopped before its end
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,7 @@ class Out:
     payload: Any = None
     reason: str | None = None
     arrived: float | None = None
+    truncated: bool = False  # a finish: the upstream stopped before its end (no reason, no last event)
 
 
 class ChoiceModerator:
@@ -138,6 +140,7 @@ class ChoiceModerator:
         self._scan = 0  # tokens before this index are entirely released: boundaries need not see them
         self.unguarded = False
         self._ended: set[int] = set()  # tool calls the upstream said are complete
+        self._partial: set[int] = set()  # a tool call the upstream stopped in the middle of
 
     # -- upstream side ---------------------------------------------------------------------------------
 
@@ -173,13 +176,17 @@ class ChoiceModerator:
         self._ended.add(call)
         return self._track(self.view.end_tool_call(call))
 
-    def finish(self, reason: str | None, payload: Any = None) -> list[GuardFeed]:
+    def finish(self, reason: str | None, payload: Any = None, truncated: bool = False) -> list[GuardFeed]:
         """The upstream ended this output: the held text is fed, then the closing token; the finish
-        (``reason``, the upstream's ending ``payload``) is queued last."""
+        (``reason``, the upstream's ending ``payload``) is queued last. ``truncated``: the upstream
+        stopped before its end, so a tool call it was still streaming is incomplete: never released."""
         if self.finished:
             return []
         self.finished = True
-        self.queue.append(_Item(None, finish=True, reason=reason, marker=payload))
+        partial = self.view.open_call
+        if truncated and partial is not None and partial not in self._ended:
+            self._partial.add(partial)
+        self.queue.append(_Item(None, finish=True, reason=reason, marker=payload, truncated=truncated))
         return self._track(self.view.finish())
 
     def _text(self, name: str, text: str, call: int | None = None) -> None:
@@ -366,13 +373,18 @@ class ChoiceModerator:
         out: list[Out] = []
         while self.queue:
             item = self.queue[0]
+            if item.call in self._partial:
+                self.queue.pop(0)  # the upstream stopped inside this call: none of it goes out
+                continue
             if item.call is not None and not self._call_ready(item.call, bound):
                 break  # a tool call goes out whole, or not at all
             if item.field is None:
                 if item.finish:
                     if self.cut_at is not None:
                         break  # the cut's own ending replaces the upstream's
-                    out.append(Out("finish", payload=item.marker, reason=item.reason))
+                    out.append(
+                        Out("finish", payload=item.marker, reason=item.reason, truncated=item.truncated)
+                    )
                     self.closed = True
                 else:
                     out.append(Out("marker", payload=item.marker))

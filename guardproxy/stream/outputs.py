@@ -176,12 +176,13 @@ class Outputs:
             feeds = m.finish(e.reason, e.payload)
         return out + self._feeds(e.output, feeds)
 
-    def end(self) -> list[Command]:
-        """The upstream is done: every output not finished yet is finished now (no reason given)."""
+    def end(self, truncated: bool = False) -> list[Command]:
+        """The upstream is done: every output not finished yet is finished now (no reason given).
+        ``truncated``: it stopped before its last event (a tool call it was streaming is dropped)."""
         out: list[Command] = []
         for index, m in sorted(self.moderators.items()):
             if not m.finished and not self.cut:
-                out += self._feeds(index, m.finish(None))
+                out += self._feeds(index, m.finish(None, truncated=truncated))
         return out
 
     def _open(self, index: int, out: list[Command]) -> ChoiceModerator:

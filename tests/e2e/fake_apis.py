@@ -13,7 +13,13 @@ Event = tuple[str, dict[str, Any]]
 
 
 def responses_events(
-    body: dict[str, Any], reasoning: list[str], text: list[str], tool_args: list[str], rid: str
+    body: dict[str, Any],
+    reasoning: list[str],
+    text: list[str],
+    tool_args: list[str],
+    rid: str,
+    *,
+    custom_tool: bool = False,
 ) -> list[Event]:
     model = body.get("model", "fake-model")
     base = {"id": rid, "object": "response", "created_at": 1763800000, "model": model, "output": []}
@@ -54,7 +60,24 @@ def responses_events(
         done = {**msg, "status": "completed", "content": [part]}
         add("response.output_item.done", output_index=idx, item=done)
         items.append(done)
-    if tool_args:
+    if tool_args and custom_tool:  # a custom tool call: free-form input (Codex's apply_patch)
+        ctc = {
+            "id": "ctc_1",
+            "type": "custom_tool_call",
+            "call_id": "call_1",
+            "name": "apply_patch",
+            "input": "",
+        }
+        idx = len(items)
+        add("response.output_item.added", output_index=idx, item=ctc)
+        for a in tool_args:
+            add("response.custom_tool_call_input.delta", item_id="ctc_1", output_index=idx, delta=a)
+        whole = "".join(tool_args)
+        add("response.custom_tool_call_input.done", item_id="ctc_1", output_index=idx, input=whole)
+        done = {**ctc, "input": whole}
+        add("response.output_item.done", output_index=idx, item=done)
+        items.append(done)
+    elif tool_args:
         fc = {
             "id": "fc_1",
             "type": "function_call",
@@ -158,3 +181,19 @@ def messages_whole(
         "stop_sequence": None,
         "usage": {"input_tokens": 7, "output_tokens": len(text)},
     }
+
+
+def insert_before_end(kind: str, events: list[Event], extra: list[Event]) -> list[Event]:
+    """``extra`` events put just before an answer's end: Responses' terminal event, Messages'
+    ``message_delta``, chat's first chunk with a finish reason (``kind``: responses, messages, chat)."""
+
+    def ends(e: Event) -> bool:
+        data = e[1]
+        if kind == "responses":
+            return str(data.get("type")) in ("response.completed", "response.incomplete", "response.failed")
+        if kind == "messages":
+            return data.get("type") == "message_delta"
+        return any(c.get("finish_reason") for c in data.get("choices") or [])
+
+    at = next((k for k, e in enumerate(events) if ends(e)), len(events))
+    return [*events[:at], *extra, *events[at:]]

@@ -25,6 +25,7 @@ from guardproxy.server.app import create_app
 from . import fake_apis
 
 T = TypeVar("T")
+FAKE_HEADERS = web.RequestKey("fake_headers", dict)  # response headers a script asks the fake to add
 
 
 @dataclass
@@ -52,6 +53,11 @@ class Script:
     # "truncate" (the body ends cleanly, early: no last event).
     fault: str | None = None
     fault_after: int = 2
+    # Responses API: "custom" sends the tool call (``tool_args``) as a custom tool call (apply_patch).
+    tool_kind: str = "function"
+    # Raw events ([event name, data object]) sent as they are just before the answer's last event(s).
+    extra_events: list[list[Any]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)  # response headers the upstream adds
 
 
 class FakeUpstream:
@@ -64,6 +70,7 @@ class FakeUpstream:
         self.closed_early = 0
         self.gate: asyncio.Semaphore | None = None  # lockstep go-aheads (made on the serving loop)
         self.gate_timeouts = 0
+        self.queries: list[str] = []  # the query string of every request that reached it, in order
 
     def go_ahead(self, loop: asyncio.AbstractEventLoop) -> None:
         """Let a lockstep upstream send its next event (callable from any thread)."""
@@ -73,9 +80,14 @@ class FakeUpstream:
         @web.middleware
         async def record(request: web.Request, handler: Any) -> web.StreamResponse:
             self.seen.append((request.method, request.path))
+            self.queries.append(request.query_string)
             return await handler(request)
 
+        async def add_headers(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers.update(request.get(FAKE_HEADERS) or {})
+
         app = web.Application(middlewares=[record])
+        app.on_response_prepare.append(add_headers)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/responses", self.responses)
@@ -98,7 +110,9 @@ class FakeUpstream:
         text = s.pieces[0] if s.pieces else []
         if kind == "responses":
             rid = f"resp_{len(self.stored) + 1}"
-            events = fake_apis.responses_events(body, s.reasoning, text, s.tool_args, rid)
+            events = fake_apis.responses_events(
+                body, s.reasoning, text, s.tool_args, rid, custom_tool=s.tool_kind == "custom"
+            )
             self.stored[rid] = body
             return events
         return fake_apis.messages_events(body, s.reasoning, text, s.tool_args, f"msg_{len(self.requests)}")
@@ -170,6 +184,7 @@ class FakeUpstream:
         # A per-request script (load tests run many different answers at once).
         own = request.headers.get("x-fake-script")
         s = Script(**json.loads(own)) if own else self.script
+        request[FAKE_HEADERS] = s.headers
         if s.first_delay:
             try:
                 await asyncio.sleep(s.first_delay)
@@ -234,6 +249,8 @@ class FakeUpstream:
         events: list[bytes] = []
         gated: list[bool] = []
         named = api_events or [("", c) for c in self._chunks(body, kind, s)]
+        if s.extra_events:
+            named = fake_apis.insert_before_end(kind, named, [(str(n), dict(d)) for n, d in s.extra_events])
         for name, c in named:
             text_event = c.get("type") in ("response.output_text.delta", "content_block_delta")
             gated.append(

@@ -92,9 +92,14 @@ class Harness:
             if "name" in fn:
                 self._names[k] = fn["name"]
                 self.m.marker(
-                    {"tool_calls": [{"index": k, "id": call.get("id"), "function": {"name": fn["name"]}}]}
+                    {"tool_calls": [{"index": k, "id": call.get("id"), "function": {"name": fn["name"]}}]},
+                    call=k,  # as the chat wire marks it: held with its call
                 )
             self._submit(self.m.tool_call(k, self._names.get(k), fn.get("arguments") or ""))
+
+    def end_call(self, call: int) -> None:
+        """The upstream ended tool call ``call`` (Responses' arguments ``done``, Messages' block stop)."""
+        self._submit(self.m.end_call(call))
 
     def finish(self, reason: str | None = "stop") -> None:
         self._submit(self.m.finish(reason))
@@ -446,3 +451,187 @@ def test_unsafe_text_outside_content_is_cut_too(
     h.answer_all()
     assert h.ending == CONTENT_FILTER
     assert "bomb" not in str(h.out) and "fine" not in str(h.out)
+
+
+# -- tool calls go out whole ------------------------------------------------------------------------------
+
+
+def _header(k: int, name: str = "f") -> dict[str, Any]:
+    return {"tool_calls": [{"index": k, "id": f"c{k}", "function": {"name": name}}]}
+
+
+def _args(k: int, text: str) -> dict[str, Any]:
+    return {"tool_calls": [{"index": k, "function": {"arguments": text}}]}
+
+
+def _call_items(h: Harness, k: int) -> list[Out]:
+    """What the client got of tool call ``k``: its header marker and its argument text."""
+    return [
+        o
+        for o in h.out
+        if (o.kind == "marker" and "tool_calls" in o.payload and o.payload["tool_calls"][0]["index"] == k)
+        or (o.kind == "text" and o.field == tool_field(k))
+    ]
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_a_tool_call_is_held_until_it_ends_and_every_argument_token_is_judged(
+    tokenizer: GuardTokenizer, template: ChatTemplate, speculate: bool
+) -> None:
+    h = Harness(tokenizer, template, Policy(), speculate=speculate)
+    h.delta({"role": "assistant"})
+    h.delta({"content": "Checking the weather now."})
+    h.answer_all()
+    h.delta(_header(0))
+    h.delta(_args(0, '{"city": '))
+    h.answer_all()
+    # The content before the call is released as usual (the call closed its run: all of it is final).
+    assert h.content() == "Checking the weather now."
+    assert _call_items(h, 0) == []
+    h.delta(_args(0, '"Paris", "days": 3'))
+    h.delta(_args(0, "}"))
+    h.answer_all()
+    assert _call_items(h, 0) == []  # every token so far judged Safe, but the call has not ended
+    h.end_call(0)
+    # Ended: the JSON is closed, its last tokens fed ("}}" covering the last "}", "</tool_call>").
+    assert _call_items(h, 0) == [] and [len(q) for q in h.queue] == [2]
+    h.out += h.m.drain()
+    assert h.m.fields[tool_field(0)].released == 0 and _call_items(h, 0) == []
+    # The token covering the last "}" judged: every argument token is, and the whole call goes.
+    first, rest = h.queue[0][:1], h.queue[0][1:]
+    h.m.judged([h.verdict(i) for i in first])
+    h.queue[0] = rest
+    h.out += h.m.drain()
+    got = _call_items(h, 0)
+    assert got[0] == Out("marker", payload=_header(0))  # the header first, then the arguments
+    assert h.field(tool_field(0)) == '{"city": "Paris", "days": 3}'
+    assert all(o.kind == "text" for o in got[1:])
+    # In upstream order: content, header, arguments; then the finish.
+    h.finish("tool_calls")
+    h.answer_all()
+    kinds = [o.field or o.kind for o in h.out]
+    assert kinds.index(CONTENT) < h.out.index(got[0]) < kinds.index(tool_field(0))
+    assert h.ending == "tool_calls"
+
+
+def test_a_tool_call_closed_by_the_next_call_or_the_finish_goes_out_whole(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    """Chat has no end event for a call: the next call (or the finish) completes it."""
+    h = Harness(tokenizer, template, Policy())
+    h.delta({"role": "assistant"})
+    h.delta(_header(0))
+    h.delta(_args(0, '{"a": 1}'))
+    h.answer_all()
+    assert _call_items(h, 0) == []
+    h.delta(_header(1, "g"))
+    h.delta(_args(1, '{"b": 2}'))
+    h.answer_all()
+    assert h.field(tool_field(0)) == '{"a": 1}' and _call_items(h, 1) == []
+    h.finish("tool_calls")
+    h.answer_all()
+    assert h.field(tool_field(1)) == '{"b": 2}' and h.ending == "tool_calls"
+    order = [
+        o.payload["tool_calls"][0]["index"] if o.kind == "marker" else o.field for o in _call_items(h, 0)
+    ]
+    order += [
+        o.payload["tool_calls"][0]["index"] if o.kind == "marker" else o.field for o in _call_items(h, 1)
+    ]
+    assert order == [0, tool_field(0), 1, tool_field(1)]
+
+
+@pytest.mark.parametrize("debounce", [True, False])
+@pytest.mark.parametrize("ended", [True, False])
+def test_a_cut_inside_a_tool_call_releases_neither_its_header_nor_any_argument(
+    tokenizer: GuardTokenizer, template: ChatTemplate, debounce: bool, ended: bool
+) -> None:
+    h = Harness(tokenizer, template, Policy(notice="[cut]", debounce=debounce))
+    h.delta({"role": "assistant"})
+    h.delta({"content": "Calling."})
+    h.delta(_header(0))
+    # The trigger late in the arguments: the tokens before it are Safe and could have gone.
+    for piece in ['{"what": "a', " long", " list", " with", " a", " bomb", ' in it"}']:
+        h.delta(_args(0, piece))
+        h.answer_all()
+    if ended:
+        h.end_call(0)
+    h.delta({"content": " More text."})
+    h.finish("tool_calls")
+    h.answer_all()
+    assert h.ending == CONTENT_FILTER and h.out[-1] == Out("cut", text="[cut]")
+    assert _call_items(h, 0) == []  # no header, not one character of the arguments
+    assert h.content() == "Calling.[cut]"
+    assert sum(o.kind in ("finish", "cut") for o in h.out) == 1
+    assert h.m.cut_at is not None and h.m.cut_at.index < len(h.m.tokens)
+
+
+def test_a_cut_after_a_tool_call_still_releases_the_whole_call(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    h = Harness(tokenizer, template, Policy(notice="[cut]"))
+    h.delta({"role": "assistant"})
+    h.delta(_header(0))
+    h.delta(_args(0, '{"city": "Paris"}'))
+    h.end_call(0)
+    h.answer_all()
+    assert h.field(tool_field(0)) == '{"city": "Paris"}'  # complete and judged: out before what follows
+    # Later content (an aside after the call) with the trigger: the cut ends the answer there.
+    h.delta({"content": "Now take a bomb"})
+    h.delta({"content": " and go."})
+    h.finish()
+    h.answer_all()
+    assert h.ending == CONTENT_FILTER
+    got = _call_items(h, 0)
+    assert got[0] == Out("marker", payload=_header(0)) and h.field(tool_field(0)) == '{"city": "Paris"}'
+    assert "bomb" not in h.content() and h.content().endswith("[cut]")
+    # The same when the call is complete but its last verdicts come in with the cut's.
+    late = Harness(tokenizer, template, Policy(notice="[cut]"))
+    late.delta(_header(0))
+    late.delta(_args(0, '{"city": "Paris"}'))
+    late.end_call(0)
+    late.delta({"content": "Now take a bomb"})
+    late.delta({"content": " and go."})
+    late.finish()
+    late.answer_all()
+    assert late.ending == CONTENT_FILTER and late.field(tool_field(0)) == '{"city": "Paris"}'
+    assert _call_items(late, 0)[0] == Out("marker", payload=_header(0))
+
+
+def test_a_second_call_cut_leaves_the_first_whole_and_the_second_unseen(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    h = Harness(tokenizer, template, Policy(notice=""))
+    h.delta(_header(0))
+    h.delta(_args(0, '{"a": "fine"}'))
+    h.end_call(0)
+    h.delta(_header(1, "g"))
+    h.delta(_args(1, '{"b": "a bomb"}'))
+    h.end_call(1)
+    h.finish("tool_calls")
+    h.answer_all()
+    assert h.ending == CONTENT_FILTER
+    assert h.field(tool_field(0)) == '{"a": "fine"}' and _call_items(h, 1) == []
+
+
+def test_an_unguarded_answer_still_holds_a_tool_call_until_it_ends(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    """fail_open: what arrives goes out unjudged, but a call still goes out whole, once ended."""
+    h = Harness(tokenizer, template, Policy(on_guard_error="fail_open"))
+    h.delta({"role": "assistant"})
+    h.delta({"content": "Calling"})
+    h.m.unguard()
+    h.delta(_header(0))
+    h.delta(_args(0, '{"q": "a bo'))
+    h.out += h.m.drain()
+    assert h.content() == "Calling" and _call_items(h, 0) == []
+    h.delta(_args(0, 'mb"}'))
+    h.out += h.m.drain()
+    assert _call_items(h, 0) == []
+    h.end_call(0)
+    h.out += h.m.drain()
+    assert _call_items(h, 0)[0] == Out("marker", payload=_header(0))
+    assert h.field(tool_field(0)) == '{"q": "a bomb"}'  # unjudged, as the policy says, and whole
+    h.finish("tool_calls")
+    h.out += h.m.drain()
+    assert h.ending == "tool_calls"

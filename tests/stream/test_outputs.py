@@ -10,7 +10,7 @@ from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.tokenizer import GuardTokenizer
 from guardproxy.guard.verdict import HeadLabels, Verdict
 from guardproxy.policy import Policy
-from guardproxy.stream.guardview import CONTENT
+from guardproxy.stream.guardview import CONTENT, tool_field
 from guardproxy.stream.outputs import (
     Abort,
     CloseUpstream,
@@ -24,6 +24,8 @@ from guardproxy.stream.outputs import (
     Outputs,
     Retract,
     Text,
+    ToolArgs,
+    ToolEnd,
 )
 
 LABELS = HeadLabels(risk=("Safe", "Unsafe", "Controversial"), category=("Violent",))
@@ -184,3 +186,99 @@ def test_whole_answers_release_as_one(tokenizer: GuardTokenizer, template: ChatT
     assert text_of(out, 0) == " two" and core.moderators[0].shown(CONTENT, 0, 7) == "One two"
     finish = next(c.out for c in out if isinstance(c, Emit) and c.out.kind == "finish")
     assert finish.reason == "stop" and finish.payload == {"done": True}
+
+
+# -- tool calls: held, then released whole ----------------------------------------------------------------
+
+ADDED = {"type": "response.output_item.added", "item": {"id": "fc", "type": "function_call"}}
+ARGS_DONE = {"type": "response.function_call_arguments.done", "item_id": "fc"}
+
+
+def call_events(args: list[str]) -> list[Any]:
+    """Text, then tool call 0 (its start marker, argument pieces), as a Responses wire reads them; the
+    call's end (``ToolEnd`` and its done marker) is left to the test."""
+    return [
+        Marker(0, {"role": "assistant"}),
+        Text(0, CONTENT, "Let me check the weather."),
+        Marker(0, ADDED, call=0),
+        *(ToolArgs(0, 0, "weather", a) for a in args),
+    ]
+
+
+def emitted(commands: list[Command]) -> list[Any]:
+    return [c.out for c in commands if isinstance(c, Emit)]
+
+
+def of_call(outs: list[Any]) -> list[Any]:
+    return [
+        o
+        for o in outs
+        if (o.kind == "marker" and o.payload in (ADDED, ARGS_DONE)) or o.field == tool_field(0)
+    ]
+
+
+def step(core: Outputs, guard: Guard, e: Any) -> list[Command]:
+    out = guard.run(core.event(e))
+    guard.answer(core)
+    return out + guard.run(core.drain())
+
+
+def test_a_tool_call_goes_out_whole_once_ended_and_judged(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    core, guard = Outputs(template, Policy(), speculate=True), Guard(tokenizer)
+    out: list[Command] = []
+    for e in call_events(['{"city": ', '"Paris"', "}"]):
+        out += step(core, guard, e)
+    assert text_of(out, 0) == "Let me check the weather."  # text before the call: released as usual
+    assert of_call(emitted(out)) == []  # every argument token so far judged Safe: still held
+    # The end: fed (the JSON's close), not yet judged: still nothing of the call.
+    feeds = guard.run(core.event(ToolEnd(0, 0)))
+    assert feeds == [] and any(guard.queues[0])
+    assert of_call(emitted(guard.run(core.drain()))) == []
+    guard.answer(core)
+    released = emitted(guard.run(core.drain()))
+    assert [o.kind for o in released] == ["marker", "text"] and released[0].payload == ADDED
+    assert "".join(o.text for o in released if o.kind == "text") == '{"city": "Paris"}'
+    # The call's done event is part of it: out at once, since the call is out.
+    after = emitted(step(core, guard, Marker(0, ARGS_DONE, call=0)))
+    assert [o.payload for o in after] == [ARGS_DONE]
+    rest = emitted(step(core, guard, Finish(0, "stop")) + guard.run(core.end()))
+    assert rest[-1].kind == "finish" and core.done
+
+
+def test_a_cut_in_a_tool_calls_arguments_drops_the_whole_call(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    core, guard = Outputs(template, Policy(notice="[cut]"), speculate=True), Guard(tokenizer)
+    out = drive(
+        core,
+        guard,
+        [
+            *call_events(['{"what": "fine', " words", " then", " a", " bomb", ' here"}']),
+            ToolEnd(0, 0),
+            Marker(0, ARGS_DONE, call=0),
+            Finish(0, "stop"),
+        ],
+    )
+    outs = emitted(out)
+    assert of_call(outs) == [] and "bomb" not in str(outs)
+    assert text_of(out, 0) == "Let me check the weather."
+    assert outs[-1].kind == "cut" and outs[-1].text == "[cut]"
+    assert sum(isinstance(c, CloseUpstream) for c in out) == 1 and core.cut
+
+
+def test_a_failed_open_guard_still_releases_a_tool_call_only_when_it_ends(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    core, guard = Outputs(template, Policy(on_guard_error="fail_open"), speculate=True), Guard(tokenizer)
+    events = call_events(['{"q": "a', " bomb", '"}'])
+    out = step(core, guard, events[0]) + step(core, guard, events[1])
+    assert core.guard_failed(0, "out of memory") == [CountFailure("fail_open")]
+    for e in events[2:]:
+        out += step(core, guard, e)
+    assert text_of(out, 0) == "Let me check the weather."
+    assert of_call(emitted(out)) == []  # unjudged from here on, but a call goes out whole or not at all
+    ended = emitted(step(core, guard, ToolEnd(0, 0)))
+    assert [o.kind for o in ended] == ["marker", "text"] and ended[0].payload == ADDED
+    assert ended[1].text == '{"q": "a bomb"}'
