@@ -60,39 +60,24 @@ def responses_events(
         done = {**msg, "status": "completed", "content": [part]}
         add("response.output_item.done", output_index=idx, item=done)
         items.append(done)
-    if tool_args and custom_tool:  # a custom tool call: free-form input (Codex's apply_patch)
-        ctc = {
-            "id": "ctc_1",
-            "type": "custom_tool_call",
-            "call_id": "call_1",
-            "name": "apply_patch",
-            "input": "",
-        }
+    if tool_args:
+        # A function call, or a custom tool call: free-form input (Codex's apply_patch).
+        kind, key, name, iid = (
+            ("custom_tool_call", "input", "apply_patch", "ctc_1")
+            if custom_tool
+            else ("function_call", "arguments", "weather", "fc_1")
+        )
+        event = "response.custom_tool_call_input" if custom_tool else "response.function_call_arguments"
+        call: dict[str, Any] = {"id": iid, "type": kind, "call_id": "call_1", "name": name, key: ""}
+        if not custom_tool:
+            call["status"] = "in_progress"
         idx = len(items)
-        add("response.output_item.added", output_index=idx, item=ctc)
+        add("response.output_item.added", output_index=idx, item=call)
         for a in tool_args:
-            add("response.custom_tool_call_input.delta", item_id="ctc_1", output_index=idx, delta=a)
+            add(f"{event}.delta", item_id=iid, output_index=idx, delta=a)
         whole = "".join(tool_args)
-        add("response.custom_tool_call_input.done", item_id="ctc_1", output_index=idx, input=whole)
-        done = {**ctc, "input": whole}
-        add("response.output_item.done", output_index=idx, item=done)
-        items.append(done)
-    elif tool_args:
-        fc = {
-            "id": "fc_1",
-            "type": "function_call",
-            "call_id": "call_1",
-            "name": "weather",
-            "arguments": "",
-            "status": "in_progress",
-        }
-        idx = len(items)
-        add("response.output_item.added", output_index=idx, item=fc)
-        for a in tool_args:
-            add("response.function_call_arguments.delta", item_id="fc_1", output_index=idx, delta=a)
-        args = "".join(tool_args)
-        add("response.function_call_arguments.done", item_id="fc_1", output_index=idx, arguments=args)
-        done = {**fc, "arguments": args, "status": "completed"}
+        add(f"{event}.done", item_id=iid, output_index=idx, **{key: whole})
+        done = {**call, key: whole, **({} if custom_tool else {"status": "completed"})}
         add("response.output_item.done", output_index=idx, item=done)
         items.append(done)
     usage = {"input_tokens": 7, "output_tokens": len(text), "total_tokens": 7 + len(text)}

@@ -464,3 +464,16 @@ def wait_idle(proxy: str, seconds: float = 10) -> None:
         seconds,
         lambda: f"guard resources were not returned: {engine_state(proxy)}",
     )
+
+
+def http_json(req: Any) -> tuple[int, dict[str, Any]]:
+    """Status and JSON body of a raw ``urllib`` request, error statuses included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())

@@ -27,6 +27,7 @@ from .harness import (
     Loopback,
     Script,
     engine_state,
+    http_json,
     start_proxy,
     start_proxy_app,
     until,
@@ -193,12 +194,7 @@ def raw(
         data=body,
         headers={"Content-Type": "application/json", **(headers or {})},
     )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
+    return http_json(req)
 
 
 @pytest.mark.parametrize(

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +115,3 @@ def test_a_tool_call_over_the_websocket_is_released_whole(
     assert "".join(e["delta"] for e in events[added + 1 : done]) == '{"query": "weather"}'
     assert kinds[done + 1] == "response.output_item.done"
     assert events[-1]["response"]["output"][0]["arguments"] == '{"query": "weather"}'
-
-
-def test_a_plain_get_is_told_to_upgrade(proxy: str) -> None:
-    with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(proxy + "/responses", timeout=10)
-    assert err.value.code == 426 and err.value.headers["Upgrade"] == "websocket"
-    assert json.loads(err.value.read())["error"]["code"] == "upgrade_required"

@@ -48,16 +48,6 @@ def ant(proxy: str) -> anthropic.Anthropic:
     return anthropic.Anthropic(base_url=proxy.removesuffix("/v1"), api_key="k", max_retries=0, timeout=60)
 
 
-def fetch(req: urllib.request.Request) -> tuple[int, dict[str, Any]]:
-    """Status and JSON body of a raw request, error statuses included."""
-    try:
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
-
-
 def dumped(events: list[Any]) -> str:
     return json.dumps([e.model_dump(warnings=False) for e in events])
 
@@ -291,7 +281,11 @@ def test_a_plain_get_of_responses_gets_426_with_an_openai_error(proxy: str, fake
     shape, and nothing goes upstream."""
     before = len(fake.seen)
     req = urllib.request.Request(proxy + "/responses", headers={"Authorization": "Bearer k"}, method="GET")
-    status, body = fetch(req)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    with err.value as resp:
+        status, body = resp.code, json.loads(resp.read())
+        assert resp.headers["Upgrade"] == "websocket"
     assert status == 426
     assert set(body) == {"error"} and body["error"]["type"] == "invalid_request_error"
     assert isinstance(body["error"]["message"], str) and "POST /v1/responses" in body["error"]["message"]
