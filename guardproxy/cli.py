@@ -74,6 +74,7 @@ async def _check(args: argparse.Namespace) -> int:
     from guardproxy.guard.engine import GuardEngine
     from guardproxy.guard.loading import load_guard
     from guardproxy.policy import Policy, ResponseJudge
+    from guardproxy.server.prompts import judge_prompt
 
     messages, response = _load_conversation(args)
     model, template = load_guard(args.guard_model, device=args.device)
@@ -82,7 +83,7 @@ async def _check(args: argparse.Namespace) -> int:
     async with GuardEngine(model) as engine:
         prompt = template.render_prompt(messages, max_tokens=engine.max_prompt_tokens)
         async with await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as stream:
-            pv = await stream.prompt_verdict()
+            pv, _ = await judge_prompt(engine, stream, prompt, Policy())  # a long one in windows too
             # The answer as the proxy feeds it: the assistant turn's layout, judged token by token.
             judged = await judge_answer(stream, template, response, len(prompt.ids)) if response else []
     tokens = [t.id for t in judged]

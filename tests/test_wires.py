@@ -14,9 +14,11 @@ from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, engine_error, upstream_error
 from guardproxy.server.store import ResponseStore
 from guardproxy.server.wire_chat import ChatWire
-from guardproxy.server.wire_messages import MessagesWire, chat_messages
-from guardproxy.server.wire_messages import chat_tools as anthropic_tools
-from guardproxy.server.wire_responses import ResponsesWire, chat_tools, input_messages
+from guardproxy.server.wire_messages import MessagesWire
+from guardproxy.server.wire_messages_request import chat_messages
+from guardproxy.server.wire_messages_request import chat_tools as anthropic_tools
+from guardproxy.server.wire_responses import ResponsesWire
+from guardproxy.server.wire_responses_input import chat_tools, input_messages
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import Out
 from guardproxy.stream.outputs import Finish, Marker, Text, ToolArgs, ToolEnd
@@ -279,6 +281,9 @@ def test_messages_events_are_read_into_the_core_events() -> None:
     ) == [ToolArgs(0, 0, "f", "{")]
     tool_stop = {"type": "content_block_stop", "index": 1}
     assert read(tool_stop) == [ToolEnd(0, 0), Marker(0, tool_stop, call=0)]
+    for index in ("1", None, True):  # an event naming no block is the upstream's error, not ours
+        with pytest.raises(ProxyError, match="without a block index"):
+            read({"type": "content_block_stop", "index": index})
     sig = {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "x"}}
     assert read(sig) == [Marker(0, sig)]
     delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}

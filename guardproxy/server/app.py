@@ -37,14 +37,8 @@ from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Policy
 from guardproxy.server import ui
 from guardproxy.server.errors import Api, ProxyError, bad_request, engine_error, upstream_error
-from guardproxy.server.exchange import (
-    EventSink,
-    Exchange,
-    GuardServices,
-    severity,
-    verdict_details,
-    window_verdict,
-)
+from guardproxy.server.exchange import EventSink, Exchange, GuardServices
+from guardproxy.server.prompts import judge_prompt, verdict_details
 from guardproxy.server.reload import ConfigReloader, SettingsStore
 from guardproxy.server.state import (
     CLIENT_KEY,
@@ -429,10 +423,7 @@ async def moderations(request: web.Request) -> web.Response:
         try:
             async with await services.engine.open(prompt.ids, prompt.verdict_index) as stream:
                 # A text longer than the guard's context: every window judged, the worst one answers.
-                verdicts = await asyncio.gather(
-                    stream.prompt_verdict(), *(window_verdict(services.engine, w) for w in prompt.windows)
-                )
-            v = max(verdicts, key=lambda v: severity(policy, v))
+                v, _ = await judge_prompt(services.engine, stream, prompt, policy, request.app[METRICS])
         except EngineError as exc:
             raise engine_error(exc) from None
         unsafe_mass = 1.0 - v.p("Safe")

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from guardproxy.guard.api import Engine, Stream
 from guardproxy.guard.scheduler import EngineError
-from guardproxy.guard.template import ChatTemplate, GuardPrompt, PromptWindow
+from guardproxy.guard.template import ChatTemplate, GuardPrompt
 from guardproxy.guard.verdict import Verdict
 from guardproxy.observe.audit import AuditLog, capped
 from guardproxy.observe.live import LiveFeed
@@ -31,6 +31,7 @@ from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Action, Policy
 from guardproxy.server.errors import ProxyError, engine_error, guard_failed, upstream_error
+from guardproxy.server.prompts import judge_prompt, verdict_details
 from guardproxy.server.store import ResponseStore
 from guardproxy.server.upstream import Upstream, returned_headers
 from guardproxy.server.wire import Wire
@@ -67,18 +68,6 @@ class GuardServices:
     # Done a little before the shutdown grace period ends: streams still running end themselves cleanly
     # (an error event, a complete body) instead of being cut by the server's forced close.
     stopping: asyncio.Future[None] | None = None
-
-
-def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
-    if v is None:  # the guard failed and the policy failed open
-        return {"risk": "unjudged", "category": None, "action": str(action)}
-    return {
-        "risk": v.risk,
-        "category": v.category,
-        "action": str(action),
-        "p_unsafe": round(v.p_unsafe, 6),
-        "p_controversial": round(v.p_controversial, 6),
-    }
 
 
 class EventSink(Protocol):
@@ -151,7 +140,9 @@ class Exchange:
             if self.policy.prompt_check == "parallel":
                 self._start_upstream()
             try:
-                self.prompt_verdict = await self._prompt_verdict(self._guard)
+                self.prompt_verdict, self.window_report = await judge_prompt(
+                    self.s.engine, self._guard, self.prompt, self.policy, self.s.metrics
+                )
             except EngineError as exc:
                 await self._execute(self.outputs.guard_failed(None, str(exc)))  # fail open: go on, marked
             if self.prompt_verdict is not None:
@@ -187,25 +178,6 @@ class Exchange:
                 if s.owned:
                     s.stream.close()
             self._guard.close()
-
-    async def _prompt_verdict(self, guard: Stream) -> Verdict:
-        """The prompt's verdict: the main prompt's, or for a prompt longer than the guard's context,
-        the worst of it and every window's (each judged in a stream of its own, alongside)."""
-        windows = self.prompt.windows
-        if not windows:
-            return await guard.prompt_verdict()
-        self.s.metrics.prompt_windows.labels("prompt").inc()
-        self.s.metrics.prompt_windows.labels("window").inc(len(windows))
-        verdicts = await asyncio.gather(
-            guard.prompt_verdict(), *(window_verdict(self.s.engine, w) for w in windows)
-        )
-        worst = max(range(len(verdicts)), key=lambda k: severity(self.policy, verdicts[k]))
-        self.window_report = {
-            "windows": len(windows),
-            "judged_tokens": self.prompt.judged_tokens,
-            "worst": "main" if worst == 0 else worst - 1,
-        }
-        return verdicts[worst]
 
     # -- commands --------------------------------------------------------------------------------------
 
@@ -551,18 +523,6 @@ class Exchange:
         remember = getattr(self.wire, "remember", None)
         if remember is not None and self.s.responses is not None:
             remember(self.s.responses, self.outputs)
-
-
-async def window_verdict(engine: Engine, window: PromptWindow) -> Verdict:
-    """The prompt verdict of one window of a long prompt, in a stream of its own (the engine's prefix
-    cache keeps an agent's fixed system prompt and tools, so a window that repeats costs no prefill)."""
-    async with await engine.open(window.ids, window.verdict_index) as stream:
-        return await stream.prompt_verdict()
-
-
-def severity(policy: Policy, v: Verdict) -> tuple[Action, float, float]:
-    """How bad a prompt verdict is under ``policy``: its action first, then its probabilities."""
-    return policy.action(v, prompt=True), v.p_unsafe, v.p_controversial
 
 
 async def _read(reader: AsyncIterator[bytes]) -> bytes:

@@ -32,7 +32,7 @@ from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
 from guardproxy.policy import Policy, decide
 from guardproxy.server.errors import bad_request, engine_error
-from guardproxy.server.exchange import verdict_details
+from guardproxy.server.prompts import judge_prompt, verdict_details
 from guardproxy.server.state import SERVICES, STORE, json_body
 from guardproxy.stream.sse import encode_event
 
@@ -159,7 +159,7 @@ def add_routes(app: web.Application) -> None:
             raise bad_request(str(exc), param="messages") from None
         try:
             async with await services.engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as s:
-                pv = await s.prompt_verdict()
+                pv, _ = await judge_prompt(services.engine, s, prompt, policy)  # windows too, when long
                 tokens = (
                     await judge_answer(s, services.template, response, len(prompt.ids)) if response else []
                 )

@@ -1,19 +1,19 @@
 """The Anthropic Messages API (``POST /v1/messages``): one output per message.
 
-Request -> guard: ``system`` (a string or text blocks) as the system turn; ``messages`` with string or
-block content (``text``; ``tool_use`` as the assistant's tool calls; ``tool_result`` as tool messages;
-``thinking`` as the assistant turn's reasoning; images, documents and redacted thinking have no text for
-the guard); ``tools`` in the chat shape the template renders.
+Request -> guard: ``wire_messages_request.py`` (system, messages and their blocks, tools).
 
 Upstream events -> core: ``text_delta`` is content, ``thinking_delta`` reasoning, ``input_json_delta``
-a tool call's arguments; ``message_start``, ``ping``, ``content_block_start``/``stop``,
-``signature_delta`` and any other event are markers, passed on in order. ``message_delta`` (the stop
-reason) is held and goes out with ``message_stop``, the finish.
+a tool call's arguments (``tool_use``, ``server_tool_use``, ``mcp_tool_use`` blocks, each held with its
+start and stop and released whole); ``message_start``, ``ping``, ``content_block_start``/``stop`` of
+text and thinking, ``signature_delta`` carry no text and pass in order; a block of any other kind (a
+server tool's result, one this wire does not know), its deltas, ``citations_delta`` and unknown events
+are read by ``Wire.opaque``. ``message_delta`` (the stop reason) is held and goes out with
+``message_stop``, the finish.
 
 Core -> client: text becomes ``content_block_delta`` events of its block. A cut: the released text,
-``content_block_stop`` for the open block, ``message_delta`` with ``stop_reason: "refusal"`` (what
-Anthropic's API itself sends when its classifiers stop a stream), then ``message_stop``. Errors are
-Anthropic-shaped, the ``error`` event once the stream has started.
+``content_block_stop`` for the open block, ``message_delta`` with ``stop_reason: "refusal"`` and
+``stop_details`` (what Anthropic's API itself sends when its classifiers stop a stream), then
+``message_stop``. Errors are Anthropic-shaped, the ``error`` event once the stream has started.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, bad_request
@@ -30,11 +29,11 @@ from guardproxy.server.wire import (
     Conversation,
     Details,
     Wire,
-    carried_text,
     dumps,
     parse_json,
     stripped,
 )
+from guardproxy.server.wire_messages_request import CALL_BLOCKS, NO_TEXT_BLOCKS, chat_messages, chat_tools
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs, ToolEnd
@@ -42,164 +41,6 @@ from guardproxy.stream.sse import SSEEvent, encode_event
 
 REFUSAL = "refusal"
 _TEXT_DELTAS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
-
-
-def _text_blocks(value: Any, where: str) -> str:
-    """The text of content given as a string or as blocks (``block_text`` of each, joined)."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise ConversationError(f"{where} must be a string or a list of content blocks", param="messages")
-    texts = []
-    for k, block in enumerate(value):
-        if not isinstance(block, Mapping):
-            raise ConversationError(f"{where}[{k}] must be an object", param="messages")
-        text = block_text(block, f"{where}[{k}]")
-        if text:
-            texts.append(text)
-    return "\n".join(texts)
-
-
-# Blocks with no text the guard can read: pictures, encrypted reasoning, file references.
-NO_TEXT_BLOCKS = frozenset({"image", "redacted_thinking", "container_upload"})
-# Blocks that are tool calls the model made (its input is the arguments) and their results.
-CALL_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
-
-
-def block_text(block: Mapping[str, Any], where: str) -> str:
-    """What the guard reads of one content block that is not a tool call or its result. ``text``,
-    a text ``document`` (its title, context and text), a ``search_result`` (title and text blocks);
-    ``image``, ``redacted_thinking`` and ``container_upload`` carry none; a block of any other kind is
-    read for whatever text it holds (nothing the API adds goes unread)."""
-    kind = block.get("type")
-    if kind == "text":
-        text = block.get("text")
-        if not isinstance(text, str):
-            raise ConversationError(f"{where}.text must be a string", param="messages")
-        return text
-    if kind in NO_TEXT_BLOCKS:
-        return ""
-    if kind == "document":
-        source = block.get("source")
-        parts = [block.get("title"), block.get("context")]
-        if isinstance(source, Mapping) and source.get("type") == "text":
-            parts.append(source.get("data"))
-        elif isinstance(source, Mapping) and source.get("type") == "content":
-            parts.append(_text_blocks(source.get("content") or [], f"{where}.source.content"))
-        return "\n".join(p for p in parts if isinstance(p, str) and p)
-    if kind == "search_result":
-        parts = [block.get("title"), _text_blocks(block.get("content") or [], f"{where}.content")]
-        return "\n".join(p for p in parts if isinstance(p, str) and p)
-    text = carried_text({k: v for k, v in block.items() if k not in ("cache_control", "citations")})
-    return "" if text is None else text if isinstance(text, str) else dumps(text)
-
-
-def chat_messages(system: Any, messages: Any) -> list[dict[str, Any]]:
-    """A Messages request's conversation as chat messages: what the guard's template renders.
-
-    ``role: "system"`` entries among the messages (the ``mid-conversation-system`` beta Claude Code
-    sends) are system turns where they stand, as the template renders a system message after the
-    first."""
-    out: list[dict[str, Any]] = []
-    if system is not None:
-        text = _text_blocks(system, "system")
-        if text:
-            out.append({"role": "system", "content": text})
-    if not isinstance(messages, list) or not messages:
-        raise ConversationError("messages must be a non-empty list of message objects", param="messages")
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, Mapping):
-            raise ConversationError(f"{where} must be an object", param="messages")
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ("user", "assistant", "system"):
-            raise ConversationError(
-                f"{where}.role must be user, assistant or system; got {role!r}", param="messages"
-            )
-        if role == "system":
-            text = _text_blocks(content, f"{where}.content")
-            if text:
-                out.append({"role": "system", "content": text})
-            continue
-        if isinstance(content, str):
-            out.append({"role": role, "content": content})
-            continue
-        if not isinstance(content, list):
-            raise ConversationError(f"{where}.content must be a string or a list of blocks", param="messages")
-        out += _block_turns(role, content, where)
-    return out
-
-
-def _block_turns(role: str, content: list[Any], where: str) -> list[dict[str, Any]]:
-    """One message's blocks as chat messages, in their order: its text, reasoning and tool calls as a
-    turn of its role, and each tool result as a tool turn after what came before it (a server tool's
-    call and its result share the assistant's content). An assistant message gives a turn even when it
-    holds no text: the template renders one."""
-    out: list[dict[str, Any]] = []
-    texts: list[str] = []
-    reasoning: list[str] = []
-    calls: list[dict[str, Any]] = []
-
-    def flush(last: bool) -> None:
-        if role == "assistant" and (texts or reasoning or calls or (last and not out)):
-            turn: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts)}
-            if reasoning:
-                turn["reasoning_content"] = "\n".join(reasoning)
-            if calls:
-                turn["tool_calls"] = list(calls)
-            out.append(turn)
-        elif role == "user" and texts:
-            out.append({"role": "user", "content": "\n".join(texts)})
-        texts.clear()
-        reasoning.clear()
-        calls.clear()
-
-    for k, block in enumerate(content):
-        w = f"{where}.content[{k}]"
-        if not isinstance(block, Mapping):
-            raise ConversationError(f"{w} must be an object", param="messages")
-        kind = block.get("type")
-        if kind == "thinking":
-            if isinstance(block.get("thinking"), str):
-                reasoning.append(block["thinking"])
-        elif kind in CALL_BLOCKS:
-            name = block.get("name")
-            if not isinstance(name, str):
-                raise ConversationError(f"{w}.name must be a string", param="messages")
-            args = dumps(block.get("input") or {})
-            calls.append(
-                {"id": block.get("id"), "type": "function", "function": {"name": name, "arguments": args}}
-            )
-        elif isinstance(kind, str) and kind.endswith("tool_result"):
-            # A tool's result (the client's tool_result, a server or MCP tool's): a tool turn.
-            flush(last=False)
-            result = block.get("content")
-            if result is None or isinstance(result, str | list):
-                text = "" if result is None else _text_blocks(result, f"{w}.content")
-            else:
-                text = block_text({"type": kind, "content": result}, w)
-            out.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": text})
-        else:
-            text = block_text(block, w)
-            if text:
-                texts.append(text)
-    flush(last=True)
-    return out
-
-
-def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise bad_request("tools must be a list of tool objects", param="tools")
-    out = []
-    for t in tools:
-        if isinstance(t, Mapping) and "input_schema" in t:
-            fn = {"name": t.get("name"), "description": t.get("description"), "parameters": t["input_schema"]}
-            out.append({"type": "function", "function": {k: v for k, v in fn.items() if v is not None}})
-        else:
-            out.append(t)  # server tools (web search...) as they are
-    return out
 
 
 class MessagesWire(Wire):
@@ -257,7 +98,7 @@ class MessagesWire(Wire):
         if kind == "ping":
             return [Marker(0, ev)]
         if kind == "content_block_stop":
-            index = int(ev.get("index", -1))
+            index = _block_index(ev)
             call = self._block_calls.get(index)
             if call is not None:
                 return [ToolEnd(0, call), Marker(0, ev, call=call)]
@@ -271,7 +112,7 @@ class MessagesWire(Wire):
                     502, "upstream sent a content_block_delta without a delta", type="upstream_error"
                 )
             dtype = str(delta.get("type"))
-            index = int(ev.get("index", -1))
+            index = _block_index(ev)
             if dtype in _TEXT_DELTAS:
                 self._deltas += 1
                 key = _TEXT_DELTAS[dtype]
@@ -405,7 +246,7 @@ class MessagesWire(Wire):
             if field is not None:
                 self._field_block[field] = index
         elif kind == "content_block_stop":
-            self._open.pop(int(ev.get("index", -1)), None)
+            self._open.pop(_block_index(ev), None)
         return self._emit(ev)
 
     def _text(self, name: str, text: str) -> bytes:
@@ -553,3 +394,13 @@ class MessagesWire(Wire):
             self._emit(end),
             self._emit({"type": "message_stop"}),
         ]
+
+
+def _block_index(ev: Mapping[str, Any]) -> int:
+    """The content block an event is about; an upstream event naming none is malformed."""
+    index = ev.get("index")
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise ProxyError(
+            502, f"upstream sent a {ev.get('type')} event without a block index", type="upstream_error"
+        )
+    return index

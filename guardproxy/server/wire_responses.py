@@ -1,17 +1,16 @@
-"""The OpenAI Responses API (``POST /v1/responses``): one output per response.
+"""The OpenAI Responses API (``POST /v1/responses``, and its WebSocket mode): one output per response.
 
-Request -> guard: ``instructions`` as the system turn; ``input`` as a string or items (messages with
-``input_text``/``output_text`` parts, ``function_call``, ``function_call_output``, ``reasoning``; other
-kinds, images among them, have no text for the guard); ``tools`` (function tools in the chat shape the
-template renders). With ``previous_response_id`` the earlier turns live upstream: the guard reads those
-this proxy saw (``ResponseStore``); for an id it never saw, the policy's ``unknown_previous_response``
-decides (judge what is visible, or refuse). ``background`` responses are refused: their output would be
-fetched from the upstream later, past the guard.
+Request -> guard: ``instructions`` as the system turn, ``input`` and ``tools`` as
+``wire_responses_input.py`` reads them. With ``previous_response_id`` the earlier turns live upstream:
+the guard reads those this proxy saw (``ResponseStore``); for an id it never saw, the policy's
+``unknown_previous_response`` decides (judge what is visible, or refuse). ``background`` responses are
+refused: their output would be fetched from the upstream later, past the guard.
 
 Upstream events -> core: ``output_text``/``refusal`` deltas are content, ``reasoning_text`` and
-``reasoning_summary_text`` deltas reasoning, ``function_call_arguments`` deltas a tool call's arguments;
-every other event is a marker, passed on in order. The terminal event (``response.completed``,
-``.incomplete``, ``.failed``) is the finish.
+``reasoning_summary_text`` deltas reasoning, ``function_call_arguments`` and ``custom_tool_call_input``
+deltas a tool call's arguments (the call's events held with it and released whole); the events listed
+in ``_NO_TEXT`` pass in order; every other event (hosted tools', unknown kinds) is read by
+``Wire.opaque``. The terminal event (``response.completed``, ``.incomplete``, ``.failed``) is the finish.
 
 Core -> client: ``ResponseEvents`` (``wire_responses_events.py``) writes the events; an answer that is
 not streamed is the upstream's response object with its texts as released (a cut: ``status:
@@ -25,7 +24,6 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, bad_request
@@ -34,13 +32,12 @@ from guardproxy.server.wire import (
     Conversation,
     Details,
     Wire,
-    carried_text,
-    dumps,
     optional_str,
     parse_json,
     stripped,
 )
 from guardproxy.server.wire_responses_events import ResponseEvents
+from guardproxy.server.wire_responses_input import CALL_ITEMS, chat_tools, input_messages
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs, ToolEnd
@@ -49,25 +46,11 @@ from guardproxy.stream.sse import SSEEvent
 _TERMINAL = {"response.completed": "stop", "response.incomplete": "length", "response.failed": "failed"}
 _CONTENT_DELTAS = ("response.output_text.delta", "response.refusal.delta")
 _REASONING_DELTAS = ("response.reasoning_text.delta", "response.reasoning_summary_text.delta")
-# Tool calls whose input the model writes: item type -> the key of that input. Both are judged as tool
-# call arguments and released whole.
-_CALL_ITEMS = {"function_call": "arguments", "custom_tool_call": "input"}
 _CALL_DELTAS = ("response.function_call_arguments.delta", "response.custom_tool_call_input.delta")
 _CALL_ENDS = (
     "response.function_call_arguments.done",
     "response.custom_tool_call_input.done",
     "response.output_item.done",
-)
-# Input items read by kind (others: ``carried_text``).
-_INPUT_READ = frozenset(
-    {
-        "message",
-        "function_call",
-        "custom_tool_call",
-        "function_call_output",
-        "custom_tool_call_output",
-        "reasoning",
-    }
 )
 # Items whose text comes in the deltas above (their other events are rewritten to what was released).
 _READ_ITEMS = frozenset({"message", "reasoning"})
@@ -89,118 +72,6 @@ _NO_TEXT = frozenset(
         "response.output_text.annotation.added",  # a citation: a URL and the source's title
     }
 )
-
-
-# -- request -> guard --------------------------------------------------------------------------------
-
-
-def _parts_text(content: Any, where: str) -> str:
-    """Text of a message's content (a string, or parts: input/output text and refusals; images,
-    files and audio have no text for the guard)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ConversationError(f"{where} must be a string or a list of content parts", param="input")
-    texts = []
-    for k, part in enumerate(content):
-        if not isinstance(part, Mapping):
-            raise ConversationError(f"{where}[{k}] must be an object", param="input")
-        kind = part.get("type")
-        key = "refusal" if kind == "refusal" else "text"
-        if kind in ("input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text"):
-            value = part.get(key)
-            if not isinstance(value, str):
-                raise ConversationError(f"{where}[{k}].{key} must be a string", param="input")
-            texts.append(value)
-    return "\n".join(texts)
-
-
-def input_messages(value: Any) -> list[dict[str, Any]]:
-    """A Responses ``input`` as chat messages: what the guard's template renders."""
-    if isinstance(value, str):
-        return [{"role": "user", "content": value}]
-    if not isinstance(value, list):
-        raise ConversationError("input must be a string or a list of input items", param="input")
-    out: list[dict[str, Any]] = []
-    reasoning: str | None = None  # a reasoning item goes with the assistant turn after it
-    for i, item in enumerate(value):
-        where = f"input[{i}]"
-        if not isinstance(item, Mapping):
-            raise ConversationError(f"{where} must be an object", param="input")
-        kind = item.get("type") or ("message" if "role" in item else None)
-        if kind == "message":
-            role = item.get("role")
-            if role not in ("user", "system", "developer", "assistant"):
-                raise ConversationError(
-                    f"{where}.role must be user, system, developer or assistant", param="input"
-                )
-            msg: dict[str, Any] = {
-                "role": role,
-                "content": _parts_text(item.get("content"), f"{where}.content"),
-            }
-            if role == "assistant" and reasoning is not None:
-                msg["reasoning_content"], reasoning = reasoning, None
-            out.append(msg)
-        elif kind in ("function_call", "custom_tool_call") or (
-            kind not in _INPUT_READ and isinstance(kind, str) and kind.endswith("_call")
-        ):
-            # A call the model made: a function's or a custom tool's (its input), or a hosted tool's
-            # (web search, shell, computer...: what it holds of text, read as the arguments).
-            if kind in _CALL_ITEMS:
-                name, args = item.get("name"), item.get(_CALL_ITEMS[kind], "")
-            else:
-                text = carried_text(item)
-                name, args = kind, "" if text is None else text if isinstance(text, str) else dumps(text)
-            if not isinstance(name, str) or not isinstance(args, str):
-                raise ConversationError(f"{where} needs a string name and arguments", param="input")
-            call = {
-                "id": item.get("call_id"),
-                "type": "function",
-                "function": {"name": name, "arguments": args},
-            }
-            if out and out[-1]["role"] == "assistant" and reasoning is None:
-                out[-1].setdefault("tool_calls", []).append(call)
-            else:
-                msg = {"role": "assistant", "content": "", "tool_calls": [call]}
-                if reasoning is not None:
-                    msg["reasoning_content"], reasoning = reasoning, None
-                out.append(msg)
-        elif kind in ("function_call_output", "custom_tool_call_output"):
-            content = _parts_text(item.get("output"), f"{where}.output")
-            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
-        elif kind == "reasoning":
-            texts = [
-                _parts_text(item.get("summary"), f"{where}.summary"),
-                _parts_text(item.get("content"), f"{where}.content"),
-            ]
-            reasoning = "\n".join(t for t in texts if t)
-        elif kind not in _INPUT_READ:
-            # A hosted tool's output, an MCP listing or approval, a kind this proxy does not know:
-            # whatever text it holds is read as a tool result (an item reference holds only an id).
-            text = carried_text(item)
-            if text is not None:
-                content = text if isinstance(text, str) else dumps(text)
-                out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
-    return out
-
-
-def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
-    """Responses tools in the chat shape (function tools nested under ``function``); built-in tools
-    (web search, file search) as they are."""
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise bad_request("tools must be a list of tool objects", param="tools")
-    out = []
-    for t in tools:
-        if isinstance(t, Mapping) and t.get("type") == "function" and "function" not in t:
-            fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
-            out.append({"type": "function", "function": fn})
-        else:
-            out.append(t)
-    return out
 
 
 # -- the client's events -----------------------------------------------------------------------------
@@ -334,13 +205,13 @@ class ResponsesWire(Wire):
             raise ProxyError(502, "upstream sent an output item that is not an object", type="upstream_error")
         item_id, kind = str(item.get("id")), str(item.get("type"))
         self._read_kind[item_id] = kind
-        if kind in _CALL_ITEMS:
+        if kind in CALL_ITEMS:
             k = self._next_call
             self._next_call += 1
             name = str(item.get("name") or "")
             self._read_calls[item_id] = (k, name)
             self.events.calls[k] = item_id
-            key = _CALL_ITEMS[kind]
+            key = CALL_ITEMS[kind]
             args = item.get(key)
             out: list[Event] = [Marker(0, {**ev, "item": {**item, key: ""}}, call=k)]
             if isinstance(args, str) and args:  # arguments sent whole with the item: judged as text
@@ -369,11 +240,11 @@ class ResponsesWire(Wire):
                     502, "upstream sent an output item that is not an object", type="upstream_error"
                 )
             kind = str(item.get("type"))
-            if kind in _CALL_ITEMS or kind not in _READ_ITEMS:
+            if kind in CALL_ITEMS or kind not in _READ_ITEMS:
                 k = self._next_call
                 self._next_call += 1
-                if kind in _CALL_ITEMS:
-                    key = _CALL_ITEMS[kind]
+                if kind in CALL_ITEMS:
+                    key = CALL_ITEMS[kind]
                     args = str(item.get(key) or "")
                     self._read_calls[str(item.get("id"))] = (k, str(item.get("name") or ""))
                     read: list[Event] = [ToolArgs(0, k, item.get("name"), args), ToolEnd(0, k)]
