@@ -8,7 +8,11 @@ preset's shape: the same compute as the real model):
    context tokens computed and the prompt verdict's latency, per turn;
 2. ``--clients`` clients at once sharing a ``--system-tokens`` system prompt with tool definitions, each
    with its own short question: context tokens computed and the time to every prompt verdict;
-3. ``n = 4`` choices of one prompt: context tokens computed.
+3. ``n = 4`` choices of one prompt: context tokens computed;
+4. an agent session in Claude Code's request shape (``--agent-tokens`` of system prompt and 24 tools,
+   about 27k guard tokens: longer than the guard's context, so judged as windows plus the main prompt,
+   as the proxy does) over ``--agent-turns`` requests, each adding a tool call, its result and a
+   question: context tokens computed and the time to the prompt verdict (the worst of the windows').
 
     python bench/prefix.py --preset tiny
     python bench/prefix.py --preset 0.6b --threads 2 --turns 6 --system-tokens 600 --clients 8
@@ -140,6 +144,61 @@ async def choices(engine: GuardEngine, template: ChatTemplate, n: int) -> dict[s
     return {"prompt_tokens": len(prompt.ids), "tokens": engine.stats().prefill_tokens - before}
 
 
+CLAUDE_CODE_TOOLS = [  # the 24 tools Claude Code 2.1.197 sends, by name
+    *("Agent", "Bash", "CronCreate", "CronDelete", "CronList", "Edit", "EnterWorktree", "ExitWorktree"),
+    *("NotebookEdit", "Read", "ReportFindings", "ScheduleWakeup", "SendMessage", "Skill", "TaskCreate"),
+    *("TaskGet", "TaskList", "TaskOutput", "TaskStop", "TaskUpdate", "WebFetch", "WebSearch", "Workflow"),
+    "Write",
+]
+
+
+async def agent_session(
+    engines: dict[str, GuardEngine], template: ChatTemplate, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Claude Code's shape: a system prompt and 24 tools (their descriptions most of it), then turns."""
+    rng = random.Random(4)
+    per_tool = (args.agent_tokens - 2000) // len(CLAUDE_CODE_TOOLS)
+    schema = {"type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": n, "description": text(rng, per_tool), "parameters": schema},
+        }
+        for n in CLAUDE_CODE_TOOLS
+    ]
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": text(rng, 1800)},
+        {"role": "user", "content": text(rng, 40)},
+    ]
+    rows = []
+    for turn in range(1, args.agent_turns + 1):
+        row: dict[str, Any] = {"turn": turn}
+        for name, engine in engines.items():
+            prompt = template.render_prompt(messages, tools=tools, max_tokens=engine.max_prompt_tokens)
+            row["prompt_tokens"], row["windows"] = prompt.judged_tokens, len(prompt.windows)
+            before = engine.stats().prefill_tokens
+            t = time.perf_counter()
+
+            async def verdict(ids: list[int], at: int, engine: GuardEngine = engine) -> None:
+                async with await engine.open(ids, at) as stream:
+                    await stream.prompt_verdict()
+
+            await asyncio.gather(
+                verdict(prompt.ids, prompt.verdict_index),
+                *(verdict(w.ids, w.verdict_index) for w in prompt.windows),
+            )
+            row[f"{name}_verdict_s"] = time.perf_counter() - t
+            row[f"{name}_tokens"] = engine.stats().prefill_tokens - before
+        call = {"id": f"c{turn}", "type": "function", "function": {"name": "Bash", "arguments": "{}"}}
+        messages += [
+            {"role": "assistant", "content": text(rng, 30), "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": f"c{turn}", "content": text(rng, 120)},
+            {"role": "user", "content": text(rng, 30)},
+        ]
+        rows.append(row)
+    return rows
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     model = random_guard_model(args.preset)
@@ -158,6 +217,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, engine in engines.items():
             engine.scheduler.clear_cache()
             out[f"n4_{name}"] = await choices(engine, template, 4)
+        for engine in engines.values():
+            engine.scheduler.clear_cache()
+        out["agent"] = await agent_session(engines, template, args) if args.agent_turns else []
     return out
 
 
@@ -171,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--cache-tokens", type=int, default=131072, help="engine.max_cached_tokens")
     ap.add_argument("--batch-tokens", type=int, default=2048, help="engine.max_batch_tokens")
+    ap.add_argument("--agent-tokens", type=int, default=27000, help="agent system prompt and tools")
+    ap.add_argument("--agent-turns", type=int, default=4, help="agent requests (0: skip)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     out = asyncio.run(run(args))
@@ -195,6 +259,18 @@ def main(argv: list[str] | None = None) -> int:
     size = on["prompt_tokens"]
     tokens = f"on {on['tokens']}, off {off['tokens']}"
     print(f"\n3. n = 4 choices of a {size}-token prompt: context tokens computed {tokens}")
+    if out["agent"]:
+        print(
+            f"\n4. an agent session, Claude Code's shape (~{args.agent_tokens} tokens of system and 24 tools)"
+        )
+        head = f"{'turn':>5}{'prompt':>8}{'windows':>9}{'tokens on':>11}{'off':>8}{'off/on':>8}"
+        print(f"{head}{'verdict on':>12}{'off':>9}")
+        for r in out["agent"]:
+            ratio = r["off_tokens"] / max(1, r["on_tokens"])
+            print(
+                f"{r['turn']:>5}{r['prompt_tokens']:>8}{r['windows']:>9}{r['on_tokens']:>11}{r['off_tokens']:>8}"
+                f"{ratio:>8.1f}{r['on_verdict_s'] * 1000:>10.0f}ms{r['off_verdict_s'] * 1000:>7.0f}ms"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
