@@ -223,6 +223,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def print_turns(rows: list[dict[str, Any]], windows: bool = False) -> None:
+    """Per turn: the prompt, context tokens computed with the cache on and off, the verdict's latency."""
+    cols = f"{'turn':>5}{'prompt':>8}" + (f"{'windows':>9}" if windows else "")
+    print(f"{cols}{'tokens on':>11}{'off':>8}{'off/on':>8}{'verdict on':>12}{'off':>9}")
+    for r in rows:
+        ratio = r["off_tokens"] / max(1, r["on_tokens"])
+        cells = f"{r['turn']:>5}{r['prompt_tokens']:>8}" + (f"{r['windows']:>9}" if windows else "")
+        print(
+            f"{cells}{r['on_tokens']:>11}{r['off_tokens']:>8}{ratio:>8.1f}"
+            f"{r['on_verdict_s'] * 1000:>10.0f}ms{r['off_verdict_s'] * 1000:>7.0f}ms"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=["tiny", "0.6b"], default="tiny")
@@ -240,13 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     out = asyncio.run(run(args))
     print(f"prefix cache on vs off, {args.preset} guard, CPU, {args.threads} torch threads, one run")
     print(f"\n1. a chat growing ~{args.turn_tokens} tokens a turn: context tokens computed, prompt verdict")
-    print(f"{'turn':>5}{'prompt':>8}{'tokens on':>11}{'off':>8}{'off/on':>8}{'verdict on':>12}{'off':>9}")
-    for r in out["chat"]:
-        ratio = r["off_tokens"] / max(1, r["on_tokens"])
-        print(
-            f"{r['turn']:>5}{r['prompt_tokens']:>8}{r['on_tokens']:>11}{r['off_tokens']:>8}{ratio:>8.1f}"
-            f"{r['on_verdict_s'] * 1000:>10.0f}ms{r['off_verdict_s'] * 1000:>7.0f}ms"
-        )
+    print_turns(out["chat"])
     on, off = out["shared_on"], out["shared_off"]
     size = on["prompt_tokens"]
     print(f"\n2. {args.clients} clients at once, a {size}-token prompt each (shared system prompt, tools)")
@@ -263,14 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\n4. an agent session, Claude Code's shape (~{args.agent_tokens} tokens of system and 24 tools)"
         )
-        head = f"{'turn':>5}{'prompt':>8}{'windows':>9}{'tokens on':>11}{'off':>8}{'off/on':>8}"
-        print(f"{head}{'verdict on':>12}{'off':>9}")
-        for r in out["agent"]:
-            ratio = r["off_tokens"] / max(1, r["on_tokens"])
-            print(
-                f"{r['turn']:>5}{r['prompt_tokens']:>8}{r['windows']:>9}{r['on_tokens']:>11}{r['off_tokens']:>8}"
-                f"{ratio:>8.1f}{r['on_verdict_s'] * 1000:>10.0f}ms{r['off_verdict_s'] * 1000:>7.0f}ms"
-            )
+        print_turns(out["agent"], windows=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0
