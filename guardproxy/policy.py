@@ -12,8 +12,10 @@ the Qwen3Guard authors' rule, ``consecutive_unsafe`` in their streaming evaluati
 i counts as Unsafe only when tokens i-1 and i are both Unsafe, as Controversial only when both are
 Controversial (a mixed pair counts as neither), on the tiers after thresholds; ``mode`` applies after
 it. The pair's decision covers both tokens with the category of the second. So a token whose own tier
-is not Safe must wait for the next verdict before its text may go (``ResponseJudge.awaiting``); a Safe
-token's text goes exactly as early as without debounce. ``debounce: false`` decides each token alone:
+is not Safe, where a pair of that tier may withhold text (``redact`` or ``cut``, for some category),
+must wait for the next verdict before its text may go (``ResponseJudge.awaiting``); where the pair
+could only flag, the flag is decided one token later and annotates, it delays nothing; a Safe token's
+text goes exactly as early as without debounce. ``debounce: false`` decides each token alone:
 stricter, and noisier than the published figures (one spiky token cuts).
 """
 
@@ -55,6 +57,11 @@ class TierRule:
         if category is not None and category in self.categories:
             return self.categories[category]
         return self.action
+
+    @property
+    def withholds(self) -> bool:
+        """Whether this rule can keep text from the client (redact or cut), for some category."""
+        return max([self.action, *self.categories.values()]) >= Action.REDACT
 
 
 @dataclass(frozen=True)
@@ -145,6 +152,11 @@ class Policy:
             return self.prompt_controversial if prompt else self.controversial
         return self.prompt_unsafe if prompt else self.unsafe
 
+    def withholds(self, tier: str) -> bool:
+        """Whether an answer token of ``tier`` (after thresholds) can be redacted or cut."""
+        rule = self._rule(tier, prompt=False)
+        return rule is not None and rule.withholds
+
     def action(self, v: Verdict, *, prompt: bool = False) -> Action:
         tier = self.tier(v)
         rule = self._rule(tier, prompt)
@@ -198,9 +210,11 @@ class ResponseJudge:
 
     @property
     def awaiting(self) -> bool:
-        """Under debounce, whether the last token's decision can still be raised by the next verdict
-        (its own tier is not Safe): its text must wait for that verdict."""
-        return self.policy.debounce and self._prev is not None and self._prev[0] != SAFE
+        """Under debounce, whether the last token's text must wait for the next verdict: its own tier
+        is not Safe, so the next one may make a pair, and a pair of that tier may withhold text. (A
+        pair that can only flag is decided one token late and delays nothing.)"""
+        p, prev = self.policy, self._prev
+        return p.debounce and prev is not None and prev[0] != SAFE and p.withholds(prev[0])
 
     def judge(self, verdict: Verdict) -> list[Decision]:
         """This token's decision, preceded under debounce by the previous token's when the two make a

@@ -95,7 +95,13 @@ def test_debounce_is_the_default_and_pairs_only_the_same_tier() -> None:
     assert [d.action for d in j.judge(SAFE_V)] == [Action.ALLOW] and not j.awaiting
     assert [d.action for d in j.judge(UNSAFE_V)] == [Action.ALLOW] and j.awaiting  # alone: not yet
     assert [d.action for d in j.judge(SAFE_V)] == [Action.ALLOW]  # a lone spike never flags
-    assert j.judge(CONTRO_V)[0].action == Action.ALLOW and j.awaiting
+    # A Controversial pair only flags under the default policy: nothing waits for it (it is decided one
+    # token late, annotating); where it may redact, the token's text waits for the next verdict.
+    assert j.judge(CONTRO_V)[0].action == Action.ALLOW and not j.awaiting
+    redacting = ResponseJudge(
+        Policy(controversial=TierRule(Action.FLAG, MappingProxyType({"PII": Action.REDACT})))
+    )
+    assert redacting.judge(CONTRO_V)[0].action == Action.ALLOW and redacting.awaiting
     # Controversial then Unsafe: a mixed pair counts as neither (the authors' rule).
     assert [d.action for d in j.judge(v(0.1, 0.8, 0.1, "PII"))] == [Action.ALLOW]
     both = j.judge(v(0.1, 0.8, 0.1, "PII"))  # two Unsafe in a row: the pair covers the previous too

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from guardproxy.guard.template import ChatTemplate
-from guardproxy.guard.verdict import SAFE, Verdict
+from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Action, Decision, Policy, ResponseJudge
 from guardproxy.stream.guardview import CONTENT, REASONING, AssistantView, GuardFeed, Span, tool_field
 
@@ -361,8 +361,8 @@ class ChoiceModerator:
             r += 1
 
     def _passes_alone(self, v: Verdict) -> bool:
-        if self.policy.debounce:
-            return self.policy.tier(v) == SAFE
+        if self.policy.debounce:  # a non-Safe token may start a pair: it waits if that pair can withhold
+            return not self.policy.withholds(self.policy.tier(v))
         return self.policy.action(v) <= Action.FLAG
 
     def drain(self) -> list[Out]:

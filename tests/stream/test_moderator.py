@@ -26,6 +26,7 @@ LABELS = HeadLabels(risk=("Safe", "Unsafe", "Controversial"), category=("Violent
 SAFE = Verdict((0.98, 0.01, 0.01), (0.5, 0.5), LABELS)
 UNSAFE = Verdict((0.01, 0.98, 0.01), (0.9, 0.1), LABELS)
 PII = Verdict((0.01, 0.98, 0.01), (0.1, 0.9), LABELS)
+CONTRO = Verdict((0.01, 0.01, 0.98), (0.9, 0.1), LABELS)
 
 
 class Harness:
@@ -52,6 +53,8 @@ class Harness:
 
     def own(self, token_id: int) -> Verdict:
         text = self.tok.decode([token_id]).strip().lower()
+        if text == "gun":
+            return CONTRO
         return UNSAFE if text in ("bomb", "bombs") else PII if text == "passport" else SAFE
 
     def verdict(self, token_id: int) -> Verdict:
@@ -268,6 +271,30 @@ def test_a_lone_unsafe_token_does_not_fire_under_debounce_and_waits_one_verdict(
         h.finish()
         h.answer_all()
         assert h.content() == (text if debounce else "A")
+
+
+def test_a_token_whose_pair_can_only_flag_is_not_held(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    """Under debounce a non-Safe token waits for the next verdict only where its pair may withhold
+    text: " gun" is Controversial, and the default policy only flags that tier, so its text goes at its
+    own verdict; the flag, decided one token later, is still recorded. Where Controversial may be
+    redacted, the same token waits."""
+    flag_only = Policy(notice="")
+    redacting = Policy(notice="", controversial=TierRule(Action.REDACT))
+    for policy, held in ((flag_only, False), (redacting, True)):
+        h = Harness(tokenizer, template, policy)
+        h.delta({"content": "A gun"})
+        h.delta({"content": " rack"})
+        h.answer_all()  # "A", " gun" judged (" rack" held by the re-tokenizer)
+        assert h.content() == ("A" if held else "A gun")
+        h.delta({"content": " here."})
+        h.answer_all()  # " rack" is Controversial too (the latch): the pair is decided
+        h.finish()
+        h.answer_all()
+        decided = h.m.decided
+        assert decided is not None and decided.tier == "Controversial"
+        assert decided.action == (Action.REDACT if held else Action.FLAG)
 
 
 def test_speculation_holds_an_unsafe_looking_word_and_decides_on_the_final_one(
