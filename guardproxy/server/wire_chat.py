@@ -140,11 +140,11 @@ class ChatWire(Wire):
             # A field this wire does not read (audio with its transcript, a legacy function_call...).
             call = _OPAQUE_CALLS + self._opaque
             self._opaque += 1
-            events = self.opaque(index, call, f"{key}", {key: value})
+            events = self.opaque(index, call, key, {key: value})
             if whole and isinstance(events[0], ToolArgs):
                 self._whole_extra[(index, key)] = call
-            elif whole and stripped(events, {key: value}) is not None:
-                self._whole_stripped[(index, key)] = stripped(events, {key: value})[key]
+            elif whole and (emptied := stripped(events, {key: value})) is not None:
+                self._whole_stripped[(index, key)] = emptied[key]
             out += events
         return out
 

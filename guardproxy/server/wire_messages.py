@@ -203,8 +203,8 @@ class MessagesWire(Wire):
                 read: list[Event] = [ToolArgs(0, call, block.get("name"), args), ToolEnd(0, call)]
             else:  # a server tool's result, or a block this wire does not know: read whole
                 events = self.opaque(0, call, btype, block)
-                if stripped(events, block) is not None:
-                    self._whole_replaced[i] = stripped(events, block)
+                if (emptied := stripped(events, block)) is not None:
+                    self._whole_replaced[i] = emptied
                 read = [e for e in events if not isinstance(e, Marker)]
             arguments = next((e.text for e in read if isinstance(e, ToolArgs)), None)
             if arguments is not None:

@@ -252,8 +252,8 @@ class ResponsesWire(Wire):
                     key = "opaque"
                     read = self.opaque(0, k, kind, item)
                     args = next((e.text for e in read if isinstance(e, ToolArgs)), "")
-                    if stripped(read, item) is not None:
-                        self._whole_replaced[i] = stripped(read, item)
+                    if (emptied := stripped(read, item)) is not None:
+                        self._whole_replaced[i] = emptied
                 if any(isinstance(e, ToolArgs) for e in read):
                     self._whole_map.append((i, key, 0, tool_field(k), 0, len(args)))
                 out += [e for e in read if not isinstance(e, Marker)]
