@@ -143,9 +143,13 @@ def run_r1(model: Qwen3GuardStream, work: list[tuple[list[int], list[int]]]) -> 
 
 
 async def run_engine(
-    model: Qwen3GuardStream, work: list[tuple[list[int], list[int]]], feed: int, limits: EngineLimits
+    model: Qwen3GuardStream,
+    work: list[tuple[list[int], list[int]]],
+    feed: int,
+    limits: EngineLimits,
+    attention: str = "auto",
 ) -> tuple[Row, dict[str, Any]]:
-    async with GuardEngine(model, limits) as engine:
+    async with GuardEngine(model, limits, attention=attention) as engine:
         # Warm-up step (allocator, kernels) outside the timed region.
         async with await engine.open([1, 2, 3], 2) as s:
             await s.judge([4, 5])
@@ -166,7 +170,7 @@ async def run_engine(
         steps = engine.stats().steps - steps0
     processed = sum(len(p) + len(r) for p, r in work)
     row = Row(
-        f"engine, {len(work)} streams",
+        f"engine, {attention}",
         len(work),
         judged,
         seconds,
@@ -192,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--r1-streams", type=int, default=1)
     ap.add_argument("--max-batch-tokens", type=int, default=512)
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
+    ap.add_argument(
+        "--attention", default="auto", help="attention backends to compare, e.g. reference,batched"
+    )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
 
@@ -227,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         run_r1(model, work[: args.r1_streams]),
     ]
     for n in counts:
-        row, _ = asyncio.run(run_engine(model, work[:n], args.feed, limits))
-        rows.append(row)
+        for attention in args.attention.split(","):
+            row, _ = asyncio.run(run_engine(model, work[:n], args.feed, limits, attention))
+            rows.append(row)
 
     r0, r1 = rows[0].tok_s, rows[1].tok_s
     print(

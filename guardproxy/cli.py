@@ -77,10 +77,10 @@ async def _check(args: argparse.Namespace) -> int:
     from guardproxy.server.prompts import judge_prompt
 
     messages, response = _load_conversation(args)
-    model, template = load_guard(args.guard_model, device=args.device)
+    model, template = load_guard(args.guard_model, device=args.device, quantize=args.quantize)
     tokenizer = template.tok
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    async with GuardEngine(model) as engine:
+    async with GuardEngine(model, attention=args.attention) as engine:
         prompt = template.render_prompt(messages, max_tokens=engine.max_prompt_tokens)
         async with await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as stream:
             pv, _ = await judge_prompt(engine, stream, prompt, Policy())  # a long one in windows too
@@ -201,11 +201,15 @@ def _eval(args: argparse.Namespace) -> int:
     items = load_items(args.data, label=args.label)
     source = args.guard_model or settings.guard.model
     model, template = load_guard(
-        source, device=args.device or settings.guard.device, dtype=settings.guard.dtype
+        source,
+        device=args.device or settings.guard.device,
+        dtype=settings.guard.dtype,
+        quantize=args.quantize or settings.guard.quantize,
     )
+    attention = args.attention or settings.guard.attention
 
     async def run() -> Report:
-        async with GuardEngine(model, settings.guard.engine) as engine:
+        async with GuardEngine(model, settings.guard.engine, attention=attention) as engine:
             return await evaluate(
                 engine, template, policy, items, concurrency=args.concurrency, progress=sys.stderr.isatty()
             )
@@ -225,6 +229,24 @@ def _hash_key(args: argparse.Namespace) -> int:
     key = sys.stdin.readline().strip() if args.key == "-" else args.key
     print(key_hash(key))
     return 0
+
+
+def _speed_options(p: argparse.ArgumentParser, *, configured: bool) -> None:
+    """How the guard runs, to compare verdicts on one's own text before changing the configuration
+    (``configured``: left out, the configuration's choice applies)."""
+    where = "the configuration's, else " if configured else ""
+    p.add_argument(
+        "--attention",
+        choices=["auto", "batched", "reference"],
+        default=None if configured else "auto",
+        help=f"attention backend (default: {where}auto)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default=None if configured else "none",
+        help=f"int8: the backbone's Linear layers in int8, CPU only (default: {where}none)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--guard-model", help="hub id or checkpoint directory")
     e.add_argument("--device", help="cpu, cuda ...")
     e.add_argument("--concurrency", type=int, default=32, help="conversations judged at once")
+    _speed_options(e, configured=True)
     e.add_argument("--json", help="write the figures as JSON here")
     e.add_argument("--plot", help="write a PNG histogram of the flag delays here")
     e.set_defaults(func=_eval)
@@ -316,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--guard-model", default=DEFAULT_GUARD_MODEL, help="hub id or local checkpoint directory")
     c.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     c.add_argument("--json", action="store_true", help="print verdicts as JSON")
+    _speed_options(c, configured=False)
     c.add_argument(
         "--debounce",
         action=argparse.BooleanOptionalAction,

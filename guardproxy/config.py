@@ -60,7 +60,17 @@ class GuardSettings:
     dtype: str | None = None  # float32 | bfloat16 | float16; default: bf16 on CUDA, fp32 on CPU
     threads: int | None = None
     process: bool = True  # the model runs in its own process (off the proxy's GIL)
+    attention: str = "auto"  # auto | batched | reference (guard/attention.py)
+    quantize: str = "none"  # none | int8: the backbone's Linear layers in int8, CPU only (guard/quantize.py)
     engine: EngineLimits = field(default_factory=EngineLimits)
+
+    def __post_init__(self) -> None:
+        # As guard/attention.py and guard/quantize.py name them (a test pins it), spelled out here so
+        # reading a configuration needs no torch.
+        if self.attention not in ("auto", "batched", "reference"):
+            raise ValueError(f"attention must be auto, batched or reference, got {self.attention!r}")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
 
 
 @dataclass(frozen=True)
@@ -232,7 +242,16 @@ _UPSTREAM = {
     "max_connections": int,
 }
 _ENGINE = {f.name: type(f.default) for f in fields(EngineLimits)}  # int, float or bool, by its default
-_GUARD = {"model": str, "revision": str, "device": str, "dtype": str, "threads": int, "process": bool}
+_GUARD = {
+    "model": str,
+    "revision": str,
+    "device": str,
+    "dtype": str,
+    "threads": int,
+    "process": bool,
+    "attention": str,
+    "quantize": str,
+}
 
 
 def _tier(data: Any, path: str, default: TierRule, *, prompt: bool) -> TierRule:

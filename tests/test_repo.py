@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -46,33 +47,58 @@ def test_engine_benchmark_runs_and_reports_ratios(
         "10",
         "--peak-n",
         "256",
+        "--attention",
+        "reference,batched",
         "--json",
         str(out),
     ]
     assert bench.main(argv) == 0
     text = capsys.readouterr().out
-    assert "engine, 3 streams" in text and "x R1" in text
-    import json
-
+    assert "engine, batched" in text and "x R1" in text
     rows = json.loads(out.read_text())["rows"]
     assert [r["name"] for r in rows][:2] == ["R0 helper (prefix re-run)", "R1 per token, KV cache"]
+    assert [(r["name"], r["streams"]) for r in rows[2:]] == [
+        ("engine, reference", 1),
+        ("engine, batched", 1),
+        ("engine, reference", 3),
+        ("engine, batched", 3),
+    ]
     assert all(
         r["response_tokens"] == (10 * r["streams"] if r["name"].startswith("engine") else 10) for r in rows
     )
     assert rows[1]["x_r1"] == pytest.approx(1.0)
 
 
-def test_step_benchmark_runs_both_ways_side_by_side(capsys: pytest.CaptureFixture[str]) -> None:
+def test_step_benchmark_writes_a_row_per_configuration(tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "step.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    argv = ["--streams", "1,4", "--min-len", "8", "--max-len", "40", "--steps", "2", "--rounds", "1"]
+    out = tmp_path / "rows.json"
+    argv = ["--streams", "1,4", "--k", "1,3", "--min-len", "8", "--max-len", "40", "--steps", "2"]
+    argv += ["--rounds", "1", "--quantize", "none,int8", "--threads", "1", "--json", str(out)]
     assert bench.main(argv) == 0
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    assert [r[0] for r in rows] == ["1", "4"]
-    for r in rows:  # streams, batched ms, per-stream ms, their ratio
-        assert float(r[3]) == pytest.approx(float(r[2]) / float(r[1]), rel=0.03, abs=0.01)
+    rows = json.loads(out.read_text())
+    keys = [(r["streams"], r["k"], r["attention"], r["quantize"]) for r in rows]
+    assert keys == [
+        (n, k, a, q)
+        for n in (1, 4)
+        for k in (1, 3)
+        for a in ("reference", "batched")
+        for q in ("none", "int8")
+    ]
+    for r in rows:
+        assert set(r) == {
+            "preset",
+            "streams",
+            "k",
+            "attention",
+            "quantize",
+            "threads",
+            "step_ms",
+            "judged_tokens_per_s",
+        }
+        assert r["judged_tokens_per_s"] == pytest.approx(r["streams"] * r["k"] / r["step_ms"] * 1e3, rel=0.01)
 
 
 def test_moderator_benchmark_runs_and_reports_ratios(capsys: pytest.CaptureFixture[str]) -> None:

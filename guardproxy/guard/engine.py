@@ -138,11 +138,12 @@ class GuardEngine:
         limits: EngineLimits | None = None,
         *,
         threads: int | None = None,
+        attention: str = "auto",
         on_step: Callable[[int, int, float], None] | None = None,
         on_batch: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
-        """Steps run on ``executor`` (a model is run here, by a ``ModelRunner``). The engine owns the
-        executor from now on and closes it on ``stop``."""
+        """Steps run on ``executor`` (a model is run here, by a ``ModelRunner`` with the ``attention``
+        backend). The engine owns the executor from now on and closes it on ``stop``."""
         if threads is not None:
             torch.set_num_threads(threads)
         if limits is None:
@@ -153,7 +154,7 @@ class GuardEngine:
             )
             limits = EngineLimits(max_positions=max_positions)
         if isinstance(executor, Qwen3GuardStream):
-            executor = ModelRunner(executor, max_pages=max_pages(limits))
+            executor = ModelRunner(executor, max_pages=max_pages(limits), attention=attention)
         self.executor: StepExecutor = executor
         self.labels = executor.labels
         if limits.max_positions > executor.max_positions:

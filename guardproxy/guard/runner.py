@@ -5,75 +5,63 @@ into one [T, hidden] matrix. The KV cache is paged: one pool of fixed-size pages
 owns a list of pages (``pages.py``; pages of a common prefix are shared between streams), so growing a
 stream copies nothing and every new key/value of a step is written with one indexed copy; a page a
 stream must write into while it is shared or cached is first copied to a page of its own (the step's
-``copies``). Attention never mixes streams. A stream whose pages form one run is read in
-place; otherwise its pages are gathered. One-token streams (the steady state of streaming) can be
-batched instead: those of similar length share one attention call a layer over their gathered pages,
-shorter ones masked, which makes the number of calls independent of the number of streams (the
-default on CUDA; see ``_GATHER_MAX``). Runs in the engine's worker thread; nothing here touches asyncio.
+``copies``). How the queries read the pages is the attention backend's job (``attention.py``:
+``reference``, ``batched``). A step's integer inputs reach the device in one copy (through a pinned
+buffer on CUDA) and its probabilities come back in one. Runs in the engine's worker thread; nothing
+here touches asyncio.
 """
 
 from __future__ import annotations
 
-import math
+from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers.models.qwen3.modeling_qwen3 import rotate_half
 
+from guardproxy.guard.attention import PAD_SLACK, AttentionBackend, AttentionShape, pick_attention
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.pages import PAGE_SIZE, KVPages
 from guardproxy.guard.scheduler import QUERY, RESPONSE, ItemOutput, RawProbs, WorkItem
 from guardproxy.guard.verdict import GuardLabels
 
-# One-token streams are batched while the padded attention (longest x count) stays within twice their
-# real total plus this many positions: batching two streams of 100 and 4000 tokens would do 39x the
-# shorter one's work for it, while two of 100 and 120 cost less together than apart.
-_PAD_SLACK = 256
 
-# Batched attention gathers a group's pages into one tensor. On CPU that costs about what it saves
-# (bench/step.py: per-stream / batched about 0.85-1.12 for the tiny guard at 16-64 streams) and for large
-# caches it is a loss (bench/step.py, 0.6B shape, 8 streams: per-stream / batched 0.80), so streams
-# attend alone, in place. On CUDA each call is a kernel launch a layer a stream: batched, unlimited
-# (not measured here: no GPU lent yet; ``python bench/step.py --device cuda`` is the check).
-_GATHER_MAX = {"cpu": 0}
+class _Staging:
+    """A step's integer inputs, host to device in one copy. On CUDA they go through a pinned host
+    buffer into a device buffer, both reused (grown by doubling), the copy ``non_blocking``: the
+    step's result copy, which blocks, comes after it on the same stream, so the pinned buffer is never
+    rewritten while a copy from it is pending."""
 
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._host = torch.empty(0, dtype=torch.int64)
+        self._dev = torch.empty(0, dtype=torch.int64, device=device)
 
-@dataclass(frozen=True)
-class _Attend:
-    """One attention call of a step, the same in every layer: queries ``row..row+n`` of the packed
-    step; keys ``0..keys`` of ``streams`` streams, read in place from slot ``first`` (one stream, one
-    run of pages) or gathered by ``table`` (pages, streams x pages); ``mask`` hides padding or the
-    future (None: every key is visible)."""
-
-    row: int
-    n: int
-    streams: int
-    keys: int
-    first: int
-    table: torch.Tensor | None
-    mask: torch.Tensor | None
-
-
-def decode_groups(lengths: Sequence[int], slack: int = _PAD_SLACK) -> list[list[int]]:
-    """Indices of one-token items grouped for batched attention, longest first: a group's padded size
-    (its longest x its count) stays within twice its real size plus ``slack``."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    groups: list[list[int]] = []
-    total = 0
-    for i in order:
-        if groups and lengths[groups[-1][0]] * (len(groups[-1]) + 1) <= 2 * (total + lengths[i]) + slack:
-            groups[-1].append(i)
-            total += lengths[i]
+    def put(self, parts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        flat = array("q")
+        for part in parts:
+            flat.extend(part)
+        n = len(flat)
+        host = torch.frombuffer(flat, dtype=torch.int64) if n else torch.empty(0, dtype=torch.int64)
+        if self.device.type == "cuda":
+            if self._host.numel() < n:
+                size = max(n, 2 * self._host.numel(), 4096)
+                self._host = torch.empty(size, dtype=torch.int64, pin_memory=True)
+                self._dev = torch.empty(size, dtype=torch.int64, device=self.device)
+            self._host[:n].copy_(host)
+            dev = self._dev[:n]
+            dev.copy_(self._host[:n], non_blocking=True)
         else:
-            groups.append([i])
-            total = lengths[i]
-    return groups
+            dev = host  # shares ``flat``'s memory, which it keeps alive
+        out, at = [], 0
+        for part in parts:
+            out.append(dev[at : at + len(part)])
+            at += len(part)
+        return out
 
 
-def _rows(t: torch.Tensor) -> list[tuple[float, ...]]:
-    return [tuple(r) for r in t.tolist()]
+def _split(flat: list[float], at: int, rows: int, width: int) -> list[tuple[float, ...]]:
+    return [tuple(flat[at + r * width : at + (r + 1) * width]) for r in range(rows)]
 
 
 class ModelRunner:
@@ -82,7 +70,8 @@ class ModelRunner:
         model: Qwen3GuardStream,
         *,
         max_pages: int | None = None,
-        pad_slack: int = _PAD_SLACK,
+        attention: str = "auto",
+        pad_slack: int = PAD_SLACK,
         gather_max: int | None = None,
     ) -> None:
         self.model = model
@@ -91,11 +80,12 @@ class ModelRunner:
         self.n_heads, self.n_kv, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.scaling = self.head_dim**-0.5
-        self.pad_slack = pad_slack
-        # Largest group gathered for batched attention, in key elements a layer (0: every stream attends
-        # alone; None: the device's default, see ``_GATHER_MAX``; no entry: no limit).
-        self.gather_max = gather_max if gather_max is not None else _GATHER_MAX.get(p.device.type)
+        self.shape = AttentionShape(self.n_heads, self.n_kv, self.head_dim, self.device)
+        # Swappable between steps (bench/step.py compares backends on the same caches).
+        self.attention: AttentionBackend = pick_attention(
+            attention, self.shape, pad_slack=pad_slack, gather_max=gather_max
+        )
+        self._staging = _Staging(self.device)
         # The page pool: [layers, pages * PAGE_SIZE, kv_heads, head_dim]. Page ids are handed out on the
         # event loop's thread (allocate/grow/release, ``PagePool``); the tensors are (re)sized only in
         # ``execute``, on the worker thread (or process), so a step never sees them swapped under it.
@@ -128,8 +118,17 @@ class ModelRunner:
     def pool_positions(self) -> int:
         return int(self._k.shape[1])
 
-    def _ensure_pool(self, items: Sequence[WorkItem]) -> None:
-        need = max((max(item.kv.pages, default=-1) + 1 for item in items), default=0) * PAGE_SIZE
+    def reserve(self, kvs: Sequence[KVPages]) -> None:
+        """Size the pool for these streams now (``execute`` does it as it goes; benchmarks ahead)."""
+        self._ensure_pool(kvs)
+
+    def share_pool(self, other: ModelRunner) -> None:
+        """Read and write ``other``'s KV tensors from now on, as they are (benchmarks comparing
+        configurations on one cache)."""
+        self._k, self._v = other._k, other._v
+
+    def _ensure_pool(self, kvs: Sequence[KVPages]) -> None:
+        need = max((max(kv.pages, default=-1) + 1 for kv in kvs), default=0) * PAGE_SIZE
         have = self.pool_positions
         if need <= have:
             return
@@ -158,20 +157,8 @@ class ModelRunner:
         for pool in (self._k, self._v):
             pool.index_copy_(1, dst, pool.index_select(1, src))
 
-    def _table(self, kvs: Sequence[KVPages], length: int) -> torch.Tensor:
-        """The pages holding positions ``0..length`` of each stream, flat (streams x pages). A stream
-        with fewer pages is padded with its first page: those keys are masked out."""
-        n_pages = math.ceil(length / PAGE_SIZE)
-        table = [kv.pages[:n_pages] + [kv.pages[0]] * (n_pages - len(kv.pages)) for kv in kvs]
-        return torch.tensor(table, device=self.device).view(-1)
-
-    def _own(self, row: int, n: int, kv: KVPages, end: int, mask: torch.Tensor | None) -> _Attend:
-        """One stream attending over its own keys ``0..end``: in place when its pages are one run."""
-        if kv.first >= 0:
-            return _Attend(row, n, 1, end, kv.first * PAGE_SIZE, None, mask)
-        return _Attend(row, n, 1, end, -1, self._table([kv], end), mask)
-
-    def _positions(self, kv: KVPages, start: int, end: int) -> list[int]:
+    def _slots(self, kv: KVPages, start: int, end: int) -> list[int]:
+        """Where positions ``start..end`` of a stream lie in the pool."""
         pages = kv.pages
         return [pages[p // PAGE_SIZE] * PAGE_SIZE + p % PAGE_SIZE for p in range(start, end)]
 
@@ -183,70 +170,37 @@ class ModelRunner:
             return self._execute(items)
 
     def _execute(self, items: Sequence[WorkItem]) -> list[ItemOutput]:
-        dev = self.device
-        self._ensure_pool(items)
+        self._ensure_pool([item.kv for item in items])
         self._copy_pages([c for item in items for c in item.copies])
-        # Pack one-token items first, group by group, so each group's queries are one slice.
-        singles = [i for i, item in enumerate(items) if len(item.ids) == 1]
-        groups = [
-            [singles[j] for j in g]
-            for g in decode_groups([items[i].start + 1 for i in singles], self.pad_slack)
-        ]
-        order = [i for g in groups for i in g] + [i for i, item in enumerate(items) if len(item.ids) != 1]
+        attend = self.attention.prepare(items)
 
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []  # where each new token's key/value goes in the pool
-        offsets = [0] * len(items)
         query_rows: list[int] = []
         response_rows: list[int] = []
-        for i in order:
+        for i in attend.order:
             item = items[i]
-            offsets[i] = len(ids)
+            row = len(ids)
             ids += item.ids
             end = item.start + len(item.ids)
             positions += range(item.start, end)
-            slots += self._positions(item.kv, item.start, end)
+            slots += self._slots(item.kv, item.start, end)
             for j, kind in enumerate(item.kinds):
                 if kind == QUERY:
-                    query_rows.append(offsets[i] + j)
+                    query_rows.append(row + j)
                 elif kind == RESPONSE:
-                    response_rows.append(offsets[i] + j)
+                    response_rows.append(row + j)
         total = len(ids)
-        input_ids = torch.tensor(ids, device=dev)
-        pos = torch.tensor(positions, device=dev)
-        write = torch.tensor(slots, device=dev)
+        input_ids, pos, write, q_rows, r_rows = self._staging.put(
+            [ids, positions, slots, query_rows, response_rows]
+        )
         hidden = self.model.model.embed_tokens(input_ids)
         cos, sin = self.model.model.rotary_emb(hidden, pos[None])
         cos, sin = cos[0, :, None, :], sin[0, :, None, :]  # [T, 1, head_dim]: broadcast over heads
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
 
-        # What each attention call reads, built once per step and shared by all layers.
-        calls: list[_Attend] = []
-        for g in groups:
-            lengths = [items[i].start + 1 for i in g]
-            longest = lengths[0]
-            if len(g) == 1 or (self.gather_max is not None and len(g) * longest * nkv * hd > self.gather_max):
-                calls += [
-                    self._own(offsets[i], 1, items[i].kv, n, None) for i, n in zip(g, lengths, strict=True)
-                ]
-                continue
-            mask = None
-            if lengths[-1] != longest:
-                keys = torch.arange(longest, device=dev)
-                mask = (keys[None, :] < torch.tensor(lengths, device=dev)[:, None])[:, None, None, :]
-            table = self._table([items[i].kv for i in g], longest)
-            calls.append(_Attend(offsets[g[0]], len(g), len(g), longest, -1, table, mask))
-        for i, item in enumerate(items):
-            n = len(item.ids)
-            if n == 1:
-                continue
-            end = item.start + n
-            keys = torch.arange(end, device=dev)
-            queries = torch.arange(item.start, end, device=dev)
-            calls.append(self._own(offsets[i], n, item.kv, end, keys[None, :] <= queries[:, None]))
-
-        attn_out = torch.empty(total, nh, hd, device=dev, dtype=self.dtype)
+        attn_out = torch.empty(total, nh, hd, device=self.device, dtype=self.dtype)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(hidden)
@@ -258,39 +212,40 @@ class ModelRunner:
             k_pool, v_pool = self._k[li], self._v[li]
             k_pool.index_copy_(0, write, k)
             v_pool.index_copy_(0, write, v)
-            k_pages, v_pages = k_pool.view(-1, PAGE_SIZE, nkv, hd), v_pool.view(-1, PAGE_SIZE, nkv, hd)
-            for c in calls:
-                if c.table is not None:  # whole pages gathered (few large copies): [streams, kv, L, d]
-                    kk = k_pages.index_select(0, c.table).view(c.streams, -1, nkv, hd)[:, : c.keys]
-                    vv = v_pages.index_select(0, c.table).view(c.streams, -1, nkv, hd)[:, : c.keys]
-                else:  # one stream's run of pages, read in place
-                    kk = k_pool[c.first : c.first + c.keys][None]
-                    vv = v_pool[c.first : c.first + c.keys][None]
-                rows = q[c.row : c.row + c.n]
-                # One query a stream: [streams, heads, 1, d]; else one stream's n queries: [1, heads, n, d].
-                query = rows[:, :, None] if c.n == c.streams else rows.transpose(0, 1)[None]
-                out = F.scaled_dot_product_attention(
-                    query,
-                    kk.transpose(1, 2),
-                    vv.transpose(1, 2),
-                    attn_mask=c.mask,
-                    scale=self.scaling,
-                    enable_gqa=nkv != nh,
-                )
-                attn_out[c.row : c.row + c.n] = out[:, :, 0] if c.n == c.streams else out[0].transpose(0, 1)
+            attend(q, k_pool, v_pool, attn_out)
             hidden = hidden + attn.o_proj(attn_out.view(total, nh * hd))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return self._outputs(items, attend.order, hidden, q_rows, r_rows)
 
+    def _outputs(
+        self,
+        items: Sequence[WorkItem],
+        order: Sequence[int],
+        hidden: torch.Tensor,
+        q_rows: torch.Tensor,
+        r_rows: torch.Tensor,
+    ) -> list[ItemOutput]:
+        """Both heads' probabilities for their rows, back to the host in one copy, handed to each item
+        in the order its rows were packed."""
+        selected = ((q_rows, self.model.query_probs), (r_rows, self.model.response_probs))
+        heads = [
+            head(self.model.model.norm(hidden.index_select(0, rows))) if rows.numel() else None
+            for rows, head in selected
+        ]
+        parts = [t.reshape(-1) for h in heads if h is not None for t in (h.risk, h.category)]
+        flat: list[float] = torch.cat(parts).tolist() if parts else []
         query_probs: list[RawProbs] = []
         response_probs: list[RawProbs] = []
-        if query_rows:
-            qp = self.model.query_probs(self.model.model.norm(hidden[query_rows]))
-            query_probs = list(zip(_rows(qp.risk), _rows(qp.category), strict=True))
-        if response_rows:
-            rp = self.model.response_probs(self.model.model.norm(hidden[response_rows]))
-            response_probs = list(zip(_rows(rp.risk), _rows(rp.category), strict=True))
+        at = 0
+        for h, probs in zip(heads, (query_probs, response_probs), strict=True):
+            if h is None:
+                continue
+            rows, risk_w, cat_w = h.risk.shape[0], h.risk.shape[1], h.category.shape[1]
+            risk = _split(flat, at, rows, risk_w)
+            category = _split(flat, at + rows * risk_w, rows, cat_w)
+            at += rows * (risk_w + cat_w)
+            probs += zip(risk, category, strict=True)
 
-        # Hand each item its rows: they were packed in ``order``.
         outputs: list[ItemOutput | None] = [None] * len(items)
         qi = ri = 0
         for i in order:

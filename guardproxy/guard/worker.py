@@ -36,6 +36,8 @@ def _serve(
     dtype: str | None,
     threads: int | None,
     max_pages: int | None,
+    attention: str,
+    quantize: str,
 ) -> None:
     # Ctrl+C reaches the whole process group: the parent decides when this process ends (it closes
     # the pipe, or sends None), so an interrupt here would only print a traceback mid-shutdown.
@@ -48,8 +50,8 @@ def _serve(
 
         if threads is not None:
             torch.set_num_threads(threads)
-        model = load_model(path, device=device, dtype=dtype)
-        runner = ModelRunner(model, max_pages=max_pages)
+        model = load_model(path, device=device, dtype=dtype, quantize=quantize)
+        runner = ModelRunner(model, max_pages=max_pages, attention=attention)
     except Exception as exc:  # tell the parent why, instead of dying silently
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
@@ -79,8 +81,10 @@ class GuardWorker:
         dtype: str | None = None,
         threads: int | None = None,
         max_pages: int | None = None,
+        attention: str = "auto",
+        quantize: str = "none",
     ) -> None:
-        self._args = (str(path), device, dtype, threads, max_pages)
+        self._args = (str(path), device, dtype, threads, max_pages, attention, quantize)
         self._proc: Any = None
         self._conn: Connection | None = None
         self.starts = 0

@@ -52,9 +52,16 @@ async def _engine(
     def load() -> StepExecutor:
         if g.process:  # the weights load only in the guard's own process
             return GuardWorker(
-                path, device=g.device, dtype=g.dtype, threads=g.threads, max_pages=max_pages(limits)
+                path,
+                device=g.device,
+                dtype=g.dtype,
+                threads=g.threads,
+                max_pages=max_pages(limits),
+                attention=g.attention,
+                quantize=g.quantize,
             )
-        return ModelRunner(load_model(path, device=g.device, dtype=g.dtype), max_pages=max_pages(limits))
+        model = load_model(path, device=g.device, dtype=g.dtype, quantize=g.quantize)
+        return ModelRunner(model, max_pages=max_pages(limits), attention=g.attention)
 
     executor = await asyncio.get_running_loop().run_in_executor(None, load)
     limits = replace(limits, max_positions=min(limits.max_positions, executor.max_positions))

@@ -22,10 +22,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from guardproxy.guard.attention import decode_groups
 from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.pages import PAGE_SIZE, PagePool
-from guardproxy.guard.runner import ModelRunner, decode_groups
+from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import (
     EngineLimits,
     EngineOverloaded,
@@ -108,11 +109,12 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
         anchor_tokens=256,
         window_tokens=1024,
     )
-    # The scheduler's allocator: its pages hold the cache. No slack splits one-token streams of
-    # different lengths into separate batched-attention groups more often.
-    # A huge gather limit batches every group of one-token streams; 0 makes each attend alone.
+    # Each attention backend. No slack splits streams of different lengths into separate calls more
+    # often; for ``reference``, a huge gather limit batches every group of one-token streams, 0 makes
+    # each attend alone.
     runner = ModelRunner(
         model64,
+        attention=data.draw(st.sampled_from(["batched", "reference"]), label="attention"),
         pad_slack=data.draw(st.sampled_from([0, 256]), label="pad slack"),
         gather_max=data.draw(st.sampled_from([1 << 40, 0, 5000]), label="gather max"),
     )
@@ -201,15 +203,16 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
             assert torch.equal(got_r.argmax(-1), ref_r.argmax(-1))
 
 
+@pytest.mark.parametrize("attention", ["batched", "reference"])
 def test_one_token_streams_of_any_length_batch_and_reuse_pages(
-    model64: Qwen3GuardStream, template: ChatTemplate, context: list[int]
+    model64: Qwen3GuardStream, template: ChatTemplate, context: list[int], attention: str
 ) -> None:
-    """Streams of very different lengths judging one token each per step: the batched attention
-    splits them into groups (no slack), pads and masks the shorter ones, and a stream opened on the
-    pages of closed ones (stale keys and values in them) still matches a full forward."""
+    """Streams of very different lengths judging one token each per step: the attention splits them
+    into groups (no slack), pads and masks the shorter ones, and a stream opened on the pages of
+    closed ones (stale keys and values in them) still matches a full forward."""
     rng = random.Random(3)
     limits = EngineLimits(max_cached_tokens=4096, response_reserve=32, anchor_tokens=256, prefill_chunk=512)
-    runner = ModelRunner(model64, pad_slack=0, gather_max=1 << 40)  # batched, as on CUDA
+    runner = ModelRunner(model64, attention=attention, pad_slack=0, gather_max=1 << 40)  # groups gathered
     scheduler = Scheduler(limits, PagePool())  # no cache: freed pages go straight back to the pool
 
     def open_stream(words: int) -> tuple[int, GuardPrompt]:

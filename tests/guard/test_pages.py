@@ -6,8 +6,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guardproxy.guard.attention import decode_groups
 from guardproxy.guard.pages import PAGE_SIZE, KVPages, PagePool
-from guardproxy.guard.runner import decode_groups
 
 
 @given(st.lists(st.integers(1, 5000), max_size=40), st.sampled_from([0, 16, 256]))
