@@ -110,3 +110,14 @@ def test_moderator_benchmark_runs_and_reports_ratios(capsys: pytest.CaptureFixtu
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [r[0] for r in rows] == ["0", "20"] and rows[0][2] == "1.00"
     assert float(rows[1][2]) == pytest.approx(float(rows[1][1]) / float(rows[0][1]), rel=0.03, abs=0.01)
+
+
+def test_quantize_benchmark_reports_both_weight_sets(capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("bench_quantize", ROOT / "bench" / "quantize.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--preset", "tiny", "--streams", "1", "--length", "24", "--threads", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("random", "trigger"))]
+    assert [r.split(",")[0].split(" (")[0] for r in rows] == ["random", "trigger checkpoint"]
+    assert rows[0].split()[3] == "24" and rows[1].endswith("100.00%")  # the trigger tiers never move

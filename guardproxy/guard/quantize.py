@@ -17,6 +17,8 @@ on a user's own text, and it stays off by default until checked on the released 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -28,29 +30,48 @@ QUANTIZE_MODES = ("none", "int8")
 class Int8Linear(nn.Module):
     """``y = x W^T`` with W in int8 (per output channel) and x rounded to int8 per row at each call."""
 
-    weight_t: torch.Tensor
+    weight: torch.Tensor
     weight_scale: torch.Tensor
-    in_features: int
-    out_features: int
-    out_dtype: torch.dtype
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype) -> None:
+        """``weight`` [out, in] int8 and its per-row ``scale`` (float32)."""
         super().__init__()
+        # [out, in] as nn.Linear keeps it, handed to ``_int_mm`` transposed: on this CPU that ran
+        # about 20% faster than an [in, out] copy, and a block of rows (a fused projection's part) is
+        # a plain view.
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale)
+        self.out_features, self.in_features = weight.shape
+        self.out_dtype = out_dtype
+
+    @classmethod
+    def of(cls, linear: nn.Linear) -> Int8Linear:
         if linear.bias is not None:
             raise ValueError("Int8Linear takes bias-free layers (Qwen3's are)")
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        # [in, out], contiguous: the layout ``_int_mm`` multiplies fastest on CPU.
-        self.register_buffer("weight_t", torch.round(w / scale[:, None]).to(torch.int8).t().contiguous())
-        self.register_buffer("weight_scale", scale)
-        self.out_dtype = linear.weight.dtype
+        return cls(torch.round(w / scale[:, None]).to(torch.int8), scale, linear.weight.dtype)
+
+    @classmethod
+    def stacked(cls, parts: Sequence[Int8Linear]) -> Int8Linear:
+        """One layer computing ``parts`` side by side; the parts go on reading views of its weight."""
+        fused = cls(
+            torch.cat([p.weight for p in parts]),
+            torch.cat([p.weight_scale for p in parts]),
+            parts[0].out_dtype,
+        )
+        at = 0
+        for p in parts:
+            p.weight = fused.weight[at : at + p.out_features]
+            p.weight_scale = fused.weight_scale[at : at + p.out_features]
+            at += p.out_features
+        return fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).float()
         scale = rows.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127
         q = torch.round(rows / scale).to(torch.int8)
-        y = torch._int_mm(q, self.weight_t).float() * scale * self.weight_scale
+        y = torch._int_mm(q, self.weight.t()).float() * scale * self.weight_scale
         return y.to(self.out_dtype).view(*x.shape[:-1], self.out_features)
 
 
@@ -67,5 +88,5 @@ def quantize_model(model: Qwen3GuardStream, mode: str) -> Qwen3GuardStream:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(parent, name, Int8Linear(child))
+                    setattr(parent, name, Int8Linear.of(child))
     return model

@@ -17,11 +17,13 @@ from array import array
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 from transformers.models.qwen3.modeling_qwen3 import rotate_half
 
 from guardproxy.guard.attention import PAD_SLACK, AttentionBackend, AttentionShape, pick_attention
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.pages import PAGE_SIZE, KVPages
+from guardproxy.guard.quantize import Int8Linear
 from guardproxy.guard.scheduler import QUERY, RESPONSE, ItemOutput, RawProbs, WorkItem
 from guardproxy.guard.verdict import GuardLabels
 
@@ -60,6 +62,27 @@ class _Staging:
         return out
 
 
+def fused(parts: Sequence[nn.Module]) -> nn.Module:
+    """One layer computing bias-free linear ``parts`` side by side (outputs concatenated): one matrix
+    product instead of several. The parts go on working, on views of the fused weight (one copy).
+    On this CPU (0.6B shapes, 2 threads, 32-128 tokens) q/k/v and gate/up fused ran 1.0-1.1x faster in
+    fp32 and 1.15-1.25x in int8 (fewer activation roundings)."""
+    if all(isinstance(p, Int8Linear) for p in parts):
+        return Int8Linear.stacked([p for p in parts if isinstance(p, Int8Linear)])
+    linears: list[nn.Linear] = [p for p in parts if isinstance(p, nn.Linear)]
+    if len(linears) != len(parts) or any(p.bias is not None for p in linears):
+        raise TypeError("fused() takes bias-free nn.Linear or Int8Linear layers, all of one kind")
+    weight = torch.cat([p.weight.detach() for p in linears])
+    with torch.device("meta"):
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    at = 0
+    for p in linears:
+        p.weight = nn.Parameter(weight[at : at + p.out_features], requires_grad=False)
+        at += p.out_features
+    return layer
+
+
 def _split(flat: list[float], at: int, rows: int, width: int) -> list[tuple[float, ...]]:
     return [tuple(flat[at + r * width : at + (r + 1) * width]) for r in range(rows)]
 
@@ -86,6 +109,10 @@ class ModelRunner:
             attention, self.shape, pad_slack=pad_slack, gather_max=gather_max
         )
         self._staging = _Staging(self.device)
+        self._qkv = [
+            fused([a.q_proj, a.k_proj, a.v_proj]) for a in (layer.self_attn for layer in self.layers)
+        ]
+        self._gate_up = [fused([m.gate_proj, m.up_proj]) for m in (layer.mlp for layer in self.layers)]
         # The page pool: [layers, pages * PAGE_SIZE, kv_heads, head_dim]. Page ids are handed out on the
         # event loop's thread (allocate/grow/release, ``PagePool``); the tensors are (re)sized only in
         # ``execute``, on the worker thread (or process), so a step never sees them swapped under it.
@@ -202,11 +229,11 @@ class ModelRunner:
 
         attn_out = torch.empty(total, nh, hd, device=self.device, dtype=self.dtype)
         for li, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_norm(attn.q_proj(x).view(total, nh, hd))
-            k = attn.k_norm(attn.k_proj(x).view(total, nkv, hd))
-            v = attn.v_proj(x).view(total, nkv, hd)
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = self._qkv[li](layer.input_layernorm(hidden)).split([nh * hd, nkv * hd, nkv * hd], -1)
+            q = attn.q_norm(q.view(total, nh, hd))
+            k = attn.k_norm(k.view(total, nkv, hd))
+            v = v.view(total, nkv, hd)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             k_pool, v_pool = self._k[li], self._v[li]
@@ -214,7 +241,8 @@ class ModelRunner:
             v_pool.index_copy_(0, write, v)
             attend(q, k_pool, v_pool, attn_out)
             hidden = hidden + attn.o_proj(attn_out.view(total, nh * hd))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            gate, up = self._gate_up[li](layer.post_attention_layernorm(hidden)).chunk(2, -1)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
         return self._outputs(items, attend.order, hidden, q_rows, r_rows)
 
     def _outputs(

@@ -19,6 +19,7 @@ from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.loading import load_model
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.quantize import QUANTIZE_MODES, Int8Linear, quantize_model
+from guardproxy.guard.runner import fused
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.verdict import Verdict
 
@@ -30,8 +31,8 @@ TEXT = "Sure. Bake bread with flour, water and salt; then take a GUN, and then a
 def test_int8_linear_is_close_to_the_float_product_and_keeps_shapes() -> None:
     torch.manual_seed(0)
     lin = nn.Linear(256, 96, bias=False)
-    q = Int8Linear(lin)
-    assert q.weight_t.dtype == torch.int8 and q.weight_t.shape == (256, 96)
+    q = Int8Linear.of(lin)
+    assert q.weight.dtype == torch.int8 and q.weight.shape == (96, 256)
     x = torch.randn(3, 5, 256)
     want, got = lin(x), q(x)
     assert got.shape == want.shape == (3, 5, 96) and got.dtype == torch.float32
@@ -39,7 +40,7 @@ def test_int8_linear_is_close_to_the_float_product_and_keeps_shapes() -> None:
     assert (got - want).abs().max() < 0.02 * want.abs().max()
     assert q(torch.zeros(2, 256)).abs().max() == 0  # an all-zero row (scale clamp) stays zero
     with pytest.raises(ValueError, match="bias-free"):
-        Int8Linear(nn.Linear(4, 4))
+        Int8Linear.of(nn.Linear(4, 4))
 
 
 def test_only_the_backbone_linears_are_quantized(random_checkpoint: Path) -> None:
@@ -121,3 +122,22 @@ def test_the_configuration_names_the_backends_and_modes() -> None:
         load_settings({"guard": {"attention": "flash"}})
     with pytest.raises(ConfigError, match="quantize must be none or int8"):
         load_settings({"guard": {"quantize": "fp8"}})
+
+
+@pytest.mark.parametrize("kind", ["float", "int8"])
+def test_fused_projections_compute_the_parts_side_by_side_on_one_weight(kind: str) -> None:
+    torch.manual_seed(1)
+    float_parts = [nn.Linear(32, n, bias=False) for n in (48, 16, 16)]
+    parts: list[nn.Module] = [Int8Linear.of(p) for p in float_parts] if kind == "int8" else float_parts
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        apart = torch.cat([p(x) for p in parts], -1)
+        layer = fused(parts)
+        together = layer(x)
+        after = torch.cat([p(x) for p in parts], -1)  # the parts still work, on views
+    assert torch.equal(apart, after)
+    torch.testing.assert_close(together, apart, atol=1e-5, rtol=0)
+    whole = layer.weight
+    assert all(p.weight.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr() for p in parts)
+    with pytest.raises(TypeError, match="all of one kind"):
+        fused([nn.Linear(4, 4, bias=False), Int8Linear.of(nn.Linear(4, 4, bias=False))])
