@@ -62,6 +62,7 @@ class GuardSettings:
     process: bool = True  # the model runs in its own process (off the proxy's GIL)
     attention: str = "auto"  # auto | batched | reference (guard/attention.py)
     quantize: str = "none"  # none | int8: the backbone's Linear layers in int8, CPU only (guard/quantize.py)
+    kv_memory_fraction: float | None = None  # on a GPU: the KV pool's share of free memory (guard/sizing.py)
     engine: EngineLimits = field(default_factory=EngineLimits)
 
     def __post_init__(self) -> None:
@@ -71,6 +72,8 @@ class GuardSettings:
             raise ValueError(f"attention must be auto, batched or reference, got {self.attention!r}")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,7 @@ _GUARD = {
     "process": bool,
     "attention": str,
     "quantize": str,
+    "kv_memory_fraction": float,
 }
 
 

@@ -25,6 +25,7 @@ from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.pages import PAGE_SIZE, KVPages
 from guardproxy.guard.quantize import Int8Linear
 from guardproxy.guard.scheduler import QUERY, RESPONSE, ItemOutput, RawProbs, WorkItem
+from guardproxy.guard.sizing import pool_pages
 from guardproxy.guard.verdict import GuardLabels
 
 
@@ -96,6 +97,7 @@ class ModelRunner:
         attention: str = "auto",
         pad_slack: int = PAD_SLACK,
         gather_max: int | None = None,
+        kv_memory_fraction: float | None = None,
     ) -> None:
         self.model = model
         c = model.config
@@ -119,6 +121,15 @@ class ModelRunner:
         self.max_pages = max_pages  # the pool's tensors never grow past this many pages
         self._k = self._pool(0)
         self._v = self._pool(0)
+        # On a GPU with ``kv_memory_fraction``: the whole pool now, sized from the free memory
+        # (``sizing.py``); the engine's limits then follow ``kv_pages``. Elsewhere it grows on demand.
+        self.kv_pages: int | None = None
+        if kv_memory_fraction is not None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            self.kv_pages = pool_pages(free, kv_memory_fraction, self.position_bytes)
+            self.max_pages = self.kv_pages
+            self._k = self._pool(self.kv_pages)
+            self._v = self._pool(self.kv_pages)
 
     # -- the engine's StepExecutor --------------------------------------------------------------------
 
@@ -140,6 +151,11 @@ class ModelRunner:
         # Zeros, not empty: batched attention reads (masked) slots never written, and a masked slot
         # holding NaN would still poison the sum (0 * NaN).
         return torch.zeros(shape, device=self.device, dtype=self.dtype)
+
+    @property
+    def position_bytes(self) -> int:
+        """KV bytes of one position: keys and values of every layer."""
+        return int(2 * len(self.layers) * self.n_kv * self.head_dim * self.dtype.itemsize)
 
     @property
     def pool_positions(self) -> int:

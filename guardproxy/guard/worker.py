@@ -38,6 +38,7 @@ def _serve(
     max_pages: int | None,
     attention: str,
     quantize: str,
+    kv_memory_fraction: float | None,
 ) -> None:
     # Ctrl+C reaches the whole process group: the parent decides when this process ends (it closes
     # the pipe, or sends None), so an interrupt here would only print a traceback mid-shutdown.
@@ -51,11 +52,13 @@ def _serve(
         if threads is not None:
             torch.set_num_threads(threads)
         model = load_model(path, device=device, dtype=dtype, quantize=quantize)
-        runner = ModelRunner(model, max_pages=max_pages, attention=attention)
+        runner = ModelRunner(
+            model, max_pages=max_pages, attention=attention, kv_memory_fraction=kv_memory_fraction
+        )
     except Exception as exc:  # tell the parent why, instead of dying silently
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
-    conn.send(("ready", (model.labels, int(model.config.max_position_embeddings))))
+    conn.send(("ready", (model.labels, int(model.config.max_position_embeddings), runner.kv_pages)))
     while True:
         try:
             items = conn.recv()
@@ -83,8 +86,10 @@ class GuardWorker:
         max_pages: int | None = None,
         attention: str = "auto",
         quantize: str = "none",
+        kv_memory_fraction: float | None = None,
     ) -> None:
-        self._args = (str(path), device, dtype, threads, max_pages, attention, quantize)
+        self._args = (str(path), device, dtype, threads, max_pages, attention, quantize, kv_memory_fraction)
+        self.kv_pages: int | None = None  # the pool the guard's process took up front (GPU sizing)
         self._proc: Any = None
         self._conn: Connection | None = None
         self.starts = 0
@@ -108,7 +113,7 @@ class GuardWorker:
             raise GuardModelError(f"the guard process could not load the model: {payload}")
         self._proc, self._conn = proc, parent
         self.starts += 1
-        labels, max_positions = payload
+        labels, max_positions, self.kv_pages = payload
         return labels, int(max_positions)
 
     @property

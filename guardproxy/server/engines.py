@@ -22,6 +22,7 @@ from guardproxy.guard.link import parent_exit
 from guardproxy.guard.loading import load_model
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.service import EngineService
+from guardproxy.guard.sizing import device_limits
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.worker import GuardWorker
 from guardproxy.observe.metrics import Metrics
@@ -59,12 +60,25 @@ async def _engine(
                 max_pages=max_pages(limits),
                 attention=g.attention,
                 quantize=g.quantize,
+                kv_memory_fraction=g.kv_memory_fraction,
             )
         model = load_model(path, device=g.device, dtype=g.dtype, quantize=g.quantize)
-        return ModelRunner(model, max_pages=max_pages(limits), attention=g.attention)
+        return ModelRunner(
+            model, max_pages=max_pages(limits), attention=g.attention, kv_memory_fraction=g.kv_memory_fraction
+        )
 
     executor = await asyncio.get_running_loop().run_in_executor(None, load)
     limits = replace(limits, max_positions=min(limits.max_positions, executor.max_positions))
+    kv_pages = getattr(executor, "kv_pages", None)
+    if kv_pages is not None:  # a GPU's pool, taken up front: the limits follow what it holds
+        limits = device_limits(limits, kv_pages)
+        log.info(
+            "KV pool on the device: %d positions, up to %d streams a step",
+            limits.max_cached_tokens,
+            limits.max_batch_streams,
+        )
+    elif g.kv_memory_fraction is not None:
+        log.info("guard.kv_memory_fraction applies on a GPU only: engine.max_cached_tokens is used")
     return GuardEngine(executor, limits, threads=g.threads, on_step=on_step, on_batch=on_batch)
 
 
