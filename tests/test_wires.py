@@ -459,7 +459,8 @@ def test_chat_refusals_and_unknown_delta_fields_are_read() -> None:
         Text(0, "refusal", "I can't help with that."),
     ]
     assert wire.render(0, Out("text", field="refusal", text="I can't"), dict).startswith(b"data: ")
-    assert b'"refusal": "I can\'t"' in wire.render(0, Out("text", field="refusal", text="I can't"), dict)
+    event = json.loads(wire.render(0, Out("text", field="refusal", text="I can't"), dict)[6:])
+    assert event["choices"][0]["delta"] == {"refusal": "I can't"}
     # A field no wire reads, with text: judged as a call of its own, the field released whole with it.
     audio = {"audio": {"id": "audio_1", "transcript": "hello there", "data": "UklGRg=="}}
     out = read(audio)
@@ -838,3 +839,19 @@ def test_a_computer_call_output_screenshot_is_not_read_as_text() -> None:
     texts = json.dumps(messages)
     assert "iVBORw0KGgo" not in texts and "data:image" not in texts
     assert "Check the page." in texts
+
+
+def test_event_json_is_compact_and_reads_what_orjson_refuses() -> None:
+    from guardproxy.server.wire import dumps, event_json, parse_json
+
+    assert event_json({"a": "é", "b": [1, None]}) == '{"a":"é","b":[1,null]}'  # compact UTF-8
+    assert dumps({"city": "Paris"}) == '{"city": "Paris"}'  # what the guard reads: the template's spacing
+    # orjson refuses these; the stdlib reads them, so an upstream that sends them is not a 502.
+    assert (
+        parse_json('{"x": NaN, "n": 123456789012345678901234567890}', "a chunk")["n"]
+        == 123456789012345678901234567890
+    )
+    assert event_json({"n": 2**70}) == '{"n":1180591620717411303424}'  # past 64 bits: the stdlib writes it
+    assert event_json({"x": float("nan")}) == '{"x":null}'  # no NaN in JSON: a client parser would refuse it
+    with pytest.raises(ProxyError, match="not JSON"):
+        parse_json(b'{"x": "\xff\xfe"}', "a chunk")

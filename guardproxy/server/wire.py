@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import Api, ProxyError, bad_request
@@ -37,11 +39,16 @@ class Conversation:
 
 
 def parse_json(data: str | bytes, what: str) -> dict[str, Any]:
-    """An upstream's JSON object, or a 502 naming what was malformed."""
+    """An upstream's JSON object, or a 502 naming what was malformed. orjson reads every upstream
+    event (bench/json_codec.py: 7.6 -> 1.2 us to read and write an event of a real stream); what it refuses
+    and the stdlib reads (NaN, Infinity, integers past 64 bits, lone surrogates) still goes through."""
     try:
-        value = json.loads(data)
-    except ValueError:
-        raise ProxyError(502, f"upstream sent {what} that is not JSON", type="upstream_error") from None
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(data)
+        except ValueError:
+            raise ProxyError(502, f"upstream sent {what} that is not JSON", type="upstream_error") from None
     if not isinstance(value, dict):
         raise ProxyError(502, f"upstream sent {what} that is not a JSON object", type="upstream_error")
     return value
@@ -120,7 +127,20 @@ def stripped(events: list[Event], original: Any) -> Any:
 
 
 def dumps(value: Any) -> str:
+    """JSON as the guard reads it (tool arguments given as objects, non-text payloads): the stdlib's
+    spacing, which is what Qwen3's chat template (``tojson``) gives the model for the same object."""
     return json.dumps(value, ensure_ascii=False)
+
+
+def event_json(value: Any) -> str:
+    """An event or body for the client: compact UTF-8 JSON by orjson (bench/json_codec.py: with the
+    read, 7.6 -> 1.2 us an event of a real stream), the stdlib for what orjson refuses (integers past
+    64 bits, lone surrogates). A NaN or infinity read from an upstream goes out as null: JSON has no
+    such number and a client's parser would refuse it."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def optional_str(body: Mapping[str, Any], key: str) -> str | None:
@@ -153,7 +173,7 @@ class Wire(ABC):
         """The conversation the guard reads (raises ``ConversationError`` or ``ProxyError``)."""
 
     def upstream_body(self) -> bytes:
-        return dumps(self.body).encode()
+        return event_json(self.body).encode()
 
     def prompt_text(self) -> str:
         """The prompt as text, for an audit record that keeps text."""

@@ -15,7 +15,7 @@ from typing import Any
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, bad_request
-from guardproxy.server.wire import Conversation, Details, Wire, dumps, parse_json, stripped
+from guardproxy.server.wire import Conversation, Details, Wire, event_json, parse_json, stripped
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs
@@ -183,7 +183,7 @@ class ChatWire(Wire):
         chunk: dict[str, Any] = {**self._envelope, "object": self.chunk_object, "choices": [choice]}
         if details is not None and self.policy.details:
             chunk["guardproxy"] = details()
-        return encode_event(dumps(chunk))
+        return encode_event(event_json(chunk))
 
     def render(self, output: int, out: Out, details: Details) -> bytes:
         if out.kind == "text":
@@ -206,7 +206,7 @@ class ChatWire(Wire):
             return self.error_event(
                 ProxyError(502, "upstream ended the stream before its end ([DONE])", type="upstream_error")
             )
-        return b"".join(encode_event(dumps(chunk)) for chunk in self._tail) + DONE
+        return b"".join(encode_event(event_json(chunk)) for chunk in self._tail) + DONE
 
     def whole(self, outputs: Outputs, details: Details) -> dict[str, Any]:
         assert self._original is not None
@@ -278,7 +278,7 @@ class ChatWire(Wire):
 
     def error_event(self, exc: ProxyError) -> bytes:
         # The stream has started: the error goes in-band, then [DONE].
-        return encode_event(dumps(exc.body())) + DONE
+        return encode_event(event_json(exc.body())) + DONE
 
 
 class CompletionWire(ChatWire):
@@ -323,7 +323,7 @@ class CompletionWire(ChatWire):
         chunk: dict[str, Any] = {**self._envelope, "object": self.chunk_object, "choices": [choice]}
         if details is not None and self.policy.details:
             chunk["guardproxy"] = details()
-        return encode_event(dumps(chunk))
+        return encode_event(event_json(chunk))
 
     def render(self, output: int, out: Out, details: Details) -> bytes:
         if out.kind == "marker":

@@ -30,6 +30,7 @@ from guardproxy.server.wire import (
     Details,
     Wire,
     dumps,
+    event_json,
     parse_json,
     stripped,
 )
@@ -217,7 +218,7 @@ class MessagesWire(Wire):
 
     @staticmethod
     def _emit(ev: dict[str, Any]) -> bytes:
-        return encode_event(dumps(ev), event=str(ev["type"]))
+        return encode_event(event_json(ev), event=str(ev["type"]))
 
     def render(self, output: int, out: Out, details: Details) -> bytes:
         if out.kind == "text":

@@ -19,7 +19,7 @@ from typing import Any
 
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError
-from guardproxy.server.wire import Details, dumps
+from guardproxy.server.wire import Details, event_json
 from guardproxy.stream.guardview import CONTENT, REASONING
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
 from guardproxy.stream.sse import encode_event
@@ -72,7 +72,7 @@ class ResponseEvents:
     def emit(self, ev: dict[str, Any]) -> bytes:
         ev["sequence_number"] = self._seq
         self._seq += 1
-        return encode_event(dumps(ev), event=str(ev["type"]))
+        return encode_event(event_json(ev), event=str(ev["type"]))
 
     def render(self, out: Out, details: Details) -> bytes:
         if out.kind == "text":
