@@ -61,7 +61,12 @@ class Retokenizer:
         # A cut that fails the check may still have a good one a piece or two before it ("  " + "4"
         # at the end of the head is one piece, in the whole text two): commit up to that one, so the
         # held text stays short (and early release does not wait on template text held with it).
-        for c in [c for c in starts if 0 < c <= cut][::-1][:_CUT_TRIES]:
+        # A boundary before a combining mark is never a cut: NFC may compose the mark with the
+        # character before it (decomposed "é" is "e" + U+0301), so the check would fail there and
+        # the tries would run out before reaching a boundary that holds.
+        held = self._held
+        cuts = [c for c in starts if 0 < c <= cut and not unicodedata.combining(held[c])]
+        for c in cuts[::-1][:_CUT_TRIES]:
             pieces = self._commit_checked(c)
             if pieces is not None:
                 return pieces

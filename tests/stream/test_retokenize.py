@@ -169,3 +169,18 @@ def test_nfc_composition_across_a_split(tokenizer: GuardTokenizer, text: str) ->
     for cut in range(len(full) + 1):
         pieces, _ = run(tokenizer, full, [cut])
         assert [p.id for p in pieces] == tokenizer.encode_text(full)
+
+
+def test_a_decomposed_word_does_not_hold_back_what_came_before(tokenizer: GuardTokenizer) -> None:
+    """Decomposed "ééé" (e + U+0301, three times): the pre-token boundaries inside it sit before the
+    combining marks, where NFC composes across the cut; they are no cuts, so the newline before the
+    word is committed and the word itself is held (and can be peeked), as for the composed form."""
+    for word in ("e\u0301e\u0301e\u0301", "\u00e9\u00e9\u00e9"):
+        r = Retokenizer(tokenizer)
+        assert r.push("\n") == []  # a trailing newline run may still grow
+        assert [p.id for p in r.push(word)] == tokenizer.encode_text("\n")
+        assert r.held_text == word
+        peeked = r.peek(64)
+        assert [p.id for p in peeked] == tokenizer.encode_text(word)
+        assert (peeked[0].start, peeked[-1].end) == (1, 1 + len(word))  # every character in a token
+        assert [p.id for p in r.flush()] == tokenizer.encode_text(word)
