@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from guardproxy.guard.scheduler import EngineOverloaded, EngineUnavailable, GuardFailure, PromptTooLong
+from guardproxy.guard.errors import EngineOverloaded, EngineUnavailable, GuardFailure, PromptTooLong
 from guardproxy.guard.template import ChatTemplate, ConversationError
 from guardproxy.policy import Policy
 from guardproxy.server.errors import ProxyError, engine_error, upstream_error

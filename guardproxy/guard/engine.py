@@ -31,21 +31,11 @@ from typing import Any, Protocol
 import torch
 
 from guardproxy.guard.api import EngineStats
+from guardproxy.guard.errors import EngineError, EngineOverloaded, GuardFailure, StreamClosed
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.pages import PAGE_SIZE, PagePool
 from guardproxy.guard.runner import ModelRunner
-from guardproxy.guard.scheduler import (
-    EngineError,
-    EngineLimits,
-    EngineOverloaded,
-    GuardFailure,
-    ItemOutput,
-    RawProbs,
-    Scheduler,
-    StreamClosed,
-    Ticket,
-    WorkItem,
-)
+from guardproxy.guard.scheduler import EngineLimits, ItemOutput, RawProbs, Scheduler, Ticket, WorkItem
 from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
 from guardproxy.guard.worker import WorkerDied
 

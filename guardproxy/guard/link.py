@@ -29,7 +29,7 @@ import pickle
 import struct
 from typing import Any
 
-from guardproxy.guard.scheduler import (
+from guardproxy.guard.errors import (
     EngineError,
     EngineOverloaded,
     EngineUnavailable,

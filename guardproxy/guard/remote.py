@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from guardproxy.guard.api import EngineStats
+from guardproxy.guard.errors import EngineError, EngineUnavailable, StreamClosed
 from guardproxy.guard.link import Link, Message, decode_error
-from guardproxy.guard.scheduler import EngineError, EngineUnavailable, StreamClosed
 from guardproxy.guard.verdict import GuardLabels, Verdict
 
 log = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from guardproxy.guard.errors import EngineError, EngineOverloaded, GuardFailure, PromptTooLong, StreamClosed
 from guardproxy.guard.pages import PAGE_SIZE, page_keys
 
 # What each pending token is: prompt/head context, the prompt-verdict position, a judged response token,
@@ -42,35 +43,6 @@ NO_OUTPUT, QUERY, RESPONSE, CONTEXT = 0, 1, 2, 3
 _TAIL_KINDS = (RESPONSE, CONTEXT)
 
 RawProbs = tuple[tuple[float, ...], tuple[float, ...]]  # (risk probs, category probs)
-
-
-class EngineError(RuntimeError):
-    """Base of the guard engine's errors."""
-
-
-class EngineOverloaded(EngineError):
-    """No room for another stream now; the proxy answers 429 with ``Retry-After``."""
-
-    def __init__(self, message: str, retry_after: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class EngineUnavailable(EngineOverloaded):
-    """The shared guard engine cannot be reached now (starting, or restarting after a crash); the proxy
-    answers 503 with ``Retry-After``."""
-
-
-class PromptTooLong(EngineError):
-    """A prompt that can never fit (render it with ``max_tokens=engine.max_prompt_tokens``)."""
-
-
-class StreamClosed(EngineError):
-    pass
-
-
-class GuardFailure(EngineError):
-    """The model failed while judging this stream's tokens; the stream is dead, the engine is not."""
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardproxy.guard.engine import GuardEngine, GuardStream
+from guardproxy.guard.errors import EngineError, StreamClosed
 from guardproxy.guard.link import Link, Message, encode_error
-from guardproxy.guard.scheduler import EngineError, StreamClosed
 from guardproxy.guard.verdict import Verdict
 from guardproxy.observe.metrics import Metrics
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from guardproxy.guard.checkpoint import GuardModelError
-from guardproxy.guard.scheduler import EngineError, ItemOutput, WorkItem
+from guardproxy.guard.errors import EngineError
+from guardproxy.guard.scheduler import ItemOutput, WorkItem
 from guardproxy.guard.verdict import GuardLabels
 
 

@@ -27,8 +27,8 @@ from aiohttp import web
 from guardproxy.config import Settings, key_hash
 from guardproxy.guard.api import Engine
 from guardproxy.guard.checkpoint import load_template
+from guardproxy.guard.errors import EngineError
 from guardproxy.guard.remote import RemoteEngine
-from guardproxy.guard.scheduler import EngineError
 from guardproxy.guard.template import ChatTemplate, ConversationError
 from guardproxy.observe.audit import AuditLog
 from guardproxy.observe.live import LiveFeed

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
-from guardproxy.guard.scheduler import EngineError, EngineOverloaded, EngineUnavailable, PromptTooLong
+from guardproxy.guard.errors import EngineError, EngineOverloaded, EngineUnavailable, PromptTooLong
 
 Api = Literal["openai", "anthropic"]
 

@@ -22,7 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from guardproxy.guard.api import Engine, Stream
-from guardproxy.guard.scheduler import EngineError
+from guardproxy.guard.errors import EngineError
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
 from guardproxy.guard.verdict import Verdict
 from guardproxy.observe.audit import AuditLog, capped

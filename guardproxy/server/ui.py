@@ -27,7 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from guardproxy.evaluate import judge_answer, token_rows
-from guardproxy.guard.scheduler import EngineError
+from guardproxy.guard.errors import EngineError
 from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
 from guardproxy.policy import Policy, decide

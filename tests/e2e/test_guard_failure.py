@@ -103,7 +103,8 @@ def test_a_retraction_the_engine_refuses_is_a_guard_failure(
 ) -> None:
     # " wor" + "ds" takes the tentative " wor" back; here the engine refuses, as it would if it had
     # lost track of the stream. Never a crash: the policy's guard-failure rule applies.
-    from guardproxy.guard.scheduler import EngineError, Scheduler
+    from guardproxy.guard.errors import EngineError
+    from guardproxy.guard.scheduler import Scheduler
 
     def refuse(self: Scheduler, sid: int, n: int) -> Any:
         raise EngineError("cannot retract (simulated)")

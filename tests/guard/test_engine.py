@@ -24,17 +24,11 @@ from hypothesis import strategies as st
 
 from guardproxy.guard.attention import decode_groups
 from guardproxy.guard.engine import GuardEngine
+from guardproxy.guard.errors import EngineOverloaded, GuardFailure, PromptTooLong
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.pages import PAGE_SIZE, PagePool
 from guardproxy.guard.runner import ModelRunner
-from guardproxy.guard.scheduler import (
-    EngineLimits,
-    EngineOverloaded,
-    GuardFailure,
-    PromptTooLong,
-    Scheduler,
-    Ticket,
-)
+from guardproxy.guard.scheduler import EngineLimits, Scheduler, Ticket
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
 
 from ..conftest import scaffold

@@ -20,9 +20,10 @@ import pytest
 import torch
 
 from guardproxy.guard.engine import GuardEngine
+from guardproxy.guard.errors import EngineError, EngineOverloaded, EngineUnavailable
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.remote import RemoteEngine
-from guardproxy.guard.scheduler import EngineError, EngineLimits, EngineOverloaded, EngineUnavailable
+from guardproxy.guard.scheduler import EngineLimits
 from guardproxy.guard.service import EngineService
 from guardproxy.guard.template import ChatTemplate
 

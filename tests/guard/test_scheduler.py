@@ -9,20 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from guardproxy.guard.errors import EngineError, EngineOverloaded, GuardFailure, PromptTooLong, StreamClosed
 from guardproxy.guard.scheduler import (
     CONTEXT,
     NO_OUTPUT,
     QUERY,
     RESPONSE,
-    EngineError,
     EngineLimits,
-    EngineOverloaded,
-    GuardFailure,
     ItemOutput,
-    PromptTooLong,
     Scheduler,
     StepPlan,
-    StreamClosed,
     Ticket,
     fair_shares,
 )

@@ -12,8 +12,9 @@ import pytest
 
 from guardproxy.guard.checkpoint import GuardModelError
 from guardproxy.guard.engine import GuardEngine
+from guardproxy.guard.errors import GuardFailure
 from guardproxy.guard.model import Qwen3GuardStream
-from guardproxy.guard.scheduler import EngineLimits, GuardFailure
+from guardproxy.guard.scheduler import EngineLimits
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.worker import GuardWorker
 
