@@ -151,7 +151,7 @@ def _serve(args: argparse.Namespace) -> int:
         asyncio.run(serve_engine(settings, args.engine_socket))
         return 0
     if args.role is None and settings.server.workers > 1:
-        from guardproxy.server.workers import supervise
+        from guardproxy.server.supervisor import supervise
 
         return supervise(settings, args.argv)
     listen: dict[str, Any] = {"host": settings.server.host, "port": settings.server.port}
@@ -164,7 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
         worker=args.worker_index if worker else None,
     )
     if worker:  # a proxy worker: the supervisor's socket, the shared engine
-        from guardproxy.server.workers import orphan_watch
+        from guardproxy.server.supervisor import orphan_watch
 
         listen = {"sock": socket.socket(fileno=args.listen_fd), "print": None}
         app.cleanup_ctx.append(orphan_watch)

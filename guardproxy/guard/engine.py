@@ -33,11 +33,11 @@ import torch
 from guardproxy.guard.api import EngineStats
 from guardproxy.guard.errors import EngineError, EngineOverloaded, GuardFailure, StreamClosed
 from guardproxy.guard.model import Qwen3GuardStream
+from guardproxy.guard.model_process import WorkerDied
 from guardproxy.guard.pages import PAGE_SIZE, PagePool
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import EngineLimits, ItemOutput, RawProbs, Scheduler, Ticket, WorkItem
 from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
-from guardproxy.guard.worker import WorkerDied
 
 log = logging.getLogger(__name__)
 

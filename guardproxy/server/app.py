@@ -74,7 +74,7 @@ def create_app(
 ) -> web.Application:
     """The proxy app. With ``config_path``, the policy reloads on SIGHUP and when the file changes.
     With ``engine_socket`` it is proxy worker number ``worker`` of several, and its guard is the shared
-    engine process listening there (``server/workers.py``); otherwise the guard engine is its own."""
+    engine process listening there (``server/supervisor.py``); otherwise the guard engine is its own."""
     app = web.Application(
         client_max_size=settings.server.max_body_bytes, middlewares=[request_id_middleware, error_middleware]
     )

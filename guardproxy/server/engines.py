@@ -3,7 +3,7 @@ this only where an engine runs in-process, so a proxy worker of a shared engine 
 
 - ``local_engine``: one process serving alone (with the chat template it renders prompts with);
 - ``serve_engine``: the main of the engine process that several proxy workers share
-  (``server/workers.py``): the engine without a template (the workers render), served over the link.
+  (``server/supervisor.py``): the engine without a template (the workers render), served over the link.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from guardproxy.guard.checkpoint import load_template, resolve_checkpoint
 from guardproxy.guard.engine import GuardEngine, StepExecutor, max_pages
 from guardproxy.guard.link import parent_exit
 from guardproxy.guard.loading import load_model
+from guardproxy.guard.model_process import GuardWorker
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.service import EngineService
 from guardproxy.guard.sizing import device_limits
 from guardproxy.guard.template import ChatTemplate
-from guardproxy.guard.worker import GuardWorker
 from guardproxy.observe.metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from guardproxy.guard.checkpoint import GuardModelError
 from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.errors import GuardFailure
 from guardproxy.guard.model import Qwen3GuardStream
+from guardproxy.guard.model_process import GuardWorker
 from guardproxy.guard.scheduler import EngineLimits
 from guardproxy.guard.template import ChatTemplate
-from guardproxy.guard.worker import GuardWorker
 
 from ..conftest import scaffold
 
