@@ -44,12 +44,12 @@ from guardproxy.server.state import (
     CLIENT_KEY,
     ENGINE_SOCKET,
     GUARD_NAME,
+    LIVE_SETTINGS,
     METRICS,
     RELOADER,
     REQUEST_ID,
     SERVICES,
     SETTINGS,
-    STORE,
     WORKER,
     json_body,
 )
@@ -84,9 +84,9 @@ def create_app(
         app[WORKER] = worker or 0
     app[GUARD_NAME] = settings.guard.model
     app[METRICS] = Metrics()
-    app[STORE] = SettingsStore(settings)
+    app[LIVE_SETTINGS] = SettingsStore(settings)
     if config_path is not None:
-        reloader = ConfigReloader(config_path, app[STORE], reload_interval_s)
+        reloader = ConfigReloader(config_path, app[LIVE_SETTINGS], reload_interval_s)
         app[RELOADER] = reloader
         app.cleanup_ctx.append(_watch_config)
     app.cleanup_ctx.append(_services)
@@ -299,7 +299,7 @@ def _authenticate(request: web.Request) -> None:
     key = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "").strip()
     if key:
         request[CLIENT_KEY] = key_hash(key)
-    keys = request.app[STORE].current.auth.api_keys_sha256
+    keys = request.app[LIVE_SETTINGS].current.auth.api_keys_sha256
     guarded = request.path.startswith(("/v1/", "/ui/api/"))
     if keys and guarded and request.get(CLIENT_KEY) not in keys:
         raise ProxyError(
@@ -309,7 +309,7 @@ def _authenticate(request: web.Request) -> None:
 
 def forward_client_key(request: web.Request) -> bool:
     """The client's key goes upstream only when guardproxy has no keys of its own."""
-    return not request.app[STORE].current.auth.api_keys_sha256
+    return not request.app[LIVE_SETTINGS].current.auth.api_keys_sha256
 
 
 async def _moderated(
@@ -333,7 +333,7 @@ async def moderate(
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("model must be a string", param="model")
-    policy = request.app[STORE].current.policy_for(request.path, model, request.get(CLIENT_KEY))
+    policy = request.app[LIVE_SETTINGS].current.policy_for(request.path, model, request.get(CLIENT_KEY))
     wire = make(body, policy)
     try:
         conversation = wire.conversation()
@@ -412,7 +412,7 @@ async def moderations(request: web.Request) -> web.Response:
         raise bad_request("input must be a string or a non-empty list of strings", param="input")
     if len(inputs) > 256:
         raise bad_request("at most 256 inputs per request", param="input")
-    policy = request.app[STORE].current.policy_for(
+    policy = request.app[LIVE_SETTINGS].current.policy_for(
         "/v1/moderations", body.get("model"), request.get(CLIENT_KEY)
     )
 

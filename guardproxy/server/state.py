@@ -14,8 +14,8 @@ from guardproxy.server.errors import bad_request
 from guardproxy.server.exchange import GuardServices
 from guardproxy.server.reload import ConfigReloader, SettingsStore
 
-SETTINGS = web.AppKey("settings", Settings)  # as started; the policy part is read from STORE
-STORE = web.AppKey("store", SettingsStore)
+SETTINGS = web.AppKey("settings", Settings)  # as started; the policy part is read from LIVE_SETTINGS
+LIVE_SETTINGS = web.AppKey("live_settings", SettingsStore)  # reloaded from the file as it changes
 METRICS = web.AppKey("metrics", Metrics)
 SERVICES = web.AppKey("services", GuardServices)
 GUARD_NAME = web.AppKey("guard_name", str)

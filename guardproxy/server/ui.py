@@ -33,7 +33,7 @@ from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
 from guardproxy.policy import Policy, decide
 from guardproxy.server.errors import bad_request, engine_error
 from guardproxy.server.prompts import judge_prompt, verdict_details
-from guardproxy.server.state import SERVICES, STORE, json_body
+from guardproxy.server.state import LIVE_SETTINGS, SERVICES, json_body
 from guardproxy.stream.sse import encode_event
 
 _STATIC = {"app.js": "application/javascript", "style.css": "text/css"}
@@ -70,7 +70,7 @@ def _thresholds(policy: Policy, given: Any) -> Policy:
 
 
 def _policy(request: web.Request, name: Any) -> Policy:
-    settings = request.app[STORE].current
+    settings = request.app[LIVE_SETTINGS].current
     if name is None or name == settings.policy.name:
         return settings.policy
     if not isinstance(name, str) or name not in settings.policies:
@@ -129,7 +129,7 @@ def add_routes(app: web.Application) -> None:
         return web.Response(body=_asset(name), content_type=_STATIC[name], charset="utf-8")
 
     async def policies(request: web.Request) -> web.Response:
-        settings = request.app[STORE].current
+        settings = request.app[LIVE_SETTINGS].current
         out = [settings.policy, *settings.policies.values()]
         return web.json_response(
             [

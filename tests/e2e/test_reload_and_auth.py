@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from guardproxy.config import AuthSettings, key_hash, load_settings, load_settings_file
-from guardproxy.server.state import RELOADER, STORE
+from guardproxy.server.state import LIVE_SETTINGS, RELOADER
 
 from .conftest import proxy_settings
 from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy, start_proxy_app
@@ -61,13 +61,13 @@ def test_file_change_reloads_and_bad_files_are_rejected(
     assert cut_text(proxy, fake).endswith("[v1]")
     write_config(cfg, url, trigger_checkpoint, "[v2]")
     # (The write and the mtime bump may be seen as one change or two: count reloads, not exact ones.)
-    wait_until(lambda: app[STORE].reloads >= 1 and app[STORE].current.policy.notice == "[v2]")
+    wait_until(lambda: app[LIVE_SETTINGS].reloads >= 1 and app[LIVE_SETTINGS].current.policy.notice == "[v2]")
     assert cut_text(proxy, fake).endswith("[v2]")
-    reloads = app[STORE].reloads
+    reloads = app[LIVE_SETTINGS].reloads
     cfg.write_text("policy: {mode: paranoid}\n")  # invalid: rejected whole
     os.utime(cfg, ns=(time.time_ns(), time.time_ns() + 4_000_000_000))
     wait_until(lambda: app[RELOADER].rejected >= 1)
-    assert cut_text(proxy, fake).endswith("[v2]") and app[STORE].reloads == reloads
+    assert cut_text(proxy, fake).endswith("[v2]") and app[LIVE_SETTINGS].reloads == reloads
 
 
 def test_a_kubernetes_configmap_update_is_picked_up(
@@ -92,7 +92,7 @@ def test_a_kubernetes_configmap_update_is_picked_up(
     os.utime(new, ns=(old.st_atime_ns, old.st_mtime_ns))  # even the same time and size: another file
     (mount / "..data_tmp").symlink_to("..2026_11_22_2")
     os.replace(mount / "..data_tmp", mount / "..data")
-    wait_until(lambda: app[STORE].current.policy.notice == "[cm-2]")
+    wait_until(lambda: app[LIVE_SETTINGS].current.policy.notice == "[cm-2]")
     assert cut_text(proxy, fake).endswith("[cm-2]")
 
 
