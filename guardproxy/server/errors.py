@@ -99,6 +99,12 @@ def guard_failed(reason: str) -> ProxyError:
     )
 
 
+def bad_upstream(message: str, code: str | None = None) -> ProxyError:
+    """The upstream failed or broke its API's protocol (unreachable, an error event, malformed,
+    truncated, out of order): a 502 the client gets in its own API's error shape."""
+    return ProxyError(502, message, type="upstream_error", code=code)
+
+
 def upstream_error(status: int, raw: bytes) -> ProxyError:
     """An upstream's error response, relayed with its status. Its body is kept when it is an error of
     either API's shape (each route renders its own); anything else is wrapped, so a client always gets

@@ -30,7 +30,7 @@ from guardproxy.observe.live import LiveFeed
 from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Action, Policy
-from guardproxy.server.errors import ProxyError, engine_error, guard_failed, upstream_error
+from guardproxy.server.errors import ProxyError, bad_upstream, engine_error, guard_failed, upstream_error
 from guardproxy.server.prompts import judge_prompt, verdict_details
 from guardproxy.server.store import ResponseStore
 from guardproxy.server.upstream import Upstream, returned_headers
@@ -476,10 +476,10 @@ class Exchange:
         except ProxyError as exc:
             await out.write(self.wire.error_event(exc))
         except SSEError as exc:
-            await out.write(self.wire.error_event(ProxyError(502, str(exc), type="upstream_error")))
+            await out.write(self.wire.error_event(bad_upstream(str(exc))))
         except (aiohttp.ClientError, TimeoutError) as exc:
             msg = f"upstream stream failed: {type(exc).__name__}: {exc}"
-            await out.write(self.wire.error_event(ProxyError(502, msg, type="upstream_error")))
+            await out.write(self.wire.error_event(bad_upstream(msg)))
         except asyncio.CancelledError:
             # Shutdown past its grace period (or the client left): end the stream cleanly for a
             # client still there, then let the cancellation through.

@@ -13,7 +13,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from guardproxy.config import UpstreamSettings
 from guardproxy.observe.logs import request_id
-from guardproxy.server.errors import ProxyError
+from guardproxy.server.errors import bad_upstream
 
 # Never forwarded: hop-by-hop headers (RFC 9110 7.6.1), and what the proxy sets itself.
 _DROP = frozenset(
@@ -151,10 +151,7 @@ class Upstream:
                         raise _RetryStatus(resp.status)
                     return resp
         except (TimeoutError, aiohttp.ClientConnectionError) as exc:
-            raise ProxyError(
-                502,
-                f"upstream unreachable: {type(exc).__name__}: {exc}",
-                type="upstream_error",
-                code="upstream_unreachable",
+            raise bad_upstream(
+                f"upstream unreachable: {type(exc).__name__}: {exc}", code="upstream_unreachable"
             ) from None
         raise AssertionError("unreachable")  # tenacity either returned or raised

@@ -19,7 +19,7 @@ import orjson
 
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
-from guardproxy.server.errors import Api, ProxyError, bad_request
+from guardproxy.server.errors import Api, ProxyError, bad_request, bad_upstream
 from guardproxy.stream.guardview import tool_field
 from guardproxy.stream.moderator import Out
 from guardproxy.stream.outputs import Event, Marker, Outputs, ToolArgs, ToolEnd
@@ -48,9 +48,9 @@ def parse_json(data: str | bytes, what: str) -> dict[str, Any]:
         try:
             value = json.loads(data)
         except ValueError:
-            raise ProxyError(502, f"upstream sent {what} that is not JSON", type="upstream_error") from None
+            raise bad_upstream(f"upstream sent {what} that is not JSON") from None
     if not isinstance(value, dict):
-        raise ProxyError(502, f"upstream sent {what} that is not a JSON object", type="upstream_error")
+        raise bad_upstream(f"upstream sent {what} that is not a JSON object")
     return value
 
 
@@ -196,11 +196,9 @@ class Wire(ABC):
             # Its text is left out, not the event: clients track items and blocks by their events.
             return [Marker(output, without_text(payload))]
         if rule == "fail":
-            raise ProxyError(
-                502,
+            raise bad_upstream(
                 f"upstream sent {kind}, which carries text guardproxy does not know how to read "
                 "(policy.unknown_events: fail)",
-                type="upstream_error",
                 code="unknown_event",
             )
         self.silent.add(tool_field(call))

@@ -14,7 +14,7 @@ from typing import Any
 
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
-from guardproxy.server.errors import ProxyError, bad_request
+from guardproxy.server.errors import ProxyError, bad_request, bad_upstream
 from guardproxy.server.wire import Conversation, Details, Wire, event_json, parse_json, stripped
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
@@ -93,7 +93,7 @@ class ChatWire(Wire):
         out: list[Event] = []
         for c in choices or []:
             if not isinstance(c, Mapping):
-                raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
+                raise bad_upstream("upstream sent a malformed choice")
             index = _index(c)
             out += self._delta(index, self._delta_of(c))
             if c.get("finish_reason"):
@@ -103,7 +103,7 @@ class ChatWire(Wire):
     def _delta_of(self, c: Mapping[str, Any]) -> Mapping[str, Any]:
         delta = c.get("delta") or {}
         if not isinstance(delta, Mapping):
-            raise ProxyError(502, "upstream sent a malformed delta", type="upstream_error")
+            raise bad_upstream("upstream sent a malformed delta")
         return delta
 
     def _delta(self, index: int, delta: Mapping[str, Any], whole: bool = False) -> list[Event]:
@@ -151,15 +151,15 @@ class ChatWire(Wire):
     def read_whole(self, raw: bytes) -> list[Event]:
         body = parse_json(raw, "a response")
         if not isinstance(body.get("choices"), list):
-            raise ProxyError(502, "upstream response has no choices", type="upstream_error")
+            raise bad_upstream("upstream response has no choices")
         self._original = body
         out: list[Event] = []
         for c in body["choices"]:
             if not isinstance(c, Mapping):
-                raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
+                raise bad_upstream("upstream sent a malformed choice")
             msg = c.get("message") or {}
             if not isinstance(msg, Mapping):
-                raise ProxyError(502, "upstream sent a malformed message", type="upstream_error")
+                raise bad_upstream("upstream sent a malformed message")
             delta = {k: v for k, v in msg.items() if k not in ("role", "tool_calls")}
             delta["tool_calls"] = [{"index": k, **tc} for k, tc in enumerate(msg.get("tool_calls") or [])]
             out += self._delta(_index(c), delta, whole=True)
@@ -203,9 +203,7 @@ class ChatWire(Wire):
 
     def tail(self) -> bytes:
         if self._truncated:
-            return self.error_event(
-                ProxyError(502, "upstream ended the stream before its end ([DONE])", type="upstream_error")
-            )
+            return self.error_event(bad_upstream("upstream ended the stream before its end ([DONE])"))
         return b"".join(encode_event(event_json(chunk)) for chunk in self._tail) + DONE
 
     def whole(self, outputs: Outputs, details: Details) -> dict[str, Any]:
@@ -308,12 +306,12 @@ class CompletionWire(ChatWire):
     def read_whole(self, raw: bytes) -> list[Event]:
         body = parse_json(raw, "a response")
         if not isinstance(body.get("choices"), list):
-            raise ProxyError(502, "upstream response has no choices", type="upstream_error")
+            raise bad_upstream("upstream response has no choices")
         self._original = body
         out: list[Event] = []
         for c in body["choices"]:
             if not isinstance(c, Mapping):
-                raise ProxyError(502, "upstream sent a malformed choice", type="upstream_error")
+                raise bad_upstream("upstream sent a malformed choice")
             out += self._delta(_index(c), {"content": c.get("text") or ""})
             out.append(Finish(_index(c), c.get("finish_reason")))
         return out
@@ -362,4 +360,4 @@ def _index(c: Mapping[str, Any]) -> int:
     try:
         return int(c.get("index", 0))
     except (TypeError, ValueError):
-        raise ProxyError(502, "upstream sent a choice without a valid index", type="upstream_error") from None
+        raise bad_upstream("upstream sent a choice without a valid index") from None

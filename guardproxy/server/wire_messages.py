@@ -24,7 +24,7 @@ from typing import Any
 
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
-from guardproxy.server.errors import ProxyError, bad_request
+from guardproxy.server.errors import ProxyError, bad_request, bad_upstream
 from guardproxy.server.wire import (
     Conversation,
     Details,
@@ -109,9 +109,7 @@ class MessagesWire(Wire):
         if kind == "content_block_delta":
             delta = ev.get("delta")
             if not isinstance(delta, Mapping):
-                raise ProxyError(
-                    502, "upstream sent a content_block_delta without a delta", type="upstream_error"
-                )
+                raise bad_upstream("upstream sent a content_block_delta without a delta")
             dtype = str(delta.get("type"))
             index = _block_index(ev)
             if dtype in _TEXT_DELTAS:
@@ -119,16 +117,14 @@ class MessagesWire(Wire):
                 key = _TEXT_DELTAS[dtype]
                 text = delta.get(key)
                 if not isinstance(text, str):
-                    raise ProxyError(502, f"upstream sent a {dtype} without {key}", type="upstream_error")
+                    raise bad_upstream(f"upstream sent a {dtype} without {key}")
                 if dtype == "text_delta":
                     return [Text(0, CONTENT, text)]
                 if dtype == "thinking_delta":
                     return [Text(0, REASONING, text)]
                 call = self._block_calls.get(index)
                 if call is None:
-                    raise ProxyError(
-                        502, "upstream sent tool input outside a tool_use block", type="upstream_error"
-                    )
+                    raise bad_upstream("upstream sent tool input outside a tool_use block")
                 return [ToolArgs(0, call, self._names.get(call), text)]
             if dtype == "signature_delta":
                 return [Marker(0, ev)]  # the thinking block's signature: no text
@@ -148,7 +144,7 @@ class MessagesWire(Wire):
     def _block_start(self, ev: dict[str, Any]) -> list[Event]:
         block = ev.get("content_block")
         if not isinstance(block, Mapping) or not isinstance(ev.get("index"), int):
-            raise ProxyError(502, "upstream sent a malformed content_block_start", type="upstream_error")
+            raise bad_upstream("upstream sent a malformed content_block_start")
         index, btype = ev["index"], str(block.get("type"))
         if btype in CALL_BLOCKS:
             call = self._new_call()
@@ -177,15 +173,13 @@ class MessagesWire(Wire):
     def read_whole(self, raw: bytes) -> list[Event]:
         body = parse_json(raw, "a message")
         if not isinstance(body.get("content"), list):
-            raise ProxyError(502, "upstream message has no content", type="upstream_error")
+            raise bad_upstream("upstream message has no content")
         self._original = body
         out: list[Event] = []
         lengths: dict[str, int] = {}
         for i, block in enumerate(body["content"]):
             if not isinstance(block, Mapping):
-                raise ProxyError(
-                    502, "upstream sent a content block that is not an object", type="upstream_error"
-                )
+                raise bad_upstream("upstream sent a content block that is not an object")
             btype = str(block.get("type"))
             if btype in ("text", "thinking"):
                 name, key = (CONTENT, "text") if btype == "text" else (REASONING, "thinking")
@@ -255,7 +249,7 @@ class MessagesWire(Wire):
         index = self._field_block.get(name)
         if index is None or index not in self._open:
             if name != CONTENT:
-                raise ProxyError(502, "upstream sent content outside a content block", type="upstream_error")
+                raise bad_upstream("upstream sent content outside a content block")
             # Text the upstream never opened a block for: open one.
             index = self._next_block
             pre = self._marker(
@@ -271,9 +265,7 @@ class MessagesWire(Wire):
 
     def _finish(self, payload: Any, details: Details) -> bytes:
         if not isinstance(payload, tuple):  # the upstream stopped without message_stop
-            return self.error_event(
-                ProxyError(502, "upstream ended the message before message_stop", type="upstream_error")
-            )
+            return self.error_event(bad_upstream("upstream ended the message before message_stop"))
         delta, stop = payload
         delta = dict(
             delta
@@ -401,7 +393,5 @@ def _block_index(ev: Mapping[str, Any]) -> int:
     """The content block an event is about; an upstream event naming none is malformed."""
     index = ev.get("index")
     if not isinstance(index, int) or isinstance(index, bool):
-        raise ProxyError(
-            502, f"upstream sent a {ev.get('type')} event without a block index", type="upstream_error"
-        )
+        raise bad_upstream(f"upstream sent a {ev.get('type')} event without a block index")
     return index

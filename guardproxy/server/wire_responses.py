@@ -26,7 +26,7 @@ from typing import Any
 
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
-from guardproxy.server.errors import ProxyError, bad_request
+from guardproxy.server.errors import ProxyError, bad_request, bad_upstream
 from guardproxy.server.store import ResponseStore
 from guardproxy.server.wire import (
     Conversation,
@@ -162,9 +162,7 @@ class ResponsesWire(Wire):
         ev = parse_json(event.data, "an event")
         kind = str(ev.get("type") or event.event)
         if kind == "error":
-            raise ProxyError(
-                502, str(ev.get("message") or "upstream error"), type="upstream_error", code=ev.get("code")
-            )
+            raise bad_upstream(str(ev.get("message") or "upstream error"), code=ev.get("code"))
         if kind in _TERMINAL:
             self.upstream_done = True
             self._note_response(ev.get("response"))
@@ -202,7 +200,7 @@ class ResponsesWire(Wire):
     def _item_added(self, ev: dict[str, Any]) -> list[Event]:
         item = ev.get("item")
         if not isinstance(item, Mapping):
-            raise ProxyError(502, "upstream sent an output item that is not an object", type="upstream_error")
+            raise bad_upstream("upstream sent an output item that is not an object")
         item_id, kind = str(item.get("id")), str(item.get("type"))
         self._read_kind[item_id] = kind
         if kind in CALL_ITEMS:
@@ -230,15 +228,13 @@ class ResponsesWire(Wire):
     def read_whole(self, raw: bytes) -> list[Event]:
         body = parse_json(raw, "a response")
         if not isinstance(body.get("output"), list):
-            raise ProxyError(502, "upstream response has no output", type="upstream_error")
+            raise bad_upstream("upstream response has no output")
         self._original = body
         self._note_response(body)
         out: list[Event] = []
         for i, item in enumerate(body["output"]):
             if not isinstance(item, Mapping):
-                raise ProxyError(
-                    502, "upstream sent an output item that is not an object", type="upstream_error"
-                )
+                raise bad_upstream("upstream sent an output item that is not an object")
             kind = str(item.get("type"))
             if kind in CALL_ITEMS or kind not in _READ_ITEMS:
                 k = self._next_call
@@ -374,7 +370,5 @@ class ResponsesWire(Wire):
 def _delta(ev: Mapping[str, Any]) -> str:
     delta = ev.get("delta")
     if not isinstance(delta, str):
-        raise ProxyError(
-            502, f"upstream sent a {ev.get('type')} event without a text delta", type="upstream_error"
-        )
+        raise bad_upstream(f"upstream sent a {ev.get('type')} event without a text delta")
     return delta

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardproxy.policy import Policy
-from guardproxy.server.errors import ProxyError
+from guardproxy.server.errors import ProxyError, bad_upstream
 from guardproxy.server.wire import Details, event_json
 from guardproxy.stream.guardview import CONTENT, REASONING
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
@@ -281,9 +281,7 @@ class ResponseEvents:
 
     def _finish(self, ev: Any, details: Details) -> bytes:
         if not isinstance(ev, Mapping):  # the upstream stopped without its last event
-            return self.error(
-                ProxyError(502, "upstream ended the response before its final event", type="upstream_error")
-            )
+            return self.error(bad_upstream("upstream ended the response before its final event"))
         return self.emit({**ev, "response": self._response(ev.get("response"), details)})
 
     def _close_part(self, item: _Item, p: _Part) -> list[bytes]:
