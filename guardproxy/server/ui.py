@@ -18,7 +18,6 @@ some (the middleware checks, as for ``/v1/``); the page shell itself holds no da
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -192,13 +191,20 @@ def add_routes(app: web.Application) -> None:
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await out.prepare(request)
         queue = feed.watch()
+        # One get() kept across the one-second ticks, never cancelled by them: on Python 3.11
+        # ``wait_for(queue.get(), 1.0)`` can drop a record that arrives as the timeout fires (the get
+        # has taken it from the queue, the cancellation discards it), and a page then misses it.
+        getter: asyncio.Future[dict[str, Any]] | None = None
         try:
             for record in list(feed.records):
                 await out.write(encode_event(json.dumps(record, ensure_ascii=False), event="record"))
             waits = services.metrics.verdict_waits
             while services.stopping is None or not services.stopping.done():
-                with contextlib.suppress(TimeoutError):
-                    record = await asyncio.wait_for(queue.get(), 1.0)
+                if getter is None:
+                    getter = asyncio.ensure_future(queue.get())
+                arrived, _ = await asyncio.wait({getter}, timeout=1.0)
+                if arrived:
+                    record, getter = getter.result(), None
                     await out.write(encode_event(json.dumps(record, ensure_ascii=False), event="record"))
                     continue
                 now = services.metrics.verdict_waits
@@ -218,6 +224,8 @@ def add_routes(app: web.Application) -> None:
         except (ConnectionResetError, RuntimeError):
             pass  # the page went away
         finally:
+            if getter is not None:
+                getter.cancel()
             feed.unwatch(queue)
         return out
 

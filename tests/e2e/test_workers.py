@@ -114,13 +114,31 @@ def test_only_the_engine_process_loads_torch(cluster: Cluster) -> None:
 def test_both_workers_serve_and_their_streams_share_engine_steps(cluster: Cluster) -> None:
     before = scrape(cluster.v1)
     served: list[tuple[str, str, str | None]] = []
-    for _ in range(5):  # the kernel picks a worker per connection: a few rounds until both served
+
+    def mixed_steps() -> tuple[float, float]:
+        """Steps since ``before``, and those whose batch held one worker's streams only."""
+        now = scrape(cluster.v1)
+        steps = value(now, "guardproxy_engine_batch_workers_count") - value(
+            before, "guardproxy_engine_batch_workers_count"
+        )
+        single = value(now, "guardproxy_engine_batch_workers_bucket", le="1.0") - value(
+            before, "guardproxy_engine_batch_workers_bucket", le="1.0"
+        )
+        return steps, single
+
+    # The kernel picks a worker per connection, and whether two workers' tokens meet in one step
+    # depends on when they arrive (a faster engine makes it rarer): rounds, a bounded number, until
+    # both workers have served and at least one step held both.
+    for _ in range(10):
         with ThreadPoolExecutor(8) as pool:
             jobs = [pool.submit(chat, cluster.base, CUT if i % 4 == 0 else BENIGN, 0.03) for i in range(8)]
             round_ = [j.result() for j in jobs]
         served += round_
         if {w for w, _, _ in served} == {"0", "1"}:
-            break
+            wait_idle(cluster.v1, 20)
+            steps, single = mixed_steps()
+            if steps > single:
+                break
     assert {w for w, _, _ in served} == {"0", "1"}
     # Judged as one process judges them: the benign answers whole, the trigger word cut.
     for k, (_, text, finish) in enumerate(served):
@@ -131,12 +149,7 @@ def test_both_workers_serve_and_their_streams_share_engine_steps(cluster: Cluste
     wait_idle(cluster.v1, 20)
     after = scrape(cluster.v1)
     # Steps whose batch held streams of both workers (the engine process's histogram, summed in).
-    steps = value(after, "guardproxy_engine_batch_workers_count") - value(
-        before, "guardproxy_engine_batch_workers_count"
-    )
-    single = value(after, "guardproxy_engine_batch_workers_bucket", le="1.0") - value(
-        before, "guardproxy_engine_batch_workers_bucket", le="1.0"
-    )
+    steps, single = mixed_steps()
     assert steps > single > 0, (steps, single)
     # /metrics counts every worker's requests, whichever worker answers the scrape.
     route = {"route": "/v1/chat/completions", "status": "200"}
