@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.server.errors import Api, ProxyError, bad_request, bad_upstream
@@ -36,6 +37,26 @@ class Conversation:
 
     messages: list[dict[str, Any]]
     tools: list[dict[str, Any]] | None = None
+
+
+def joined_text(
+    value: Any, where: str, param: str, what: str, read: Callable[[Mapping[str, Any], str], str | None]
+) -> str:
+    """Content given as a string, or as a list of objects (``what``) each read by ``read`` (None:
+    nothing to read there), joined by newlines; ``param`` names the request field in errors. The one
+    walk both request readers (Messages blocks, Responses parts) share."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise ConversationError(f"{where} must be a string or a list of {what}", param=param)
+    texts = []
+    for k, part in enumerate(value):
+        if not isinstance(part, Mapping):
+            raise ConversationError(f"{where}[{k}] must be an object", param=param)
+        text = read(part, f"{where}[{k}]")
+        if text is not None:
+            texts.append(text)
+    return "\n".join(texts)
 
 
 def parse_json(data: str | bytes, what: str) -> dict[str, Any]:

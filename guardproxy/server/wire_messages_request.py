@@ -16,23 +16,12 @@ from typing import Any
 
 from guardproxy.guard.template import ConversationError
 from guardproxy.server.errors import bad_request
-from guardproxy.server.wire import carried_text, dumps
+from guardproxy.server.wire import carried_text, dumps, joined_text
 
 
 def _text_blocks(value: Any, where: str) -> str:
-    """The text of content given as a string or as blocks (``block_text`` of each, joined)."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise ConversationError(f"{where} must be a string or a list of content blocks", param="messages")
-    texts = []
-    for k, block in enumerate(value):
-        if not isinstance(block, Mapping):
-            raise ConversationError(f"{where}[{k}] must be an object", param="messages")
-        text = block_text(block, f"{where}[{k}]")
-        if text:
-            texts.append(text)
-    return "\n".join(texts)
+    """The text of content given as a string or as blocks (``block_text`` of each; empty ones left out)."""
+    return joined_text(value, where, "messages", "content blocks", lambda b, w: block_text(b, w) or None)
 
 
 # Blocks with no text the guard can read: pictures, encrypted reasoning, file references.

@@ -15,7 +15,7 @@ from typing import Any
 
 from guardproxy.guard.template import ConversationError
 from guardproxy.server.errors import bad_request
-from guardproxy.server.wire import carried_text, dumps
+from guardproxy.server.wire import carried_text, dumps, joined_text
 
 # Tool calls whose input the model writes: item type -> the key of that input.
 CALL_ITEMS = {"function_call": "arguments", "custom_tool_call": "input"}
@@ -37,22 +37,18 @@ def _parts_text(content: Any, where: str) -> str:
     files and audio have no text for the guard)."""
     if content is None:
         return ""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise ConversationError(f"{where} must be a string or a list of content parts", param="input")
-    texts = []
-    for k, part in enumerate(content):
-        if not isinstance(part, Mapping):
-            raise ConversationError(f"{where}[{k}] must be an object", param="input")
-        kind = part.get("type")
-        key = "refusal" if kind == "refusal" else "text"
-        if kind in ("input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text"):
-            value = part.get(key)
-            if not isinstance(value, str):
-                raise ConversationError(f"{where}[{k}].{key} must be a string", param="input")
-            texts.append(value)
-    return "\n".join(texts)
+    return joined_text(content, where, "input", "content parts", _part_text)
+
+
+def _part_text(part: Mapping[str, Any], where: str) -> str | None:
+    kind = part.get("type")
+    if kind not in ("input_text", "output_text", "text", "refusal", "summary_text", "reasoning_text"):
+        return None
+    key = "refusal" if kind == "refusal" else "text"
+    value = part.get(key)
+    if not isinstance(value, str):
+        raise ConversationError(f"{where}.{key} must be a string", param="input")
+    return value
 
 
 def input_messages(value: Any) -> list[dict[str, Any]]:
