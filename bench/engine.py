@@ -148,8 +148,9 @@ async def run_engine(
     feed: int,
     limits: EngineLimits,
     attention: str = "auto",
+    overlap: bool = False,
 ) -> tuple[Row, dict[str, Any]]:
-    async with GuardEngine(model, limits, attention=attention) as engine:
+    async with GuardEngine(model, limits, attention=attention, overlap=overlap) as engine:
         # Warm-up step (allocator, kernels) outside the timed region.
         async with await engine.open([1, 2, 3], 2) as s:
             await s.judge([4, 5])
@@ -170,7 +171,7 @@ async def run_engine(
         steps = engine.stats().steps - steps0
     processed = sum(len(p) + len(r) for p, r in work)
     row = Row(
-        f"engine, {attention}",
+        f"engine, {attention}" + (", overlap" if overlap else ""),
         len(work),
         judged,
         seconds,
@@ -198,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak measurement")
     ap.add_argument(
         "--attention", default="auto", help="attention backends to compare, e.g. reference,batched"
+    )
+    ap.add_argument(
+        "--overlap", default="off", help="off, on or off,on: the next step scheduled while one runs"
     )
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
@@ -235,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for n in counts:
         for attention in args.attention.split(","):
-            row, _ = asyncio.run(run_engine(model, work[:n], args.feed, limits, attention))
-            rows.append(row)
+            for overlap in args.overlap.split(","):
+                row, _ = asyncio.run(
+                    run_engine(model, work[:n], args.feed, limits, attention, overlap == "on")
+                )
+                rows.append(row)
 
     r0, r1 = rows[0].tok_s, rows[1].tok_s
     print(

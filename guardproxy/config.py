@@ -63,6 +63,7 @@ class GuardSettings:
     attention: str = "auto"  # auto | batched | reference (guard/attention.py)
     quantize: str = "none"  # none | int8: the backbone's Linear layers in int8, CPU only (guard/quantize.py)
     kv_memory_fraction: float | None = None  # on a GPU: the KV pool's share of free memory (guard/sizing.py)
+    overlap: str = "auto"  # auto | on | off: the next step scheduled while one runs (auto: on a GPU)
     engine: EngineLimits = field(default_factory=EngineLimits)
 
     def __post_init__(self) -> None:
@@ -72,6 +73,8 @@ class GuardSettings:
             raise ValueError(f"attention must be auto, batched or reference, got {self.attention!r}")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
+        if self.overlap not in ("auto", "on", "off"):
+            raise ValueError(f"overlap must be auto, on or off, got {self.overlap!r}")
         if self.kv_memory_fraction is not None and not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
 
@@ -255,6 +258,7 @@ _GUARD = {
     "attention": str,
     "quantize": str,
     "kv_memory_fraction": float,
+    "overlap": str,
 }
 
 

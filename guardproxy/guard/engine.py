@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -36,7 +37,15 @@ from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.model_process import WorkerDied
 from guardproxy.guard.pages import PAGE_SIZE, PagePool
 from guardproxy.guard.runner import ModelRunner
-from guardproxy.guard.scheduler import EngineLimits, ItemOutput, RawProbs, Scheduler, Ticket, WorkItem
+from guardproxy.guard.scheduler import (
+    EngineLimits,
+    ItemOutput,
+    RawProbs,
+    Scheduler,
+    StepPlan,
+    Ticket,
+    WorkItem,
+)
 from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
 
 log = logging.getLogger(__name__)
@@ -48,11 +57,26 @@ def max_pages(limits: EngineLimits) -> int:
     return -(-limits.max_cached_tokens // PAGE_SIZE) + limits.max_streams
 
 
+def overlap_for(setting: str, device: torch.device) -> bool:
+    """``guard.overlap``: on, off, or auto: on a GPU, where the device runs a step while the host
+    schedules the next. On a CPU the host and the step share the cores (and the GIL for the model's
+    Python): bench/engine.py measured it 0.9-1.0x there."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
 def _quiet(fut: asyncio.Future[Any]) -> None:
     # A caller that closes a stream without awaiting its futures has chosen not to care about their
     # errors: mark them retrieved so asyncio does not log "exception was never retrieved".
     if not fut.cancelled():
         fut.exception()
+
+
+class _Skipped(Exception):
+    """A step queued behind one that failed, not run."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(f"not run: the step before it failed ({cause!r})")
+        self.cause = cause
 
 
 class StepExecutor(Protocol):
@@ -129,11 +153,13 @@ class GuardEngine:
         *,
         threads: int | None = None,
         attention: str = "auto",
+        overlap: bool = False,
         on_step: Callable[[int, int, float], None] | None = None,
         on_batch: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
         """Steps run on ``executor`` (a model is run here, by a ``ModelRunner`` with the ``attention``
-        backend). The engine owns the executor from now on and closes it on ``stop``."""
+        backend). The engine owns the executor from now on and closes it on ``stop``. ``overlap``: the
+        next step is scheduled while one runs (one step in flight, the next queued behind it)."""
         if threads is not None:
             torch.set_num_threads(threads)
         if limits is None:
@@ -161,9 +187,15 @@ class GuardEngine:
         self._task: asyncio.Task[None] | None = None
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._last_step = (0, 0.0)
+        self._depth = 2 if overlap else 1  # steps submitted to the thread at once
+        self._broken: BaseException | None = None  # set by the thread when a step fails
         self._promised = (0, 0)  # (KV positions, streams) admitted from the queue, not yet added
         self._on_step = on_step  # (tokens, streams, seconds) after every step, for metrics
         self._on_batch = on_batch  # the stream ids of every step (the shared engine: whose they are)
+
+    @property
+    def overlap(self) -> bool:
+        return self._depth > 1
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -351,49 +383,96 @@ class GuardEngine:
                 else:
                     waiter.set_result(t.results)
 
+    def _execute(self, items: Sequence[WorkItem]) -> tuple[list[ItemOutput], float]:
+        """Runs on the engine's thread, one step at a time in the order submitted. After a step fails,
+        the step queued behind it is not run (its streams' caches may depend on the failed one)."""
+        if self._broken is not None:
+            raise _Skipped(self._broken)
+        started = time.perf_counter()
+        try:
+            outputs = self.executor.execute(items)
+        except BaseException as exc:
+            self._broken = exc
+            raise
+        return outputs, time.perf_counter() - started
+
+    def _submit(self, plan: StepPlan) -> asyncio.Future[tuple[list[ItemOutput], float]]:
+        items = plan.items
+        if self._depth > 1:
+            # The next step is scheduled while this one runs: it must read the page tables as they are
+            # now, not as the scheduler rewrites them for the next (copy-on-write, growth).
+            items = [replace(item, kv=item.kv.snapshot()) for item in items]
+        fut = asyncio.get_running_loop().run_in_executor(self._thread, self._execute, items)
+        fut.add_done_callback(lambda _: self._kick())
+        return fut
+
+    def _land(self, plan: StepPlan, fut: asyncio.Future[tuple[list[ItemOutput], float]]) -> None:
+        """A step is over: its outputs to the scheduler, its verdicts to the waiting feeds."""
+        try:
+            outputs, seconds = fut.result()
+        except _Skipped as skipped:  # queued behind a step that failed: its streams go with it
+            done = self.scheduler.fail(plan, skipped.cause)
+            seconds = 0.0
+        except WorkerDied as exc:  # every stream's cache died with the process
+            log.error("%s: failing every live guard stream; the next step starts a new one", exc)
+            done = self.scheduler.fail(plan, exc) + self.scheduler.fail_all(exc)
+            self.scheduler.clear_cache()
+            seconds = 0.0
+        except Exception as exc:  # the engine survives a failed step; its streams do not
+            log.error("guard step failed (%d streams, %d tokens)", len(plan.items), plan.tokens, exc_info=exc)
+            done = self.scheduler.fail(plan, exc)
+            seconds = 0.0
+        else:
+            done = self.scheduler.complete(plan, outputs)
+            self._last_step = (plan.tokens, seconds)
+            if self._on_step is not None:
+                self._on_step(plan.tokens, len(plan.items), seconds)
+            if self._on_batch is not None:
+                self._on_batch([item.sid for item in plan.items])
+        self._resolve(done)
+        self._admit_waiters()
+
     async def _run(self) -> None:
+        """Schedule a step, run it on the engine's thread, land it. With overlap (``_depth`` 2) the next
+        step is scheduled and queued while one runs, so the device never waits for the bookkeeping."""
         assert self._wake is not None
-        loop = asyncio.get_running_loop()
+        running: deque[tuple[StepPlan, asyncio.Future[tuple[list[ItemOutput], float]]]] = deque()
         while True:
             try:
+                if running and running[0][1].done():
+                    self._land(*running.popleft())
+                    if not running:
+                        self._broken = None  # nothing is queued behind a failure any more
+                    continue
                 now = time.monotonic()
                 expired = self.scheduler.expire(now)
                 if expired:  # streams that waited too long for memory: theirs is free for the others
                     self._resolve(expired)
                     self._admit_waiters()
-                plan = self.scheduler.schedule(now)
-                if plan is None:
-                    self._wake.clear()
-                    # Streams waiting for memory are woken by a close (room) or by their deadline.
-                    deadline = self.scheduler.next_expiry()
-                    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), timeout)
+                if len(running) < self._depth and self._broken is None:
+                    plan = self.scheduler.schedule(now)
+                    if plan is not None:
+                        try:
+                            running.append((plan, self._submit(plan)))
+                        except BaseException as exc:
+                            self._resolve(self.scheduler.fail(plan, exc))
+                            raise
+                        continue
+                # Nothing to start: wait for new work, a step's end (both kick) or a memory deadline.
+                self._wake.clear()
+                if running and running[0][1].done():
                     continue
-                started = time.perf_counter()
-                try:
-                    outputs = await loop.run_in_executor(self._thread, self.executor.execute, plan.items)
-                except WorkerDied as exc:  # every stream's cache died with the process
-                    log.error("%s: failing every live guard stream; the next step starts a new one", exc)
-                    done = self.scheduler.fail(plan, exc) + self.scheduler.fail_all(exc)
-                    self.scheduler.clear_cache()
-                except Exception as exc:  # the engine survives a failed step; its streams do not
-                    log.exception("guard step failed (%d streams, %d tokens)", len(plan.items), plan.tokens)
-                    done = self.scheduler.fail(plan, exc)
-                else:
-                    done = self.scheduler.complete(plan, outputs)
-                self._last_step = (plan.tokens, time.perf_counter() - started)
-                if self._on_step is not None:
-                    self._on_step(plan.tokens, len(plan.items), self._last_step[1])
-                if self._on_batch is not None:
-                    self._on_batch([item.sid for item in plan.items])
-                self._resolve(done)
-                self._admit_waiters()
+                deadline = self.scheduler.next_expiry()
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
             except Exception as exc:
                 # A bug in the bookkeeping must not leave every caller waiting forever: fail what is
-                # live, keep serving new streams; wait for new work rather than spin on the same error.
+                # live (the steps in flight are forgotten), keep serving new streams; wait for new
+                # work rather than spin on the same error.
                 log.exception("guard engine loop error; failing live streams")
                 self._resolve(self.scheduler.fail_all(exc))
+                running.clear()
                 self._admit_waiters()
                 self._wake.clear()
                 await self._wake.wait()

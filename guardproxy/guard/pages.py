@@ -52,6 +52,10 @@ class KVPages:
     def __post_init__(self) -> None:
         self.check_run()
 
+    def snapshot(self) -> KVPages:
+        """A copy for a step in flight, which must not see the page table change under it."""
+        return KVPages(list(self.pages), self.capacity, self.first)
+
     def check_run(self) -> None:
         p = self.pages
         self.first = p[0] if p and p == list(range(p[0], p[0] + len(p))) else -1

@@ -145,14 +145,25 @@ class StreamState:
     failed: BaseException | None = None
     slides: int = 0
     judged: int = 0
-    inflight_at: int = 0  # position of the first token of this stream's item in the step in flight
-    inflight_kinds: list[int] = field(default_factory=list)
-    drop: int = 0  # verdicts of the step in flight to discard (their tokens were retracted)
+    flights: deque[Flight] = field(default_factory=deque)  # its items in the steps in flight, oldest first
     waiting_since: float | None = None  # when it began to wait for KV memory to grow
     ids: list[int] = field(default_factory=list)  # the token at each position up to ``cached``
     keys: list[bytes] = field(default_factory=list)  # keys of its full pages, from the first on
     prompt_keys: list[bytes] = field(default_factory=list)  # keys of the prompt pages it may share
     waiting_prefix: bool = False  # another stream is computing its next prompt page: it waits for it
+
+
+@dataclass(eq=False)
+class Flight:
+    """One stream's item in a step in flight: positions ``at..at+len(kinds)``, of which those from
+    ``end`` on were retracted since (their verdicts are discarded when the step completes)."""
+
+    at: int
+    kinds: list[int]
+    end: int
+
+    def dropped(self) -> int:
+        return sum(1 for k in self.kinds[max(0, self.end - self.at) :] if k == RESPONSE)
 
 
 @dataclass(frozen=True)
@@ -215,7 +226,7 @@ class Scheduler:
         self.reserved = 0  # KV positions allocated to live streams
         self._ids = itertools.count(1)
         self._arrivals = itertools.count()
-        self._inflight: set[int] = set()
+        self._flying: deque[StepPlan] = deque()  # steps scheduled and not yet completed, oldest first
         self._computing: dict[bytes, int] = {}  # prompt pages a live stream is computing: key -> sid
         self.steps = 0
         self.slides = 0
@@ -367,12 +378,9 @@ class Scheduler:
             raise EngineError(f"cannot retract {n} tokens of guard stream {sid}: they are not all fed")
         del s.pend_ids[len(s.pend_ids) - unsent :], s.pend_kind[len(s.pend_kind) - unsent :]
         if cached:
-            if sid in self._inflight and s.cached > s.inflight_at:
-                # Positions [cached - n, cached) that the step in flight is judging now (an earlier
-                # retraction in the same step has already moved ``cached`` below the rest).
-                lo, hi = max(s.cached - cached, s.inflight_at) - s.inflight_at, s.cached - s.inflight_at
-                s.drop += sum(1 for k in s.inflight_kinds[lo:hi] if k == RESPONSE)
             s.cached -= cached
+            for f in s.flights:  # steps in flight judging these positions now: their verdicts go
+                f.end = min(f.end, max(s.cached, f.at))
             del s.ids[s.cached :], s.keys[s.cached // PAGE_SIZE :]
             for _ in range(cached):
                 s.tail.pop()
@@ -397,7 +405,7 @@ class Scheduler:
         s.closed = True
         self._release_claims(s)
         dropped = self._fail_tickets(s, StreamClosed(f"guard stream {sid} was closed"))
-        if sid not in self._inflight:
+        if not s.flights:
             self._free(s)
         return dropped
 
@@ -427,9 +435,10 @@ class Scheduler:
     # -- stepping ------------------------------------------------------------------------------------
 
     def schedule(self, now: float = 0.0) -> StepPlan | None:
-        """Pack the next step (``now``: the caller's clock, for memory waits). Must not be called while
-        a plan is in flight. None: nothing can run now (idle, or every ready stream waits for memory)."""
-        assert not self._inflight, "schedule() while a step is in flight"
+        """Pack the next step (``now``: the caller's clock, for memory waits). Steps already in flight
+        may not have completed: a stream in one goes on from the positions it is computing (steps run in
+        the order they are scheduled, on one device queue). None: nothing can run now (idle, or every
+        ready stream waits for memory)."""
         lim = self.limits
         for waiting in [s for s in self.streams.values() if s.waiting_prefix and not s.closed]:
             self._advance_prefix(waiting)
@@ -457,18 +466,19 @@ class Scheduler:
                 s.pend_since = next(self._arrivals)  # back of the line for the rest
             copies = tuple(self.allocator.prepare_write(s.kv, s.cached, s.cached + n))
             items.append(WorkItem(sid=s.sid, kv=s.kv, start=s.cached, ids=ids, kinds=kinds, copies=copies))
-            s.inflight_at, s.inflight_kinds = s.cached, kinds
+            s.flights.append(Flight(at=s.cached, kinds=kinds, end=s.cached + n))
             s.cached += n
             s.ids += ids
             self.prefill_tokens += sum(1 for k in kinds if k != RESPONSE)
             s.tail.extend(i for i, k in zip(ids, kinds, strict=True) if k in _TAIL_KINDS)
             while len(s.tail) > s.window:
                 s.tail.popleft()
-            self._inflight.add(s.sid)
         if not items:
             return None
         self.steps += 1
-        return StepPlan(items)
+        plan = StepPlan(items)
+        self._flying.append(plan)
+        return plan
 
     def _make_room(self, s: StreamState, n: int, now: float) -> int:
         """How many of ``n`` more positions fit in the stream's KV now: grow from the pool; at the
@@ -477,6 +487,8 @@ class Scheduler:
         if s.cached + n <= s.capacity:
             return n
         if s.capacity >= lim.max_positions:
+            if s.flights:  # a slide rewrites positions a step in flight computes: after it lands
+                return s.capacity - s.cached
             self._slide(s)  # the context limit: judged on a window from here on
             return min(n, s.capacity - s.cached)
         # Grow by the reserve (amortised), or at least by what this step needs, within the context.
@@ -528,7 +540,7 @@ class Scheduler:
             s.failed = exc
             s.waiting_since = None
             failed += self._fail_tickets(s, exc)
-            if s.sid not in self._inflight:
+            if not s.flights:
                 self._release_kv(s)
         return failed
 
@@ -548,22 +560,22 @@ class Scheduler:
     def complete(self, plan: StepPlan, outputs: Sequence[ItemOutput]) -> list[Ticket]:
         """Deliver a step's outputs; returns the tickets that are now done."""
         done: list[Ticket] = []
-        for item, out in zip(plan.items, outputs, strict=True):
-            s = self.streams[item.sid]
-            if s.closed:
+        landed = self._land(plan)
+        for (s, flight), out in zip(landed, outputs, strict=True):
+            if s.closed or s.failed is not None:  # failed meanwhile (a memory wait, the step before)
                 continue
             self._register(s)
             if out.query and s.prompt_ticket is not None:
                 s.prompt_ticket.results.append(out.query[-1])
                 done.append(s.prompt_ticket)
                 s.prompt_ticket = None
-            for probs in out.response[: len(out.response) - s.drop]:  # _end_step resets drop
+            for probs in out.response[: len(out.response) - flight.dropped()]:
                 ticket = s.tickets[0]
                 ticket.results.append(probs)
                 s.judged += 1
                 if ticket.done:
                     done.append(s.tickets.popleft())
-        self._end_step()
+        self._free_landed(landed)
         return done
 
     def clear_cache(self) -> None:
@@ -590,34 +602,42 @@ class Scheduler:
     def fail(self, plan: StepPlan, exc: BaseException) -> list[Ticket]:
         """The step raised: every stream in it is dead (its cache may be half-written); others go on."""
         failed: list[Ticket] = []
-        for item in plan.items:
-            s = self.streams[item.sid]
+        landed = self._land(plan)
+        for s, _ in landed:
             if s.closed:
                 continue
             s.failed = exc
             failed += self._fail_tickets(s, GuardFailure(f"guard model failed: {exc!r}"))
-        self._end_step()
+        self._free_landed(landed)
         return failed
 
     def fail_all(self, exc: BaseException) -> list[Ticket]:
-        """Last resort after an internal error: every live stream is failed, memory accounting kept."""
+        """Last resort after an internal error: every live stream is failed, memory accounting kept,
+        and the steps in flight are forgotten (the caller drops their outputs)."""
         failed: list[Ticket] = []
         for s in self.streams.values():
             if not s.closed and s.failed is None:
                 s.failed = exc
                 failed += self._fail_tickets(s, GuardFailure(f"guard engine error: {exc!r}"))
-        self._end_step()
+        while self._flying:
+            self._free_landed(self._land(self._flying[0]))
         return failed
 
-    def _end_step(self) -> None:
-        for sid in self._inflight:
-            s = self.streams.get(sid)
-            if s is None:
-                continue
-            s.inflight_kinds, s.drop = [], 0
-            if s.closed:
+    @property
+    def in_flight(self) -> int:
+        """Steps scheduled and not yet completed or failed."""
+        return len(self._flying)
+
+    def _land(self, plan: StepPlan) -> list[tuple[StreamState, Flight]]:
+        """The step is over: each of its streams' oldest flight is this step's."""
+        assert self._flying and self._flying[0] is plan, "steps land in the order they were scheduled"
+        self._flying.popleft()
+        return [(s, s.flights.popleft()) for s in (self.streams[item.sid] for item in plan.items)]
+
+    def _free_landed(self, landed: list[tuple[StreamState, Flight]]) -> None:
+        for s, _ in landed:
+            if s.closed and not s.flights and s.sid in self.streams:
                 self._free(s)
-        self._inflight.clear()
 
     # -- introspection -------------------------------------------------------------------------------
 

@@ -15,11 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from guardproxy.config import Settings
 from guardproxy.guard.checkpoint import load_template, resolve_checkpoint
-from guardproxy.guard.engine import GuardEngine, StepExecutor, max_pages
+from guardproxy.guard.engine import GuardEngine, StepExecutor, max_pages, overlap_for
 from guardproxy.guard.link import parent_exit
 from guardproxy.guard.loading import load_model
+from guardproxy.guard.model import default_device
 from guardproxy.guard.model_process import GuardWorker
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.service import EngineService
@@ -79,7 +82,15 @@ async def _engine(
         )
     elif g.kv_memory_fraction is not None:
         log.info("guard.kv_memory_fraction applies on a GPU only: engine.max_cached_tokens is used")
-    return GuardEngine(executor, limits, threads=g.threads, on_step=on_step, on_batch=on_batch)
+    device = torch.device(g.device) if g.device else default_device()
+    return GuardEngine(
+        executor,
+        limits,
+        threads=g.threads,
+        overlap=overlap_for(g.overlap, device),
+        on_step=on_step,
+        on_batch=on_batch,
+    )
 
 
 async def serve_engine(settings: Settings, path: str) -> None:

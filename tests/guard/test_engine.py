@@ -22,16 +22,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from guardproxy.config import ConfigError, load_settings
 from guardproxy.guard.attention import decode_groups
-from guardproxy.guard.engine import GuardEngine
+from guardproxy.guard.engine import GuardEngine, overlap_for
 from guardproxy.guard.errors import EngineOverloaded, GuardFailure, PromptTooLong
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.pages import PAGE_SIZE, PagePool
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import EngineLimits, Scheduler, Ticket
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
+from guardproxy.server.engines import local_engine
 
 from ..conftest import scaffold
+from .pipeline import Pipeline
 
 WORDS = [
     "the",
@@ -132,14 +135,9 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
     tickets: list[list[tuple[Ticket, int]]] = [[] for _ in range(n)]
     final: list[list[int]] = [[] for _ in range(n)]
 
-    def step(during: Any = None) -> bool:
-        plan = scheduler.schedule()
-        if plan is None:
-            return False
-        if during is not None:
-            during()  # while the step is in flight
-        scheduler.complete(plan, runner.execute(plan.items))
-        return True
+    # One step at a time, or (the engine's overlap) the next scheduled while one is in flight.
+    pipeline = Pipeline(scheduler, runner.execute, depth=data.draw(st.sampled_from([1, 2]), label="depth"))
+    step = pipeline.step
 
     # A random interleaving of feeds (each stream in its own order) and engine steps; now and then a
     # tentative chunk that is partly or wholly taken back.
@@ -180,8 +178,7 @@ def test_any_chunking_and_interleaving_matches_a_full_forward(
         assert t is not None
         tickets[k].append((t, len(chunk)))
         final[k] += chunk
-    while step():
-        pass
+    pipeline.drain()
 
     for k in range(n):
         ref_q, ref_r = reference(model64, prompts[k], context, final[k])
@@ -251,8 +248,9 @@ def test_one_token_streams_of_any_length_batch_and_reuse_pages(
     assert runner.pool_positions == pages  # the new streams live on the freed pages
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 async def test_async_engine_concurrent_streams_match_in_fp32(
-    random_model: Qwen3GuardStream, template: ChatTemplate, context: list[int]
+    random_model: Qwen3GuardStream, template: ChatTemplate, context: list[int], overlap: bool
 ) -> None:
     rng = random.Random(7)
     limits = EngineLimits(max_batch_tokens=96, prefill_chunk=32, response_reserve=64, anchor_tokens=256)
@@ -281,7 +279,7 @@ async def test_async_engine_concurrent_streams_match_in_fp32(
             random_model.labels.response.risk[int(i)] for i in got.argmax(-1)
         ]
 
-    async with GuardEngine(random_model, limits) as engine:
+    async with GuardEngine(random_model, limits, overlap=overlap) as engine:
         await asyncio.gather(*(one(engine, k) for k in range(16)))
         stats = engine.stats()
         assert stats.active_streams == 0 and stats.reserved_tokens == 0 and stats.cached_tokens == 0
@@ -306,6 +304,83 @@ class Spy:
 
     def close(self) -> None:
         self.closed = True
+
+
+class Gate(Spy):
+    """A Spy whose first step waits on the engine thread until the test opens the gate, and that
+    records each step's page tables when it starts and when it ends."""
+
+    def __init__(self, model: Qwen3GuardStream, fail: int = 0) -> None:
+        super().__init__(model, fail)
+        self.entered, self.gate = threading.Event(), threading.Event()
+        self.tables: list[tuple[list[list[int]], list[list[int]]]] = []
+
+    def execute(self, items: Any) -> Any:
+        before = [list(item.kv.pages) for item in items]
+        if not self.entered.is_set():
+            self.entered.set()
+            assert self.gate.wait(10), "the test never opened the gate"
+        try:
+            return super().execute(items)
+        finally:
+            self.tables.append((before, [list(item.kv.pages) for item in items]))
+
+
+async def until(check: Any, what: str) -> None:
+    """Poll ``check`` on the loop until it holds, for at most 10 seconds."""
+    deadline = asyncio.get_running_loop().time() + 10
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
+        await asyncio.sleep(0.005)
+
+
+async def test_with_overlap_the_next_step_is_scheduled_while_one_runs(
+    random_model: Qwen3GuardStream,
+) -> None:
+    """While the first step runs, the engine schedules the next (it grows the stream's pages) and
+    queues it; the running step keeps the page table it was scheduled with."""
+    gate = Gate(random_model)
+    limits = EngineLimits(response_reserve=16, anchor_tokens=16, prefill_chunk=512)
+    async with GuardEngine(gate, limits, overlap=True) as engine:
+        stream = await engine.open(list(range(10, 20)), 9)
+        await until(gate.entered.is_set, "the first step started")
+        more = stream.feed(list(range(100, 160)))  # past its 32 positions: the next step grows it
+        await until(lambda: engine.scheduler.in_flight == 2, "a second step scheduled")
+        assert len(engine.scheduler.streams[stream.sid].kv.pages) > 2
+        gate.gate.set()
+        assert len(await asyncio.wait_for(more, 10)) == 60
+        await stream.prompt_verdict()
+    first_before, first_after = gate.tables[0]
+    assert first_before == first_after == [[first_before[0][0], first_before[0][1]]]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_a_failed_step_fails_its_streams_and_the_step_queued_behind_it(
+    random_model: Qwen3GuardStream, overlap: bool
+) -> None:
+    gate = Gate(random_model, fail=1)
+    async with GuardEngine(gate, overlap=overlap) as engine:
+        doomed = await engine.open([1, 2, 3], 2)
+        await until(gate.entered.is_set, "the first step started")
+        behind = await engine.open([4, 5, 6], 2)
+        if overlap:
+            await until(lambda: engine.scheduler.in_flight == 2, "a second step scheduled")
+        gate.gate.set()
+        with pytest.raises(GuardFailure, match="simulated out of memory"):
+            await doomed.prompt_verdict()
+        if overlap:  # it was queued behind the failure: its streams may depend on it, it never ran
+            with pytest.raises(GuardFailure, match="simulated out of memory"):
+                await behind.prompt_verdict()
+        else:  # scheduled after the failure: it runs
+            await behind.prompt_verdict()
+        assert len(gate.threads) == 2 - overlap
+        doomed.close()
+        behind.close()
+        async with await engine.open([1, 2, 3], 2) as fresh:
+            await fresh.prompt_verdict()
+            assert len(await fresh.judge([4, 5])) == 2
+        await until(lambda: engine.stats().active_streams == 0, "every stream freed")
+        assert engine.stats().reserved_tokens == 0
 
 
 async def test_forward_runs_in_the_worker_thread_not_the_loop(random_model: Qwen3GuardStream) -> None:
@@ -366,10 +441,11 @@ async def test_engine_recovers_after_a_failed_forward(random_model: Qwen3GuardSt
         assert engine.stats().active_streams == 0
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 async def test_an_internal_error_fails_live_streams_instead_of_hanging(
-    random_model: Qwen3GuardStream,
+    random_model: Qwen3GuardStream, overlap: bool
 ) -> None:
-    async with GuardEngine(random_model) as engine:
+    async with GuardEngine(random_model, overlap=overlap) as engine:
         original = engine.scheduler.schedule
         broken = {"once": True}
 
@@ -387,8 +463,11 @@ async def test_an_internal_error_fails_live_streams_instead_of_hanging(
             assert (await asyncio.wait_for(fresh.prompt_verdict(), 5)).risk in random_model.labels.query.risk
 
 
-async def test_closing_mid_feed_fails_the_waiter_and_frees(random_model: Qwen3GuardStream) -> None:
-    async with GuardEngine(random_model) as engine:
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_closing_mid_feed_fails_the_waiter_and_frees(
+    random_model: Qwen3GuardStream, overlap: bool
+) -> None:
+    async with GuardEngine(random_model, overlap=overlap) as engine:
         stream = await engine.open([1, 2, 3], 2)
         pending = stream.feed(list(range(100, 400)))
         stream.close()
@@ -398,13 +477,16 @@ async def test_closing_mid_feed_fails_the_waiter_and_frees(random_model: Qwen3Gu
         assert engine.stats().reserved_tokens == 0
 
 
-async def test_a_stream_waits_for_memory_instead_of_sliding(random_model: Qwen3GuardStream) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+async def test_a_stream_waits_for_memory_instead_of_sliding(
+    random_model: Qwen3GuardStream, overlap: bool
+) -> None:
     """Verdicts never depend on load: with the pool full a stream waits (no slide), goes on when room
     frees up, and fails as a guard failure only after ``memory_wait_s``."""
     limits = EngineLimits(
         max_cached_tokens=256, response_reserve=64, anchor_tokens=16, max_positions=1024, memory_wait_s=0.3
     )
-    async with GuardEngine(random_model, limits) as engine:
+    async with GuardEngine(random_model, limits, overlap=overlap) as engine:
         a = await engine.open(list(range(10, 60)), 49)
         b = await engine.open(list(range(10, 60)), 49)
         grows = a.feed(list(range(1000, 1100)))  # past its 128 positions: the pool has none left
@@ -427,3 +509,20 @@ async def test_a_stream_waits_for_memory_instead_of_sliding(random_model: Qwen3G
         c.close()
         d.close()
         assert engine.stats().reserved_tokens == 0
+
+
+async def test_overlap_is_on_by_default_on_a_gpu_only_and_set_from_the_settings(
+    random_checkpoint: Path,
+) -> None:
+    assert overlap_for("auto", torch.device("cuda")) and overlap_for("on", torch.device("cpu"))
+    assert not overlap_for("auto", torch.device("cpu")) and not overlap_for("off", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="overlap must be auto, on or off"):
+        load_settings({"guard": {"overlap": "yes"}})
+    guard = {"model": str(random_checkpoint), "process": False, "device": "cpu"}
+    for setting, expected in (("auto", False), ("on", True)):
+        engine, template = await local_engine(load_settings({"guard": {**guard, "overlap": setting}}))
+        async with engine:
+            assert engine.overlap is expected
+            prompt = template.render_prompt([{"role": "user", "content": "hello"}])
+            async with await engine.open(prompt.ids, prompt.verdict_index, prompt.anchor_start) as stream:
+                assert len(await stream.judge([1, 2, 3])) == 3

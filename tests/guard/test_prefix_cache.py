@@ -16,6 +16,8 @@ from guardproxy.guard.pages import PAGE_SIZE, PagePool, page_keys
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import QUERY, RESPONSE, EngineLimits, Scheduler, Ticket
 
+from .pipeline import Pipeline
+
 # -- the pool alone --------------------------------------------------------------------------------------
 
 
@@ -85,6 +87,12 @@ def attention(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(scope="module", params=[1, 2])
+def depth(request: pytest.FixtureRequest) -> int:
+    """...and with one step at a time or the next scheduled while one is in flight (overlap)."""
+    return int(request.param)
+
+
 class Rig:
     """A scheduler over the real runner, driven by hand; every verdict checked against a full forward."""
 
@@ -93,6 +101,7 @@ class Rig:
         model: Qwen3GuardStream,
         max_pages: int | None = None,
         attention: str = "reference",
+        depth: int = 1,
         **limits: Any,
     ) -> None:
         self.model = model
@@ -104,6 +113,7 @@ class Rig:
         self.pool = PagePool(max_pages=pages, cache_pages=256)
         self.runner = ModelRunner(model, attention=attention)
         self.s = Scheduler(self.limits, self.pool)
+        self.pipeline = Pipeline(self.s, self.runner.execute, depth)
         self.context: dict[int, list[int]] = {}  # what each stream holds, as a full forward would read it
         self.expect: dict[int, list[list[Any]]] = {}  # per feed: [ticket, its first position, verdicts kept]
 
@@ -130,8 +140,7 @@ class Rig:
             n -= take
 
     def run(self) -> None:
-        while (plan := self.s.schedule()) is not None:
-            self.s.complete(plan, self.runner.execute(plan.items))
+        self.pipeline.drain()
 
     def reference(self, ids: list[int]) -> Any:
         with torch.no_grad():
@@ -158,10 +167,13 @@ def check_verdicts(rig: Rig, sid: int, prompt_ticket: Ticket | None, verdict: in
 )
 @given(data=st.data())
 def test_shared_prefixes_of_every_length_give_the_same_verdicts(
-    model64: Qwen3GuardStream, attention: str, data: st.DataObject
+    model64: Qwen3GuardStream, attention: str, depth: int, data: st.DataObject
 ) -> None:
     rig = Rig(
-        model64, attention=attention, prefill_chunk=data.draw(st.sampled_from([7, 40, 512]), label="chunk")
+        model64,
+        attention=attention,
+        depth=depth,
+        prefill_chunk=data.draw(st.sampled_from([7, 40, 512]), label="chunk"),
     )
     base = data.draw(st.lists(st.integers(0, 151642), min_size=17, max_size=90), label="first prompt")
     a_verdict = len(base) - 1
@@ -196,9 +208,9 @@ def test_shared_prefixes_of_every_length_give_the_same_verdicts(
 
 
 def test_a_retraction_into_a_cached_page_leaves_the_cache_intact(
-    model64: Qwen3GuardStream, attention: str
+    model64: Qwen3GuardStream, attention: str, depth: int
 ) -> None:
-    rig = Rig(model64, attention=attention)
+    rig = Rig(model64, attention=attention, depth=depth)
     prompt = list(range(1000, 1020))  # 20 positions: page 0 full, page 1 part
     a = rig.open(prompt, 19)
     a_ticket = rig.s.streams[a].prompt_ticket
@@ -219,11 +231,12 @@ def test_a_retraction_into_a_cached_page_leaves_the_cache_intact(
 
 
 def test_a_stream_whose_head_is_shared_slides_on_pages_of_its_own(
-    model64: Qwen3GuardStream, attention: str
+    model64: Qwen3GuardStream, attention: str, depth: int
 ) -> None:
     rig = Rig(
         model64,
         attention=attention,
+        depth=depth,
         max_positions=128,
         response_reserve=32,
         anchor_tokens=16,
@@ -250,11 +263,14 @@ def test_a_stream_whose_head_is_shared_slides_on_pages_of_its_own(
     check_verdicts(rig, a, a_ticket, 49)
 
 
-def test_eviction_under_pressure_never_takes_a_page_in_use(model64: Qwen3GuardStream, attention: str) -> None:
+def test_eviction_under_pressure_never_takes_a_page_in_use(
+    model64: Qwen3GuardStream, attention: str, depth: int
+) -> None:
     # 40 pages in all; a stream of a 100-token prompt takes 9 (6 of them full, so cached).
     rig = Rig(
         model64,
         attention=attention,
+        depth=depth,
         max_pages=40,
         max_cached_tokens=640,
         response_reserve=32,
@@ -281,8 +297,8 @@ def test_eviction_under_pressure_never_takes_a_page_in_use(model64: Qwen3GuardSt
     assert rig.s.reserved == 0
 
 
-def test_n_choices_share_the_prompt(model64: Qwen3GuardStream, attention: str) -> None:
-    rig = Rig(model64, attention=attention)
+def test_n_choices_share_the_prompt(model64: Qwen3GuardStream, attention: str, depth: int) -> None:
+    rig = Rig(model64, attention=attention, depth=depth)
     prompt = list(range(100, 300))  # 200 positions: 12 full pages and 8 more
     first = rig.open(prompt, 199)
     rig.run()
@@ -298,9 +314,11 @@ def test_n_choices_share_the_prompt(model64: Qwen3GuardStream, attention: str) -
         check_verdicts(rig, sid, None, None)
 
 
-def test_positions_kinds_never_shift_with_a_hit(model64: Qwen3GuardStream, attention: str) -> None:
+def test_positions_kinds_never_shift_with_a_hit(
+    model64: Qwen3GuardStream, attention: str, depth: int
+) -> None:
     """The verdict position keeps its kind when the prompt's head comes from the cache."""
-    rig = Rig(model64, attention=attention)
+    rig = Rig(model64, attention=attention, depth=depth)
     prompt = list(range(10, 60))
     rig.open(prompt, 49)
     rig.run()
@@ -311,9 +329,9 @@ def test_positions_kinds_never_shift_with_a_hit(model64: Qwen3GuardStream, atten
 
 
 def test_streams_arriving_together_compute_a_shared_prompt_once(
-    model64: Qwen3GuardStream, attention: str
+    model64: Qwen3GuardStream, attention: str, depth: int
 ) -> None:
-    rig = Rig(model64, attention=attention, prefill_chunk=64, max_batch_tokens=256)
+    rig = Rig(model64, attention=attention, depth=depth, prefill_chunk=64, max_batch_tokens=256)
     system = list(range(500, 700))  # 200 positions shared, then each client's own question
     prompts = [[*system, 9000 + k, 9100 + k, 9200 + k] for k in range(6)]
     sids = [rig.open(p, len(p) - 1) for p in prompts]
@@ -329,9 +347,9 @@ def test_streams_arriving_together_compute_a_shared_prompt_once(
 
 
 def test_a_waiting_stream_computes_for_itself_when_the_other_goes(
-    model64: Qwen3GuardStream, attention: str
+    model64: Qwen3GuardStream, attention: str, depth: int
 ) -> None:
-    rig = Rig(model64, attention=attention, prefill_chunk=32, max_batch_tokens=32)
+    rig = Rig(model64, attention=attention, depth=depth, prefill_chunk=32, max_batch_tokens=32)
     prompt = list(range(800, 1000))
     a = rig.open(prompt, 199)
     b = rig.open(prompt, 199)

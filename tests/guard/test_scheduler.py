@@ -23,10 +23,15 @@ from guardproxy.guard.scheduler import (
     fair_shares,
 )
 
+from .pipeline import Pipeline
+
 
 @dataclass(eq=False)
 class FakeKV:
     capacity: int
+
+    def snapshot(self) -> FakeKV:
+        return FakeKV(self.capacity)
 
 
 class FakeAllocator:
@@ -424,3 +429,124 @@ def test_a_full_pool_makes_streams_wait_never_slide_and_a_long_wait_fails() -> N
         s.feed(c, [1])
     s.close(c)
     assert c not in s.streams and s.can_admit(128)
+
+
+# -- the next step scheduled while one is in flight (the engine's overlap) ----------------------------
+
+
+def hand_outputs(items: list[Any]) -> list[ItemOutput]:
+    for item in items:
+        assert item.start + len(item.ids) <= item.kv.capacity, "a step would write past the cache"
+    return outputs_for(StepPlan(items))
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_verdicts_go_to_their_tokens_with_steps_in_flight(data: st.DataObject) -> None:
+    """Two streams fed, retracted and stepped in any order, one step at a time or with the next
+    scheduled before the one in flight completes: every kept token gets exactly its verdict, in order,
+    through growth and slides; nothing is left reserved once both close."""
+    lim = EngineLimits(
+        max_streams=2,
+        max_cached_tokens=1024,
+        response_reserve=32,
+        anchor_tokens=8,
+        window_tokens=24,
+        prefill_chunk=data.draw(st.integers(1, 32), label="chunk"),
+        max_batch_tokens=data.draw(st.integers(1, 64), label="budget"),
+        max_positions=96,
+    )
+    alloc = FakeAllocator()
+    s = Scheduler(lim, alloc)
+    pipeline = Pipeline(s, hand_outputs, depth=data.draw(st.sampled_from([1, 2]), label="depth"))
+    sids = [s.add_stream(list(range(500, 520)), verdict_index=19) for _ in range(2)]
+    for sid in sids:
+        s.feed(sid, [1, 2], judge=False)
+    feeds: dict[int, list[list[Any]]] = {sid: [] for sid in sids}  # [ticket, ids, kept]
+    next_id = 1000
+    for _ in range(data.draw(st.integers(1, 60), label="actions")):
+        sid = data.draw(st.sampled_from(sids), label="stream")
+        action = data.draw(st.sampled_from(["feed", "retract", "step"]), label="action")
+        if action == "feed":
+            ids = list(range(next_id, next_id + data.draw(st.integers(1, 6), label="n")))
+            next_id += len(ids)
+            feeds[sid].append([s.feed(sid, ids), ids, len(ids)])
+        elif action == "retract" and feeds[sid] and feeds[sid][-1][2]:
+            back = data.draw(st.integers(1, feeds[sid][-1][2]), label="back")
+            s.retract(sid, back)
+            feeds[sid][-1][2] -= back
+        else:
+            pipeline.step()
+    pipeline.drain()
+    assert s.in_flight == 0
+    for sid in sids:
+        got = [r[0][0] for t, _, kept in feeds[sid] for r in t.results[:kept]]
+        assert got == [float(i) for _, ids, kept in feeds[sid] for i in ids[:kept]]
+        assert all(t.done and len(t.results) >= kept for t, _, kept in feeds[sid])  # delivered stay
+        s.close(sid)
+    assert not s.streams and s.reserved == 0 and not alloc.live
+
+
+def test_a_stream_in_two_steps_in_flight_is_freed_after_the_last() -> None:
+    alloc = FakeAllocator()
+    s = Scheduler(EngineLimits(prefill_chunk=4), alloc)
+    sid = s.add_stream(list(range(10)), 9)
+    first, second = s.schedule(), s.schedule()  # the prompt in two chunks, both in flight
+    assert first is not None and second is not None and s.in_flight == 2
+    assert [(i.start, len(i.ids)) for p in (first, second) for i in p.items] == [(0, 4), (4, 4)]
+    s.close(sid)
+    s.complete(first, outputs_for(first))
+    assert sid in s.streams and alloc.live  # the second step still writes its cache
+    s.complete(second, outputs_for(second))
+    assert sid not in s.streams and not alloc.live and s.reserved == 0
+    with pytest.raises(AssertionError, match="order"):
+        s.complete(second, outputs_for(second))
+
+
+def test_a_slide_waits_for_the_steps_in_flight() -> None:
+    lim = EngineLimits(
+        max_streams=1,
+        max_cached_tokens=4096,
+        response_reserve=64,
+        anchor_tokens=8,
+        window_tokens=16,
+        prefill_chunk=64,
+        max_batch_tokens=64,
+        max_positions=160,
+    )
+    s = Scheduler(lim, FakeAllocator())
+    sid = s.add_stream(list(range(500, 520)), verdict_index=19)
+    run_all(s)
+    ticket = s.feed(sid, list(range(2000, 2140)))  # 20 + 140 = the whole context
+    flying = s.schedule()
+    assert flying is not None
+    while (plan := s.schedule()) is not None:  # up to the end of the context, no slide while in flight
+        assert all(i.start > 0 for i in plan.items)
+        s.complete(flying, outputs_for(flying))
+        flying = plan
+    assert s.streams[sid].cached == 160 and s.slides == 0
+    s.feed(sid, [3000])  # past the end: it slides once the step in flight lands
+    assert s.schedule() is None and s.slides == 0
+    s.complete(flying, outputs_for(flying))
+    plan = s.schedule()
+    assert plan is not None and plan.items[0].start == 0 and s.slides == 1
+    s.complete(plan, outputs_for(plan))
+    assert (
+        ticket is not None
+        and ticket.done
+        and [r[0][0] for r in ticket.results] == [float(t) for t in range(2000, 2140)]
+    )
+
+
+def test_a_stream_failed_while_its_step_is_in_flight_gets_nothing_from_it() -> None:
+    lim = EngineLimits(max_cached_tokens=256, response_reserve=64, anchor_tokens=16, memory_wait_s=1.0)
+    s = Scheduler(lim, FakeAllocator())
+    a, b = s.add_stream(list(range(50)), 49), s.add_stream(list(range(50)), 49)
+    run_all(s)
+    ta = s.feed(a, list(range(1000, 1100)))
+    first = s.schedule(now=0.0)  # what a's capacity still holds, in flight
+    assert first is not None and s.schedule(now=0.0) is None and s.waiting_for_memory()
+    assert s.expire(now=2.0) == [ta]  # the wait ran out while the step was in flight
+    assert s.complete(first, outputs_for(first)) == [] and ta is not None and ta.results == []
+    s.close(a)
+    assert s.reserved == s.streams[b].capacity
