@@ -35,9 +35,9 @@ timeout 200 "$py" bench/step.py --preset 0.6b --device cuda --streams 1,16,64,25
   --attention reference,batched --min-len 448 --max-len 576 --steps 20 --rounds 3 \
   --json "$out/step.json" 2>&1 | tee "$out/step.txt"
 
-# The engine end to end (streams judged through the scheduler, feeds of 4 tokens).
+# The engine end to end (streams judged through the scheduler, feeds of 4 tokens), with and without overlap.
 timeout 150 "$py" bench/engine.py --device cuda --streams 1,64,256 --prompt-len 448 --response-len 64 \
-  --feed 4 --max-batch-tokens 2048 --attention reference,batched --json "$out/engine.json" 2>&1 | tee "$out/engine.txt"
+  --feed 4 --max-batch-tokens 2048 --attention reference,batched --overlap off,on --json "$out/engine.json" 2>&1 | tee "$out/engine.txt"
 
 "$py" - "$out" <<'EOF' > "$out/figures.md"
 import json, sys
