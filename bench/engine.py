@@ -36,8 +36,8 @@ import torch
 from transformers import DynamicCache
 
 from guardproxy.guard.engine import GuardEngine
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.model import Qwen3GuardStream
-from guardproxy.guard.scheduler import EngineLimits
 from guardproxy.guard.testing import random_guard_model
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from guardproxy.guard.engine import GuardEngine
-from guardproxy.guard.scheduler import EngineLimits
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.testing import qwen3_tokenizer_file, random_guard_model
 from guardproxy.guard.tokenizer import GuardTokenizer

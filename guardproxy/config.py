@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import yaml
 
 from guardproxy.guard.checkpoint import DEFAULT_GUARD_MODEL
-from guardproxy.guard.scheduler import EngineLimits
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.policy import Action, Policy, TierRule
 
 

@@ -138,7 +138,7 @@ def test_documented_file_names_every_accepted_key() -> None:
         UpstreamSettings,
     )
     from guardproxy.config_reference import rows
-    from guardproxy.guard.scheduler import EngineLimits
+    from guardproxy.guard.limits import EngineLimits
 
     documented = {path for path, _, _ in rows((CONFIG / "guardproxy.yaml").read_text())}
     accepted = set()

@@ -33,12 +33,12 @@ import torch
 
 from guardproxy.guard.api import EngineStats
 from guardproxy.guard.errors import EngineError, EngineOverloaded, GuardFailure, StreamClosed
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.model_process import WorkerDied
 from guardproxy.guard.pages import PAGE_SIZE, PagePool
 from guardproxy.guard.runner import ModelRunner
 from guardproxy.guard.scheduler import (
-    EngineLimits,
     ItemOutput,
     RawProbs,
     Scheduler,

@@ -5,25 +5,18 @@ the pending work of all streams into one plan under a token budget and a stream 
 executes a plan; ``complete`` maps its outputs back to the tickets that wait for them. Tests drive it by
 hand with a fake allocator and hand-made outputs.
 
-Memory rule: a stream reserves KV for ``prompt + response_reserve`` positions at admission and grows in
-``response_reserve`` steps from the shared pool (``max_cached_tokens``). Only at the guard's context limit
-(``max_positions``) does it slide: the cache is dropped and re-filled with its *head* (the last user turn
-of the prompt, at most ``anchor_tokens``, plus the context before the answer) and the last
+Memory is asked of the KV manager (``kv.py``: reservations, the prefix cache, copy-on-write); what this
+module decides with it: a stream the pool cannot grow waits for memory (no new stream is admitted
+meanwhile), so a verdict never depends on load; a wait longer than ``memory_wait_s`` fails the stream
+(``expire``), which the proxy handles by the policy's ``on_guard_error``. Only at the guard's context
+limit (``max_positions``) does a stream slide: the cache is dropped and re-filled with its *head* (the
+last user turn of the prompt, at most ``anchor_tokens``, plus the context before the answer) and the last
 ``window_tokens`` judged tokens, then judging goes on. So a response of any length keeps being judged,
-with the newest context. When the shared pool cannot grow a stream, the stream waits for memory (no new
-stream is admitted meanwhile): a verdict never depends on load. A wait longer than ``memory_wait_s``
-fails the stream (``expire``), which the proxy handles by the policy's ``on_guard_error``.
+with the newest context. A stream whose next prompt page another stream is computing holds its prefill
+until that page is cached (``waiting_prefix``).
 
-Prefix caching (``prefix_cache``, on by default): a new stream starts on the cached pages of the longest
-common prefix its prompt has with what earlier streams computed (full pages, identified by their ids and
-all before them; ``pages.py``), and prefills only the rest. The prompt verdict's position is always
-computed (the cache keeps keys and values, not verdicts), so verdicts are the same as without it. After
-each step a stream's newly full pages join the cache; before each write, pages that are shared or cached
-are replaced by the stream's own (copied when it keeps some of their positions). A prompt page another
-live stream is computing right now is waited for, not computed twice: the stream holds its prefill until
-that page is cached, then matches again (clients sending the same long system prompt at once compute it
-once). Admission counts a stream's whole reservation as before: the cache never reduces how many
-streams are admitted.
+Steps may overlap (the engine's ``guard.overlap``): the next step is scheduled before the one in flight
+completes, and a stream may be in both. Each keeps a ``Flight`` record per step; steps land in order.
 """
 
 from __future__ import annotations
@@ -32,10 +25,12 @@ import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from guardproxy.guard.errors import EngineError, EngineOverloaded, GuardFailure, PromptTooLong, StreamClosed
-from guardproxy.guard.pages import PAGE_SIZE, page_keys
+from guardproxy.guard.errors import EngineError, EngineOverloaded, GuardFailure, StreamClosed
+from guardproxy.guard.kv import Allocator, KVManager
+from guardproxy.guard.limits import EngineLimits
+from guardproxy.guard.pages import PAGE_SIZE
 
 # What each pending token is: prompt/head context, the prompt-verdict position, a judged response token,
 # or context after the head (fed unjudged after judging began, or replayed by a slide).
@@ -43,73 +38,6 @@ NO_OUTPUT, QUERY, RESPONSE, CONTEXT = 0, 1, 2, 3
 _TAIL_KINDS = (RESPONSE, CONTEXT)
 
 RawProbs = tuple[tuple[float, ...], tuple[float, ...]]  # (risk probs, category probs)
-
-
-@dataclass(frozen=True)
-class EngineLimits:
-    max_streams: int = 256
-    max_cached_tokens: int = 65536
-    max_batch_tokens: int = 2048
-    max_batch_streams: int = 64
-    prefill_chunk: int = 512
-    max_positions: int = 8192
-    response_reserve: int = 512
-    anchor_tokens: int = 2048
-    window_tokens: int = 2048
-    max_queue: int = 1024
-    queue_timeout_s: float = 30.0
-    memory_wait_s: float = 10.0  # a stream that waits longer than this for KV memory fails
-    prefix_cache: bool = True  # streams share the KV pages of a common prompt prefix
-    prefix_cache_tokens: int = 65536  # positions of cached pages kept while no stream uses them
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_streams",
-            "max_batch_tokens",
-            "max_batch_streams",
-            "prefill_chunk",
-            "response_reserve",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"engine.{name} must be >= 1")
-        if self.max_queue < 0:
-            raise ValueError("engine.max_queue must be >= 0")
-        if self.anchor_tokens + self.response_reserve > self.max_positions // 2:
-            raise ValueError("engine.anchor_tokens + engine.response_reserve must be <= max_positions / 2")
-        if self.max_cached_tokens < self.response_reserve * 2:
-            raise ValueError("engine.max_cached_tokens must hold at least two response reserves")
-
-    @property
-    def max_prompt_tokens(self) -> int:
-        return min(self.max_positions, self.max_cached_tokens) - self.response_reserve
-
-
-class Allocator(Protocol):
-    """Owns KV memory (``pages.PagePool``). Handles are opaque to the scheduler."""
-
-    def allocate(self, capacity: int, shared: Sequence[Any] = ()) -> Any: ...
-
-    def grow(self, handle: Any, used: int, capacity: int) -> Any: ...
-
-    def release(self, handle: Any) -> None: ...
-
-    def match(self, keys: Sequence[bytes]) -> list[Any]:
-        """Cached pages of the longest prefix of these page keys."""
-        ...
-
-    def register(self, handle: Any, index: int, key: bytes) -> None:
-        """A stream's page ``index`` is full and computed: shareable from now on."""
-        ...
-
-    def prepare_write(self, handle: Any, start: int, end: int) -> list[tuple[int, int]]:
-        """Copy-on-write before positions ``start..end`` are written: the page copies to make."""
-        ...
-
-    def adopt(self, handle: Any, index: int, pages: Sequence[Any]) -> None:
-        """Cached ``pages`` replace the stream's own from page ``index`` on (nothing written there yet)."""
-        ...
-
-    def clear_cache(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -194,10 +122,6 @@ class StepPlan:
         return sum(len(i.ids) for i in self.items)
 
 
-def _round_up(n: int, to: int = 16) -> int:
-    return -(-n // to) * to
-
-
 def fair_shares(demands: Sequence[int], budget: int) -> list[int]:
     """Max-min fair split of ``budget`` over ``demands`` (in order: earlier entries win ties)."""
     shares = [0] * len(demands)
@@ -221,30 +145,35 @@ def fair_shares(demands: Sequence[int], budget: int) -> list[int]:
 class Scheduler:
     def __init__(self, limits: EngineLimits, allocator: Allocator) -> None:
         self.limits = limits
-        self.allocator = allocator
         self.streams: dict[int, StreamState] = {}
-        self.reserved = 0  # KV positions allocated to live streams
+        self.kv = KVManager(limits, allocator, self._may_compute)
         self._ids = itertools.count(1)
         self._arrivals = itertools.count()
         self._flying: deque[StepPlan] = deque()  # steps scheduled and not yet completed, oldest first
-        self._computing: dict[bytes, int] = {}  # prompt pages a live stream is computing: key -> sid
         self.steps = 0
         self.slides = 0
         self.memory_waits = 0  # times a stream had to wait for KV memory
         self.memory_timeouts = 0  # waits that ran out (the stream failed)
         self.prefill_tokens = 0  # context positions computed (everything but judged response tokens)
-        self.prefix_hit_tokens = 0  # context positions a new stream took from the prefix cache
+
+    @property
+    def reserved(self) -> int:
+        """KV positions reserved by live streams."""
+        return self.kv.reserved
+
+    @property
+    def prefix_hit_tokens(self) -> int:
+        """Context positions new streams took from the prefix cache."""
+        return self.kv.prefix_hit_tokens
+
+    def _may_compute(self, sid: int) -> bool:
+        s = self.streams.get(sid)
+        return s is not None and not s.closed and s.failed is None
 
     # -- admission -----------------------------------------------------------------------------------
 
     def cost(self, prompt_len: int) -> int:
-        if prompt_len < 1:
-            raise PromptTooLong("the guard prompt is empty")
-        if prompt_len > self.limits.max_prompt_tokens:
-            raise PromptTooLong(
-                f"guard prompt of {prompt_len} tokens exceeds the engine's {self.limits.max_prompt_tokens}"
-            )
-        return min(self.limits.max_positions, _round_up(prompt_len + self.limits.response_reserve))
+        return self.kv.cost(prompt_len)
 
     def can_admit(self, cost: int, promised_cost: int = 0, promised_streams: int = 0) -> bool:
         """Whether a stream of ``cost`` fits, beside admissions promised but not yet added. Live streams
@@ -252,7 +181,7 @@ class Scheduler:
         return (
             not self.waiting_for_memory()
             and len(self.streams) + promised_streams < self.limits.max_streams
-            and self.reserved + promised_cost + cost <= self.limits.max_cached_tokens
+            and self.kv.fits(promised_cost + cost)
         )
 
     def add_stream(self, prompt_ids: Sequence[int], verdict_index: int | None, anchor_start: int = 0) -> int:
@@ -262,72 +191,19 @@ class Scheduler:
         if verdict_index is not None and not 0 <= verdict_index < len(prompt_ids):
             raise ValueError("verdict_index outside the prompt")
         prompt = list(prompt_ids)
-        shared: list[Any] = []
-        keys: list[bytes] = []
-        if self.limits.prefix_cache:
-            # Whole pages only, and never past the verdict's position: it must be computed.
-            usable = len(prompt) // PAGE_SIZE
-            if verdict_index is not None:
-                usable = min(usable, verdict_index // PAGE_SIZE)
-            keys = page_keys(prompt[: usable * PAGE_SIZE])
-            shared = self.allocator.match(keys)
+        kv, keys, hit = self.kv.open(prompt, verdict_index, cost)
         sid = next(self._ids)
-        kv = self.allocator.allocate(cost, shared)
         anchor = prompt[anchor_start:][-self.limits.anchor_tokens :]
         s = StreamState(sid=sid, kv=kv, capacity=cost, head=anchor, window=self.limits.window_tokens)
-        hit = len(shared) * PAGE_SIZE
-        s.cached, s.ids, s.keys, s.prompt_keys = hit, prompt[:hit], keys[: len(shared)], keys
-        self.prefix_hit_tokens += hit
-        self.reserved += cost
+        s.cached, s.ids, s.keys, s.prompt_keys = hit, prompt[:hit], keys[: hit // PAGE_SIZE], keys
         self.streams[sid] = s
         kinds = [NO_OUTPUT] * len(prompt)
         if verdict_index is not None:
             kinds[verdict_index] = QUERY
             s.prompt_ticket = Ticket(need=1)
         self._enqueue(s, prompt[hit:], kinds[hit:])
-        self._claim_prefix(s)
+        self.kv.claim(s)
         return sid
-
-    # -- prompt pages computed once ------------------------------------------------------------------
-
-    def _computer(self, key: bytes) -> StreamState | None:
-        sid = self._computing.get(key)
-        s = self.streams.get(sid) if sid is not None else None
-        return s if s is not None and not s.closed and s.failed is None else None
-
-    def _claim_prefix(self, s: StreamState) -> None:
-        """The stream computes the prompt pages nobody has cached, unless another live stream is
-        computing the next one already: then it waits for that stream's pages."""
-        first = len(s.keys)
-        if first >= len(s.prompt_keys):
-            s.waiting_prefix = False
-            return
-        other = self._computer(s.prompt_keys[first])
-        if other is not None and other is not s:
-            s.waiting_prefix = True
-            return
-        s.waiting_prefix = False
-        for key in s.prompt_keys[first:]:
-            if self._computer(key) is None:
-                self._computing[key] = s.sid
-
-    def _advance_prefix(self, s: StreamState) -> None:
-        """A waiting stream takes what the stream it waited for has cached since, then claims or waits."""
-        pages = self.allocator.match(s.prompt_keys)
-        have = len(s.keys)
-        if len(pages) > have:
-            self.allocator.adopt(s.kv, have, pages[have:])
-            more = (len(pages) - have) * PAGE_SIZE
-            s.ids += s.pend_ids[:more]
-            del s.pend_ids[:more], s.pend_kind[:more]
-            s.cached += more
-            s.keys = list(s.prompt_keys[: len(pages)])
-            self.prefix_hit_tokens += more
-        self._claim_prefix(s)
-
-    def _release_claims(self, s: StreamState) -> None:
-        for key in [k for k, sid in self._computing.items() if sid == s.sid]:
-            del self._computing[key]
 
     # -- feeding -------------------------------------------------------------------------------------
 
@@ -403,24 +279,18 @@ class Scheduler:
         if s is None or s.closed:
             return []
         s.closed = True
-        self._release_claims(s)
+        self.kv.drop_claims(sid)
         dropped = self._fail_tickets(s, StreamClosed(f"guard stream {sid} was closed"))
         if not s.flights:
             self._free(s)
         return dropped
 
     def _free(self, s: StreamState) -> None:
-        self._release_kv(s)
+        self.kv.release(s)
         del self.streams[s.sid]
 
-    def _release_kv(self, s: StreamState) -> None:
-        if s.kv is not None:
-            self.reserved -= s.capacity
-            self.allocator.release(s.kv)
-            s.kv, s.capacity = None, 0
-
     def _fail_tickets(self, s: StreamState, exc: BaseException) -> list[Ticket]:
-        self._release_claims(s)  # a failed or closed stream computes nothing more for the others
+        self.kv.drop_claims(s.sid)  # a failed or closed stream computes nothing more for the others
         out = []
         pending = [s.prompt_ticket, *s.tickets] if s.prompt_ticket else list(s.tickets)
         for t in pending:
@@ -441,7 +311,11 @@ class Scheduler:
         ready stream waits for memory)."""
         lim = self.limits
         for waiting in [s for s in self.streams.values() if s.waiting_prefix and not s.closed]:
-            self._advance_prefix(waiting)
+            more = self.kv.advance(waiting)  # pages the stream it waited for has cached since
+            if more:
+                waiting.ids += waiting.pend_ids[:more]
+                del waiting.pend_ids[:more], waiting.pend_kind[:more]
+                waiting.cached += more
         ready = sorted(
             (
                 s
@@ -464,7 +338,7 @@ class Scheduler:
             del s.pend_ids[:n], s.pend_kind[:n]
             if s.pend_ids:
                 s.pend_since = next(self._arrivals)  # back of the line for the rest
-            copies = tuple(self.allocator.prepare_write(s.kv, s.cached, s.cached + n))
+            copies = self.kv.prepare_write(s, n)
             items.append(WorkItem(sid=s.sid, kv=s.kv, start=s.cached, ids=ids, kinds=kinds, copies=copies))
             s.flights.append(Flight(at=s.cached, kinds=kinds, end=s.cached + n))
             s.cached += n
@@ -491,19 +365,9 @@ class Scheduler:
                 return s.capacity - s.cached
             self._slide(s)  # the context limit: judged on a window from here on
             return min(n, s.capacity - s.cached)
-        # Grow by the reserve (amortised), or at least by what this step needs, within the context.
-        need = _round_up(min(lim.max_positions, s.cached + n))
-        for want in (
-            min(lim.max_positions, _round_up(max(s.cached + n, s.capacity + lim.response_reserve))),
-            need,
-        ):
-            extra = want - s.capacity
-            if extra > 0 and self.reserved + extra <= lim.max_cached_tokens:
-                s.kv = self.allocator.grow(s.kv, s.cached, want)
-                s.capacity = want
-                self.reserved += extra
-                s.waiting_since = None
-                return min(n, s.capacity - s.cached)
+        if self.kv.grow(s, n):
+            s.waiting_since = None
+            return min(n, s.capacity - s.cached)
         if s.cached < s.capacity:
             return s.capacity - s.cached
         if s.waiting_since is None:
@@ -541,7 +405,7 @@ class Scheduler:
             s.waiting_since = None
             failed += self._fail_tickets(s, exc)
             if not s.flights:
-                self._release_kv(s)
+                self.kv.release(s)
         return failed
 
     def _slide(self, s: StreamState) -> None:
@@ -564,7 +428,7 @@ class Scheduler:
         for (s, flight), out in zip(landed, outputs, strict=True):
             if s.closed or s.failed is not None:  # failed meanwhile (a memory wait, the step before)
                 continue
-            self._register(s)
+            self.kv.register(s)
             if out.query and s.prompt_ticket is not None:
                 s.prompt_ticket.results.append(out.query[-1])
                 done.append(s.prompt_ticket)
@@ -580,24 +444,7 @@ class Scheduler:
 
     def clear_cache(self) -> None:
         """The KV pages' contents are gone (the guard's process died): nothing cached may be reused."""
-        self.allocator.clear_cache()
-        self._computing.clear()
-        for s in self.streams.values():
-            s.keys = []
-
-    def _register(self, s: StreamState) -> None:
-        """The stream's pages that are full and computed join the prefix cache."""
-        if not self.limits.prefix_cache:
-            return
-        full = min(s.cached, len(s.ids)) // PAGE_SIZE
-        if full <= len(s.keys):
-            return
-        first = len(s.keys)
-        s.keys += page_keys(s.ids[: full * PAGE_SIZE], s.keys[-1] if s.keys else None, first)
-        for index in range(first, full):
-            self.allocator.register(s.kv, index, s.keys[index])
-            if self._computing.get(s.keys[index]) == s.sid:
-                del self._computing[s.keys[index]]
+        self.kv.clear_cache(list(self.streams.values()))
 
     def fail(self, plan: StepPlan, exc: BaseException) -> list[Ticket]:
         """The step raised: every stream in it is dead (its cache may be half-written); others go on."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.pages import PAGE_SIZE
-from guardproxy.guard.scheduler import EngineLimits
 
 # A step's token budget on a GPU: 64 streams x 4 new tokens with room for prefill chunks beside them.
 GPU_BATCH_TOKENS = 8192

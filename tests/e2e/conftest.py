@@ -8,7 +8,7 @@ import pytest
 
 from guardproxy.cli import main
 from guardproxy.config import GuardSettings, Settings, UpstreamSettings
-from guardproxy.guard.scheduler import EngineLimits
+from guardproxy.guard.limits import EngineLimits
 
 from ..conftest import TRIGGER_CATEGORY, TRIGGER_CONTROVERSIAL, TRIGGER_UNSAFE
 from .harness import FakeUpstream, Loopback, Script, start_proxy

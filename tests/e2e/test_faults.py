@@ -13,7 +13,7 @@ import aiohttp
 import openai
 import pytest
 
-from guardproxy.guard.scheduler import EngineLimits
+from guardproxy.guard.limits import EngineLimits
 
 from .conftest import proxy_settings
 from .harness import FakeUpstream, Loopback, Script, sse_events, start_proxy, until, wait_idle

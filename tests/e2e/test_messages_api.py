@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from guardproxy.config import AuthSettings, key_hash
-from guardproxy.guard.scheduler import EngineLimits
+from guardproxy.guard.limits import EngineLimits
 
 from .conftest import proxy_settings
 from .harness import (

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from guardproxy.config import AuditSettings
-from guardproxy.guard.scheduler import EngineLimits
+from guardproxy.guard.limits import EngineLimits
 
 from .conftest import proxy_settings
 from .harness import FakeUpstream, Loopback, Script, start_proxy

@@ -26,10 +26,11 @@ from guardproxy.config import ConfigError, load_settings
 from guardproxy.guard.attention import decode_groups
 from guardproxy.guard.engine import GuardEngine, overlap_for
 from guardproxy.guard.errors import EngineOverloaded, GuardFailure, PromptTooLong
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.pages import PAGE_SIZE, PagePool
 from guardproxy.guard.runner import ModelRunner
-from guardproxy.guard.scheduler import EngineLimits, Scheduler, Ticket
+from guardproxy.guard.scheduler import Scheduler, Ticket
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
 from guardproxy.server.engines import local_engine
 

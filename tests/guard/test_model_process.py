@@ -13,9 +13,9 @@ import pytest
 from guardproxy.guard.checkpoint import GuardModelError
 from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.errors import GuardFailure
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.model_process import GuardWorker
-from guardproxy.guard.scheduler import EngineLimits
 from guardproxy.guard.template import ChatTemplate
 
 from ..conftest import scaffold

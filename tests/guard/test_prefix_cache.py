@@ -11,10 +11,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.pages import PAGE_SIZE, PagePool, page_keys
 from guardproxy.guard.runner import ModelRunner
-from guardproxy.guard.scheduler import QUERY, RESPONSE, EngineLimits, Scheduler, Ticket
+from guardproxy.guard.scheduler import QUERY, RESPONSE, Scheduler, Ticket
 
 from .pipeline import Pipeline
 

@@ -21,9 +21,9 @@ import torch
 
 from guardproxy.guard.engine import GuardEngine
 from guardproxy.guard.errors import EngineError, EngineOverloaded, EngineUnavailable
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.remote import RemoteEngine
-from guardproxy.guard.scheduler import EngineLimits
 from guardproxy.guard.service import EngineService
 from guardproxy.guard.template import ChatTemplate
 

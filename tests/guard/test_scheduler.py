@@ -10,12 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from guardproxy.guard.errors import EngineError, EngineOverloaded, GuardFailure, PromptTooLong, StreamClosed
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.scheduler import (
     CONTEXT,
     NO_OUTPUT,
     QUERY,
     RESPONSE,
-    EngineLimits,
     ItemOutput,
     Scheduler,
     StepPlan,

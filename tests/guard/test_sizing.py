@@ -7,9 +7,9 @@ import pytest
 
 from guardproxy.config import ConfigError, load_settings
 from guardproxy.guard.engine import max_pages
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.model import Qwen3GuardStream
 from guardproxy.guard.runner import ModelRunner
-from guardproxy.guard.scheduler import EngineLimits
 from guardproxy.guard.sizing import GPU_BATCH_TOKENS, device_limits, pool_pages
 
 GIB = 1 << 30

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from guardproxy.cli import main
 from guardproxy.guard.engine import GuardEngine
+from guardproxy.guard.limits import EngineLimits
 from guardproxy.guard.model import Qwen3GuardStream, load_guard_model
 from guardproxy.guard.pages import PagePool
 from guardproxy.guard.runner import ModelRunner
-from guardproxy.guard.scheduler import RESPONSE, EngineLimits, Scheduler
+from guardproxy.guard.scheduler import RESPONSE, Scheduler
 from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.testing import (
     TriggerSpec,

@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from guardproxy.guard.scheduler import EngineLimits
+from guardproxy.guard.limits import EngineLimits
 from tests.e2e.conftest import proxy_settings
 from tests.e2e.harness import FakeUpstream, Loopback, start_proxy, wait_idle
 
