@@ -1,7 +1,7 @@
 """The aiohttp application: typed app keys, long-lived resources in ``cleanup_ctx``, thin routes.
 
 Routes read the body, pick the policy, build the API's wire format, render the prompt and hand over to
-``Exchange``; every error leaves in the shape of the route's API (``errors.py``: Anthropic's on
+``Exchange``; every error leaves in the shape of the route's API (``apis/errors.py``: Anthropic's on
 ``/v1/messages``, OpenAI's elsewhere). guardproxy is not an open proxy: the upstream comes from the
 configuration, never from the request, and paths it does not serve are 404. Among those, on purpose:
 routes that hand back stored upstream text unjudged (``GET /v1/responses/{id}`` and its
@@ -24,6 +24,13 @@ from typing import Any
 
 from aiohttp import web
 
+from guardproxy.apis.chat import ChatWire, CompletionWire
+from guardproxy.apis.errors import Api, ProxyError, bad_request, engine_error, upstream_error
+from guardproxy.apis.messages import MessagesWire
+from guardproxy.apis.registry import APIS, shape_for
+from guardproxy.apis.responses import ResponsesWire
+from guardproxy.apis.responses_store import ResponseStore
+from guardproxy.apis.wire import Wire
 from guardproxy.config import Settings, key_hash
 from guardproxy.guard.api import Engine
 from guardproxy.guard.checkpoint import load_template
@@ -36,7 +43,6 @@ from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Policy
 from guardproxy.server import ui
-from guardproxy.server.errors import Api, ProxyError, bad_request, engine_error, upstream_error
 from guardproxy.server.exchange import EventSink, Exchange, GuardServices
 from guardproxy.server.prompts import judge_prompt, verdict_details
 from guardproxy.server.reload import ConfigReloader, SettingsStore
@@ -53,13 +59,8 @@ from guardproxy.server.state import (
     WORKER,
     json_body,
 )
-from guardproxy.server.store import ResponseStore
 from guardproxy.server.upstream import Upstream, session
 from guardproxy.server.websocket import FrameSink, serve_responses
-from guardproxy.server.wire import Wire
-from guardproxy.server.wire_chat import ChatWire, CompletionWire
-from guardproxy.server.wire_messages import MessagesWire
-from guardproxy.server.wire_responses import ResponsesWire
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +93,9 @@ def create_app(
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_begin_drain)
     app.on_response_prepare.append(_add_request_id)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/responses", responses)
+    for spec in APIS:  # the moderated routes, one a registered API
+        app.router.add_post(spec.route, HANDLERS[spec.name])
     app.router.add_get("/v1/responses", responses_websocket)  # the WebSocket mode (websocket.py)
-    app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/v1/moderations", moderations)
     app.router.add_get("/v1/models", models)
@@ -259,20 +258,15 @@ async def error_middleware(
     return response
 
 
-def api_of(path: str) -> Api:
-    """The API whose error shape a path's client expects."""
-    return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
-
-
 async def _handle(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    api = api_of(request.path)
+    api = shape_for(request.path)
     try:
         _authenticate(request)
         return await handler(request)
     except ProxyError as exc:
-        return exc.response(api)
+        return _error_response(exc, api)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -281,12 +275,16 @@ async def _handle(
             405: f"Method {request.method} not allowed on {request.path}",
             413: "Request body too large",
         }.get(exc.status, exc.reason)
-        return ProxyError(exc.status, message).response(api)
+        return _error_response(ProxyError(exc.status, message), api)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return ProxyError(500, "internal error in guardproxy", type="server_error").response(api)
+        return _error_response(ProxyError(500, "internal error in guardproxy", type="server_error"), api)
+
+
+def _error_response(exc: ProxyError, api: Api) -> web.Response:
+    return web.json_response(exc.body(api), status=exc.status, headers=exc.headers)
 
 
 def _authenticate(request: web.Request) -> None:
@@ -385,6 +383,14 @@ async def responses_websocket(request: web.Request) -> web.StreamResponse:
 
 async def messages(request: web.Request) -> web.StreamResponse:
     return await _moderated(request, MessagesWire)
+
+
+HANDLERS = {
+    "chat": chat_completions,
+    "completions": completions,
+    "responses": responses,
+    "messages": messages,
+}
 
 
 async def count_tokens(request: web.Request) -> web.StreamResponse:

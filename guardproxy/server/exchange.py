@@ -21,6 +21,9 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
+from guardproxy.apis.errors import ProxyError, bad_upstream, engine_error, guard_failed, upstream_error
+from guardproxy.apis.responses_store import ResponseStore
+from guardproxy.apis.wire import Wire
 from guardproxy.guard.api import Engine, Stream
 from guardproxy.guard.errors import EngineError
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
@@ -30,11 +33,8 @@ from guardproxy.observe.live import LiveFeed
 from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Action, Policy
-from guardproxy.server.errors import ProxyError, bad_upstream, engine_error, guard_failed, upstream_error
 from guardproxy.server.prompts import judge_prompt, verdict_details
-from guardproxy.server.store import ResponseStore
 from guardproxy.server.upstream import Upstream, returned_headers
-from guardproxy.server.wire import Wire
 from guardproxy.stream.outputs import (
     Abort,
     CloseUpstream,

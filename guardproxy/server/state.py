@@ -8,9 +8,9 @@ from typing import Any
 
 from aiohttp import web
 
+from guardproxy.apis.errors import bad_request
 from guardproxy.config import Settings
 from guardproxy.observe.metrics import Metrics
-from guardproxy.server.errors import bad_request
 from guardproxy.server.exchange import GuardServices
 from guardproxy.server.reload import ConfigReloader, SettingsStore
 

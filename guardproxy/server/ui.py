@@ -25,12 +25,12 @@ from typing import Any
 
 from aiohttp import web
 
+from guardproxy.apis.errors import bad_request, engine_error
 from guardproxy.evaluate import judge_answer, token_rows
 from guardproxy.guard.errors import EngineError
 from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
 from guardproxy.policy import Policy, decide
-from guardproxy.server.errors import bad_request, engine_error
 from guardproxy.server.prompts import judge_prompt, verdict_details
 from guardproxy.server.state import LIVE_SETTINGS, SERVICES, json_body
 from guardproxy.stream.sse import encode_event

@@ -11,9 +11,10 @@ import aiohttp
 from multidict import CIMultiDict
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from guardproxy.apis.errors import bad_upstream
+from guardproxy.apis.registry import api_for
 from guardproxy.config import UpstreamSettings
 from guardproxy.observe.logs import request_id
-from guardproxy.server.errors import bad_upstream
 
 # Never forwarded: hop-by-hop headers (RFC 9110 7.6.1), and what the proxy sets itself.
 _DROP = frozenset(
@@ -71,6 +72,11 @@ def session(settings: UpstreamSettings) -> aiohttp.ClientSession:
     )
     connector = aiohttp.TCPConnector(limit=settings.max_connections)
     return aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=True)
+
+
+def _keyed_by_x_api_key(path: str) -> bool:
+    spec = api_for(path)
+    return spec is not None and spec.key_header == "x-api-key"
 
 
 class Upstream:
@@ -139,7 +145,7 @@ class Upstream:
             headers,
             forward_auth=forward_auth,
             json_body=body is not None,
-            anthropic=path.startswith("/v1/messages"),
+            anthropic=_keyed_by_x_api_key(path),
         )
         try:
             async for attempt in retrying:

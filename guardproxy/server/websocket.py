@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from guardproxy.server.errors import ProxyError, bad_request
+from guardproxy.apis.errors import ProxyError, bad_request
 from guardproxy.server.state import parse_body
 from guardproxy.stream.sse import SSEDecoder
 

@@ -1,6 +1,6 @@
 """The Anthropic Messages API (``POST /v1/messages``): one output per message.
 
-Request -> guard: ``wire_messages_request.py`` (system, messages and their blocks, tools).
+Request -> guard: ``messages_request.py`` (system, messages and their blocks, tools).
 
 Upstream events -> core: ``text_delta`` is content, ``thinking_delta`` reasoning, ``input_json_delta``
 a tool call's arguments (``tool_use``, ``server_tool_use``, ``mcp_tool_use`` blocks, each held with its
@@ -22,10 +22,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.guard.verdict import Verdict
-from guardproxy.policy import Policy
-from guardproxy.server.errors import ProxyError, bad_request, bad_upstream
-from guardproxy.server.wire import (
+from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream
+from guardproxy.apis.messages_request import CALL_BLOCKS, NO_TEXT_BLOCKS, chat_messages, chat_tools
+from guardproxy.apis.wire import (
     Conversation,
     Details,
     Wire,
@@ -34,7 +33,8 @@ from guardproxy.server.wire import (
     parse_json,
     stripped,
 )
-from guardproxy.server.wire_messages_request import CALL_BLOCKS, NO_TEXT_BLOCKS, chat_messages, chat_tools
+from guardproxy.guard.verdict import Verdict
+from guardproxy.policy import Policy
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs, ToolEnd

@@ -8,23 +8,23 @@ from typing import Any
 
 import pytest
 
+from guardproxy.apis.chat import ChatWire
+from guardproxy.apis.errors import ProxyError, engine_error, upstream_error
+from guardproxy.apis.messages import MessagesWire
+from guardproxy.apis.messages_request import chat_messages
+from guardproxy.apis.messages_request import chat_tools as anthropic_tools
+from guardproxy.apis.responses import ResponsesWire
+from guardproxy.apis.responses_input import chat_tools, input_messages
+from guardproxy.apis.responses_store import ResponseStore
 from guardproxy.guard.errors import EngineOverloaded, EngineUnavailable, GuardFailure, PromptTooLong
 from guardproxy.guard.template import ChatTemplate, ConversationError
 from guardproxy.policy import Policy
-from guardproxy.server.errors import ProxyError, engine_error, upstream_error
-from guardproxy.server.store import ResponseStore
-from guardproxy.server.wire_chat import ChatWire
-from guardproxy.server.wire_messages import MessagesWire
-from guardproxy.server.wire_messages_request import chat_messages
-from guardproxy.server.wire_messages_request import chat_tools as anthropic_tools
-from guardproxy.server.wire_responses import ResponsesWire
-from guardproxy.server.wire_responses_input import chat_tools, input_messages
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import Out
 from guardproxy.stream.outputs import Finish, Marker, Text, ToolArgs, ToolEnd
 from guardproxy.stream.sse import SSEEvent
 
-from .conftest import hf_chat_ids
+from ..conftest import hf_chat_ids
 
 
 def test_responses_items_read_as_the_chat_turns_they_are(template: ChatTemplate, hf_tokenizer: Any) -> None:
@@ -842,7 +842,7 @@ def test_a_computer_call_output_screenshot_is_not_read_as_text() -> None:
 
 
 def test_event_json_is_compact_and_reads_what_orjson_refuses() -> None:
-    from guardproxy.server.wire import dumps, event_json, parse_json
+    from guardproxy.apis.wire import dumps, event_json, parse_json
 
     assert event_json({"a": "é", "b": [1, None]}) == '{"a":"é","b":[1,null]}'  # compact UTF-8
     assert dumps({"city": "Paris"}) == '{"city": "Paris"}'  # what the guard reads: the template's spacing

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from guardproxy.apis.errors import ProxyError, bad_upstream
+from guardproxy.apis.wire import Details, event_json
 from guardproxy.policy import Policy
-from guardproxy.server.errors import ProxyError, bad_upstream
-from guardproxy.server.wire import Details, event_json
 from guardproxy.stream.guardview import CONTENT, REASONING
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
 from guardproxy.stream.sse import encode_event

@@ -1,15 +1,13 @@
 """One error type for every failure a client can see, rendered in the shape of the API it came on:
 OpenAI's (`{"error": {"message", "type", "param", "code"}}`, chat, completions, responses, moderations)
 or Anthropic's (`{"type": "error", "error": {"type", "message"}}`, messages). Once a stream has started,
-each wire format renders it as its own error event (``wire_*.py``)."""
+each API module renders it as its own error event. Sans-IO: the server turns it into an HTTP response."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
 from typing import Any, Literal
-
-from aiohttp import web
 
 from guardproxy.guard.errors import EngineError, EngineOverloaded, EngineUnavailable, PromptTooLong
 
@@ -60,9 +58,6 @@ class ProxyError(Exception):
         if self._body is not None and isinstance(self._body.get("error"), dict) and "type" not in self._body:
             return self._body
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self, api: Api = "openai") -> web.Response:
-        return web.json_response(self.body(api), status=self.status, headers=self.headers)
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ProxyError:

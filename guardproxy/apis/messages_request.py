@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from guardproxy.apis.errors import bad_request
+from guardproxy.apis.wire import carried_text, dumps, joined_text
 from guardproxy.guard.template import ConversationError
-from guardproxy.server.errors import bad_request
-from guardproxy.server.wire import carried_text, dumps, joined_text
 
 
 def _text_blocks(value: Any, where: str) -> str:

@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
+from guardproxy.apis.errors import Api, ProxyError, bad_request, bad_upstream
 from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
-from guardproxy.server.errors import Api, ProxyError, bad_request, bad_upstream
 from guardproxy.stream.guardview import tool_field
 from guardproxy.stream.moderator import Out
 from guardproxy.stream.outputs import Event, Marker, Outputs, ToolArgs, ToolEnd

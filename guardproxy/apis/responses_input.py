@@ -13,9 +13,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from guardproxy.apis.errors import bad_request
+from guardproxy.apis.wire import carried_text, dumps, joined_text
 from guardproxy.guard.template import ConversationError
-from guardproxy.server.errors import bad_request
-from guardproxy.server.wire import carried_text, dumps, joined_text
 
 # Tool calls whose input the model writes: item type -> the key of that input.
 CALL_ITEMS = {"function_call": "arguments", "custom_tool_call": "input"}

@@ -1,7 +1,7 @@
 """The OpenAI Responses API (``POST /v1/responses``, and its WebSocket mode): one output per response.
 
 Request -> guard: ``instructions`` as the system turn, ``input`` and ``tools`` as
-``wire_responses_input.py`` reads them. With ``previous_response_id`` the earlier turns live upstream:
+``responses_input.py`` reads them. With ``previous_response_id`` the earlier turns live upstream:
 the guard reads those this proxy saw (``ResponseStore``); for an id it never saw, the policy's
 ``unknown_previous_response`` decides (judge what is visible, or refuse). ``background`` responses are
 refused: their output would be fetched from the upstream later, past the guard.
@@ -12,7 +12,7 @@ deltas a tool call's arguments (the call's events held with it and released whol
 in ``_NO_TEXT`` pass in order; every other event (hosted tools', unknown kinds) is read by
 ``Wire.opaque``. The terminal event (``response.completed``, ``.incomplete``, ``.failed``) is the finish.
 
-Core -> client: ``ResponseEvents`` (``wire_responses_events.py``) writes the events; an answer that is
+Core -> client: ``ResponseEvents`` (``responses_events.py``) writes the events; an answer that is
 not streamed is the upstream's response object with its texts as released (a cut: ``status:
 "incomplete"``, ``incomplete_details.reason: "content_filter"``).
 """
@@ -24,11 +24,11 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.guard.verdict import Verdict
-from guardproxy.policy import Policy
-from guardproxy.server.errors import ProxyError, bad_request, bad_upstream
-from guardproxy.server.store import ResponseStore
-from guardproxy.server.wire import (
+from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream
+from guardproxy.apis.responses_events import ResponseEvents
+from guardproxy.apis.responses_input import CALL_ITEMS, chat_tools, input_messages
+from guardproxy.apis.responses_store import ResponseStore
+from guardproxy.apis.wire import (
     Conversation,
     Details,
     Wire,
@@ -36,8 +36,8 @@ from guardproxy.server.wire import (
     parse_json,
     stripped,
 )
-from guardproxy.server.wire_responses_events import ResponseEvents
-from guardproxy.server.wire_responses_input import CALL_ITEMS, chat_tools, input_messages
+from guardproxy.guard.verdict import Verdict
+from guardproxy.policy import Policy
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs, ToolEnd

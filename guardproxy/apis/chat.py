@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream
+from guardproxy.apis.wire import Conversation, Details, Wire, event_json, parse_json, stripped
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
-from guardproxy.server.errors import ProxyError, bad_request, bad_upstream
-from guardproxy.server.wire import Conversation, Details, Wire, event_json, parse_json, stripped
 from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs
