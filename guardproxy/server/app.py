@@ -16,22 +16,21 @@ import functools
 import gc
 import logging
 import os
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 
 from guardproxy.apis.chat import ChatWire, CompletionWire
-from guardproxy.apis.errors import Api, ProxyError, bad_request, engine_error, upstream_error
+from guardproxy.apis.errors import ProxyError, bad_request, engine_error, upstream_error
 from guardproxy.apis.messages import MessagesWire
-from guardproxy.apis.registry import APIS, shape_for
+from guardproxy.apis.registry import APIS
 from guardproxy.apis.responses import ResponsesWire
 from guardproxy.apis.responses_store import ResponseStore
 from guardproxy.apis.wire import Wire
-from guardproxy.config import Settings, key_hash
+from guardproxy.config import Settings
 from guardproxy.guard.api import Engine
 from guardproxy.guard.checkpoint import load_template
 from guardproxy.guard.errors import EngineError
@@ -39,11 +38,16 @@ from guardproxy.guard.remote import RemoteEngine
 from guardproxy.guard.template import ChatTemplate, ConversationError
 from guardproxy.observe.audit import AuditLog
 from guardproxy.observe.live import LiveFeed
-from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Policy
 from guardproxy.server import ui
 from guardproxy.server.exchange import EventSink, Exchange, GuardServices
+from guardproxy.server.middleware import (
+    add_request_id,
+    error_middleware,
+    forward_client_key,
+    request_id_middleware,
+)
 from guardproxy.server.prompts import judge_prompt, verdict_details
 from guardproxy.server.reload import ConfigReloader, SettingsStore
 from guardproxy.server.state import (
@@ -53,7 +57,6 @@ from guardproxy.server.state import (
     LIVE_SETTINGS,
     METRICS,
     RELOADER,
-    REQUEST_ID,
     SERVICES,
     SETTINGS,
     WORKER,
@@ -92,7 +95,7 @@ def create_app(
         app.cleanup_ctx.append(_watch_config)
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_begin_drain)
-    app.on_response_prepare.append(_add_request_id)
+    app.on_response_prepare.append(add_request_id)
     for spec in APIS:  # the moderated routes, one a registered API
         app.router.add_post(spec.route, HANDLERS[spec.name])
     app.router.add_get("/v1/responses", responses_websocket)  # the WebSocket mode (websocket.py)
@@ -210,106 +213,6 @@ async def _watch_config(app: web.Application) -> AsyncIterator[None]:
             await task
 
 
-# -- errors ------------------------------------------------------------------------------------------
-
-
-MAX_MESSAGES = 4096  # far beyond the guard's context; refuses pathological requests cheaply
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-access_log = logging.getLogger("guardproxy.access")
-
-
-@web.middleware
-async def request_id_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Take the client's ``x-request-id`` (when it is sane) or make one; it tags the logs, the audit
-    record, the upstream request and the response. One access-log line per request, never headers."""
-    given = request.headers.get("x-request-id", "")
-    rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-    request[REQUEST_ID] = rid  # responses are often prepared after this middleware has returned
-    token = request_id.set(rid)
-    started = time.perf_counter()
-    status = 499
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    finally:
-        access_log.info(
-            "%s %s %d %.1fms", request.method, request.path, status, (time.perf_counter() - started) * 1000
-        )
-        request_id.reset(token)
-
-
-async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    response.headers["x-request-id"] = request.get(REQUEST_ID) or request_id.get()
-    if WORKER in request.app:  # which of several proxy workers answered (the access log has its pid)
-        response.headers["x-guardproxy-worker"] = str(request.app[WORKER])
-
-
-@web.middleware
-async def error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    response = await _handle(request, handler)
-    request.app[METRICS].requests.labels(route, str(response.status)).inc()
-    return response
-
-
-async def _handle(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    api = shape_for(request.path)
-    try:
-        _authenticate(request)
-        return await handler(request)
-    except ProxyError as exc:
-        return _error_response(exc, api)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        message = {
-            404: f"Invalid URL ({request.method} {request.path})",
-            405: f"Method {request.method} not allowed on {request.path}",
-            413: "Request body too large",
-        }.get(exc.status, exc.reason)
-        return _error_response(ProxyError(exc.status, message), api)
-    except (ConnectionResetError, asyncio.CancelledError):
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return _error_response(ProxyError(500, "internal error in guardproxy", type="server_error"), api)
-
-
-def _error_response(exc: ProxyError, api: Api) -> web.Response:
-    return web.json_response(exc.body(api), status=exc.status, headers=exc.headers)
-
-
-def _authenticate(request: web.Request) -> None:
-    """Hash the client's key (a bearer token, or Anthropic's ``x-api-key``) for per-key policies and,
-    when guardproxy has keys of its own, refuse requests without one of them: on the API and on the
-    data the ``/ui`` page reads (the page's shell holds none). Health and metrics stay open for probes
-    and scrapers."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    key = token.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key", "").strip()
-    if key:
-        request[CLIENT_KEY] = key_hash(key)
-    keys = request.app[LIVE_SETTINGS].current.auth.api_keys_sha256
-    guarded = request.path.startswith(("/v1/", "/ui/api/"))
-    if keys and guarded and request.get(CLIENT_KEY) not in keys:
-        raise ProxyError(
-            401, "Incorrect API key provided.", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
-        )
-
-
-def forward_client_key(request: web.Request) -> bool:
-    """The client's key goes upstream only when guardproxy has no keys of its own."""
-    return not request.app[LIVE_SETTINGS].current.auth.api_keys_sha256
-
-
 async def _moderated(
     request: web.Request, make: Callable[[dict[str, Any], Policy], Wire]
 ) -> web.StreamResponse:
@@ -393,18 +296,9 @@ HANDLERS = {
 }
 
 
-async def count_tokens(request: web.Request) -> web.StreamResponse:
+async def count_tokens(request: web.Request) -> web.Response:
     """Anthropic's token counting: no generated text, so forwarded as it is."""
-    upstream = request.app[SERVICES].upstream
-    raw = await request.read()
-    resp = await upstream.request(
-        "POST", request.path_qs, request.headers, raw, forward_auth=forward_client_key(request)
-    )
-    async with resp:
-        body = await resp.read()
-        if resp.status != 200:
-            raise upstream_error(resp.status, body)
-        return web.Response(body=body, status=200, content_type="application/json")
+    return await _pass_through(request, "POST", request.path_qs, await request.read())
 
 
 async def moderations(request: web.Request) -> web.Response:
@@ -454,10 +348,17 @@ async def moderations(request: web.Request) -> web.Response:
     )
 
 
-async def models(request: web.Request) -> web.StreamResponse:
+async def models(request: web.Request) -> web.Response:
+    return await _pass_through(request, "GET", "/v1/models")
+
+
+async def _pass_through(
+    request: web.Request, method: str, path: str, body: bytes | None = None
+) -> web.Response:
+    """A route with no generated text in its answer: forwarded, and its answer relayed, as they are."""
     upstream = request.app[SERVICES].upstream
     resp = await upstream.request(
-        "GET", "/v1/models", request.headers, forward_auth=forward_client_key(request)
+        method, path, request.headers, body, forward_auth=forward_client_key(request)
     )
     async with resp:
         raw = await resp.read()
