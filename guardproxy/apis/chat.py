@@ -148,15 +148,20 @@ class ChatWire(Wire):
             out += events
         return out
 
-    def read_whole(self, raw: bytes) -> list[Event]:
+    def _choices(self, raw: bytes) -> list[Mapping[str, Any]]:
+        """A whole response's choices, checked; the response kept to be rewritten."""
         body = parse_json(raw, "a response")
         if not isinstance(body.get("choices"), list):
             raise bad_upstream("upstream response has no choices")
         self._original = body
+        choices: list[Mapping[str, Any]] = body["choices"]
+        if not all(isinstance(c, Mapping) for c in choices):
+            raise bad_upstream("upstream sent a malformed choice")
+        return choices
+
+    def read_whole(self, raw: bytes) -> list[Event]:
         out: list[Event] = []
-        for c in body["choices"]:
-            if not isinstance(c, Mapping):
-                raise bad_upstream("upstream sent a malformed choice")
+        for c in self._choices(raw):
             msg = c.get("message") or {}
             if not isinstance(msg, Mapping):
                 raise bad_upstream("upstream sent a malformed message")
@@ -185,11 +190,9 @@ class ChatWire(Wire):
             chunk["guardproxy"] = details()
         return encode_event(event_json(chunk))
 
-    def render(self, output: int, out: Out, details: Details) -> bytes:
+    def _render(self, output: int, out: Out, details: Details) -> bytes:
         if out.kind == "text":
             assert out.field is not None
-            if out.field in self.silent:
-                return b""  # an opaque field's text: the field itself goes out whole, as a marker
             return self._chunk(output, self._text_delta(out.field, out.text), None, None)
         if out.kind == "marker":
             return self._chunk(output, dict(out.payload), None, None)
@@ -304,14 +307,8 @@ class CompletionWire(ChatWire):
         return {"content": c.get("text") or ""}
 
     def read_whole(self, raw: bytes) -> list[Event]:
-        body = parse_json(raw, "a response")
-        if not isinstance(body.get("choices"), list):
-            raise bad_upstream("upstream response has no choices")
-        self._original = body
         out: list[Event] = []
-        for c in body["choices"]:
-            if not isinstance(c, Mapping):
-                raise bad_upstream("upstream sent a malformed choice")
+        for c in self._choices(raw):
             out += self._delta(_index(c), {"content": c.get("text") or ""})
             out.append(Finish(_index(c), c.get("finish_reason")))
         return out
@@ -323,10 +320,10 @@ class CompletionWire(ChatWire):
             chunk["guardproxy"] = details()
         return encode_event(event_json(chunk))
 
-    def render(self, output: int, out: Out, details: Details) -> bytes:
+    def _render(self, output: int, out: Out, details: Details) -> bytes:
         if out.kind == "marker":
             return b""  # a role delta has no place in a completion chunk
-        return super().render(output, out, details)
+        return super()._render(output, out, details)
 
     def _whole_choice(self, original: Mapping[str, Any], outputs: Outputs) -> dict[str, Any]:
         m = outputs.moderators[_index(original)]

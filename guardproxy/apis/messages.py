@@ -27,6 +27,7 @@ from guardproxy.apis.messages_request import CALL_BLOCKS, NO_TEXT_BLOCKS, chat_m
 from guardproxy.apis.wire import (
     Conversation,
     Details,
+    EventWriter,
     Wire,
     dumps,
     event_json,
@@ -44,7 +45,7 @@ REFUSAL = "refusal"
 _TEXT_DELTAS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
 
-class MessagesWire(Wire):
+class MessagesWire(Wire, EventWriter):
     api = "anthropic"
     route = "/v1/messages"
 
@@ -214,17 +215,8 @@ class MessagesWire(Wire):
     def _emit(ev: dict[str, Any]) -> bytes:
         return encode_event(event_json(ev), event=str(ev["type"]))
 
-    def render(self, output: int, out: Out, details: Details) -> bytes:
-        if out.kind == "text":
-            assert out.field is not None
-            if out.field in self.silent:
-                return b""  # an opaque block's or event's text: the event itself goes out whole
-            return self._text(out.field, out.text)
-        if out.kind == "marker":
-            return self._marker(dict(out.payload))
-        if out.kind == "finish":
-            return self._finish(out.payload, details)
-        return self._cut(out.text, details)
+    def _render(self, output: int, out: Out, details: Details) -> bytes:
+        return self.write(out, details)
 
     def _marker(self, ev: dict[str, Any]) -> bytes:
         kind = ev.get("type")

@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.apis.errors import bad_request
-from guardproxy.apis.wire import carried_text, dumps, joined_text
+from guardproxy.apis.wire import carried_text, dumps, joined_text, tool_list
 from guardproxy.guard.template import ConversationError
 
 
@@ -152,15 +151,12 @@ def _block_turns(role: str, content: list[Any], where: str) -> list[dict[str, An
 
 
 def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise bad_request("tools must be a list of tool objects", param="tools")
-    out = []
-    for t in tools:
-        if isinstance(t, Mapping) and "input_schema" in t:
-            fn = {"name": t.get("name"), "description": t.get("description"), "parameters": t["input_schema"]}
-            out.append({"type": "function", "function": {k: v for k, v in fn.items() if v is not None}})
-        else:
-            out.append(t)  # server tools (web search...) as they are
-    return out
+    """Anthropic's tools in the chat shape; server tools (web search...) as they are."""
+
+    def function(t: Any) -> dict[str, Any] | None:
+        if not (isinstance(t, Mapping) and "input_schema" in t):
+            return None
+        fn = {"name": t.get("name"), "description": t.get("description"), "parameters": t["input_schema"]}
+        return {k: v for k, v in fn.items() if v is not None}
+
+    return tool_list(tools, function)

@@ -275,10 +275,8 @@ class ResponsesWire(Wire):
 
     # -- client: streamed ----------------------------------------------------------------------------
 
-    def render(self, output: int, out: Out, details: Details) -> bytes:
-        if out.kind == "text" and out.field in self.silent:
-            return b""  # an opaque event's text: the event itself goes out whole, as a marker
-        return self.events.render(out, details)
+    def _render(self, output: int, out: Out, details: Details) -> bytes:
+        return self.events.write(out, details)
 
     def error_event(self, exc: ProxyError) -> bytes:
         return self.events.error(exc)

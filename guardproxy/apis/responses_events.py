@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from guardproxy.apis.errors import ProxyError, bad_upstream
-from guardproxy.apis.wire import Details, event_json
+from guardproxy.apis.wire import Details, EventWriter, event_json
 from guardproxy.policy import Policy
 from guardproxy.stream.guardview import CONTENT, REASONING
-from guardproxy.stream.moderator import CONTENT_FILTER, Out
+from guardproxy.stream.moderator import CONTENT_FILTER
 from guardproxy.stream.sse import encode_event
 
 # Done events of a part, and the key that holds its text.
@@ -56,7 +56,7 @@ class _Item:
     done: bool = False
 
 
-class ResponseEvents:
+class ResponseEvents(EventWriter):
     """One response's events to the client, numbered, with the items and parts they build."""
 
     def __init__(self, policy: Policy) -> None:
@@ -73,16 +73,6 @@ class ResponseEvents:
         ev["sequence_number"] = self._seq
         self._seq += 1
         return encode_event(event_json(ev), event=str(ev["type"]))
-
-    def render(self, out: Out, details: Details) -> bytes:
-        if out.kind == "text":
-            assert out.field is not None
-            return self._text(out.field, out.text)
-        if out.kind == "marker":
-            return self._marker(dict(out.payload))
-        if out.kind == "finish":
-            return self._finish(out.payload, details)
-        return self._cut(out.text, details)
 
     def _marker(self, ev: dict[str, Any]) -> bytes:
         kind = ev.get("type")

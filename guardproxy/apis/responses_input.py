@@ -13,8 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.apis.errors import bad_request
-from guardproxy.apis.wire import carried_text, dumps, joined_text
+from guardproxy.apis.wire import carried_text, dumps, joined_text, tool_list
 from guardproxy.guard.template import ConversationError
 
 # Tool calls whose input the model writes: item type -> the key of that input.
@@ -123,15 +122,10 @@ def input_messages(value: Any) -> list[dict[str, Any]]:
 def chat_tools(tools: Any) -> list[dict[str, Any]] | None:
     """Responses tools in the chat shape (function tools nested under ``function``); built-in tools
     (web search, file search) as they are."""
-    if tools is None:
-        return None
-    if not isinstance(tools, list):
-        raise bad_request("tools must be a list of tool objects", param="tools")
-    out = []
-    for t in tools:
-        if isinstance(t, Mapping) and t.get("type") == "function" and "function" not in t:
-            fn = {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
-            out.append({"type": "function", "function": fn})
-        else:
-            out.append(t)
-    return out
+
+    def function(t: Any) -> dict[str, Any] | None:
+        if not (isinstance(t, Mapping) and t.get("type") == "function" and "function" not in t):
+            return None
+        return {k: t[k] for k in ("name", "description", "parameters", "strict") if k in t}
+
+    return tool_list(tools, function)

@@ -164,11 +164,51 @@ def event_json(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def tool_list(tools: Any, function: Callable[[Any], dict[str, Any] | None]) -> list[dict[str, Any]] | None:
+    """An API's tool definitions in the chat shape the guard's template reads: ``function`` gives a
+    tool's chat ``function`` object, or None for a tool kept as it is (built-in and server tools)."""
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        raise bad_request("tools must be a list of tool objects", param="tools")
+    out = []
+    for t in tools:
+        fn = function(t)
+        out.append(t if fn is None else {"type": "function", "function": fn})
+    return out
+
+
 def optional_str(body: Mapping[str, Any], key: str) -> str | None:
     value = body.get(key)
     if value is not None and not isinstance(value, str):
         raise bad_request(f"{key} must be a string", param=key)
     return value
+
+
+class EventWriter(ABC):
+    """An API whose outputs go out as named stream events, one method a kind of moderated event."""
+
+    def write(self, out: Out, details: Details) -> bytes:
+        if out.kind == "text":
+            assert out.field is not None
+            return self._text(out.field, out.text)
+        if out.kind == "marker":
+            return self._marker(dict(out.payload))
+        if out.kind == "finish":
+            return self._finish(out.payload, details)
+        return self._cut(out.text, details)
+
+    @abstractmethod
+    def _text(self, name: str, text: str) -> bytes: ...
+
+    @abstractmethod
+    def _marker(self, ev: dict[str, Any]) -> bytes: ...
+
+    @abstractmethod
+    def _finish(self, payload: Any, details: Details) -> bytes: ...
+
+    @abstractmethod
+    def _cut(self, notice: str, details: Details) -> bytes: ...
 
 
 class Wire(ABC):
@@ -241,9 +281,15 @@ class Wire(ABC):
 
     # -- client ------------------------------------------------------------------------------------
 
-    @abstractmethod
     def render(self, output: int, out: Out, details: Details) -> bytes:
         """Released text, a marker, the finish or the cut of one output, as this API's events."""
+        if out.kind == "text" and out.field in self.silent:
+            return b""  # an opaque field's or event's text: it goes out whole, as a marker
+        return self._render(output, out, details)
+
+    @abstractmethod
+    def _render(self, output: int, out: Out, details: Details) -> bytes:
+        """``render`` for all but the text of opaque fields."""
 
     def tail(self) -> bytes:
         """What goes out after every output ended (chat: usage chunks, then ``[DONE]``)."""
