@@ -183,11 +183,14 @@ class ChatWire(Wire):
         k = int(field.split("[", 1)[1].split("]", 1)[0])
         return {"tool_calls": [{"index": k, "function": {"arguments": text}}]}
 
+    def _choice(self, index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
     def _chunk(self, index: int, delta: dict[str, Any], finish: str | None, details: Details | None) -> bytes:
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        chunk: dict[str, Any] = {**self._envelope, "object": self.chunk_object, "choices": [choice]}
-        if details is not None and self.policy.details:
-            chunk["guardproxy"] = details()
+        choices = [self._choice(index, delta, finish)]
+        chunk: dict[str, Any] = {**self._envelope, "object": self.chunk_object, "choices": choices}
+        if details is not None:
+            self.annotate(chunk, details)
         return encode_event(event_json(chunk))
 
     def _render(self, output: int, out: Out, details: Details) -> bytes:
@@ -213,8 +216,7 @@ class ChatWire(Wire):
         assert self._original is not None
         body = dict(self._original)
         body["choices"] = [self._whole_choice(c, outputs) for c in self._original["choices"]]
-        if self.policy.details:
-            body["guardproxy"] = details()
+        self.annotate(body, details)
         return body
 
     def _whole_choice(self, original: Mapping[str, Any], outputs: Outputs) -> dict[str, Any]:
@@ -273,8 +275,7 @@ class ChatWire(Wire):
             "choices": [choice],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
-        if self.policy.details:
-            body["guardproxy"] = details()
+        self.annotate(body, details)
         return body
 
     def error_event(self, exc: ProxyError) -> bytes:
@@ -313,12 +314,8 @@ class CompletionWire(ChatWire):
             out.append(Finish(_index(c), c.get("finish_reason")))
         return out
 
-    def _chunk(self, index: int, delta: dict[str, Any], finish: str | None, details: Details | None) -> bytes:
-        choice = {"index": index, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
-        chunk: dict[str, Any] = {**self._envelope, "object": self.chunk_object, "choices": [choice]}
-        if details is not None and self.policy.details:
-            chunk["guardproxy"] = details()
-        return encode_event(event_json(chunk))
+    def _choice(self, index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {"index": index, "text": delta.get("content", ""), "logprobs": None, "finish_reason": finish}
 
     def _render(self, output: int, out: Out, details: Details) -> bytes:
         if out.kind == "marker":
@@ -348,8 +345,7 @@ class CompletionWire(ChatWire):
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": CONTENT_FILTER}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
-        if self.policy.details:
-            body["guardproxy"] = details()
+        self.annotate(body, details)
         return body
 
 

@@ -267,8 +267,7 @@ class MessagesWire(Wire, EventWriter):
                 "usage": {"output_tokens": self._deltas},
             }
         )
-        if self.policy.details:
-            delta["guardproxy"] = details()
+        self.annotate(delta, details)
         return self._emit(delta) + self._emit(dict(stop))
 
     def _cut(self, notice: str, details: Details) -> bytes:
@@ -284,8 +283,7 @@ class MessagesWire(Wire, EventWriter):
             "delta": {"stop_reason": REFUSAL, "stop_sequence": None, "stop_details": self._stop_details()},
             "usage": {"output_tokens": self._deltas},
         }
-        if self.policy.details:
-            delta["guardproxy"] = details()
+        self.annotate(delta, details)
         out.append(self._emit(delta))
         out.append(self._emit({"type": "message_stop"}))
         return b"".join(out)
@@ -334,8 +332,7 @@ class MessagesWire(Wire, EventWriter):
             body["stop_sequence"] = None
             body["stop_details"] = self._stop_details()
         body["content"] = [self._whole_replaced.get(i, b) for i, b in enumerate(blocks)]
-        if self.policy.details:
-            body["guardproxy"] = details()
+        self.annotate(body, details)
         return body
 
     def blocked(self, verdict: Verdict, details: Details) -> list[bytes] | dict[str, Any]:
@@ -352,8 +349,7 @@ class MessagesWire(Wire, EventWriter):
             "usage": {"input_tokens": 0, "output_tokens": 0},
         }
         if not self.streaming:
-            if self.policy.details:
-                message["guardproxy"] = details()
+            self.annotate(message, details)
             return message
         start = {**message, "content": [], "stop_reason": None, "stop_details": None}
         end: dict[str, Any] = {
@@ -365,8 +361,7 @@ class MessagesWire(Wire, EventWriter):
             },
             "usage": {"output_tokens": 0},
         }
-        if self.policy.details:
-            end["guardproxy"] = details()
+        self.annotate(end, details)
         return [
             self._emit({"type": "message_start", "message": start}),
             self._emit(

@@ -317,8 +317,7 @@ class ResponsesWire(Wire):
                 item["status"] = "incomplete"
             body.update(status="incomplete", incomplete_details={"reason": CONTENT_FILTER})
         body["output"] = [self._whole_replaced.get(i, item) for i, item in enumerate(items)]
-        if self.policy.details:
-            body["guardproxy"] = details()
+        self.annotate(body, details)
         return body
 
     def blocked(self, verdict: Verdict, details: Details) -> list[bytes] | dict[str, Any]:
@@ -339,8 +338,7 @@ class ResponsesWire(Wire):
             "status": "completed",
             "output": [message],
         }
-        if self.policy.details:
-            response["guardproxy"] = details()
+        self.annotate(response, details)
         if not self.streaming:
             return response
         started = {**response, "status": "in_progress", "output": []}

@@ -281,6 +281,11 @@ class Wire(ABC):
 
     # -- client ------------------------------------------------------------------------------------
 
+    def annotate(self, target: dict[str, Any], details: Details) -> None:
+        """guardproxy's verdict details on a body or event, where the policy asks for them."""
+        if self.policy.details:
+            target["guardproxy"] = details()
+
     def render(self, output: int, out: Out, details: Details) -> bytes:
         """Released text, a marker, the finish or the cut of one output, as this API's events."""
         if out.kind == "text" and out.field in self.silent:

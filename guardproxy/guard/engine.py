@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from guardproxy.aio import cancel_and_wait
 from guardproxy.guard.api import EngineStats
 from guardproxy.guard.errors import EngineError, EngineOverloaded, GuardFailure, StreamClosed
 from guardproxy.guard.limits import EngineLimits
@@ -215,10 +216,7 @@ class GuardEngine:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         for sid in list(self.scheduler.streams):
             self._resolve(self.scheduler.close(sid))
         while self._waiters:

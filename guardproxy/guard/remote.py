@@ -14,12 +14,12 @@ with Retry-After) and the link reconnects, with backoff, to the engine the super
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from guardproxy.aio import cancel_and_wait
 from guardproxy.guard.api import EngineStats
 from guardproxy.guard.errors import EngineError, EngineUnavailable, StreamClosed
 from guardproxy.guard.link import Link, Message, decode_error
@@ -191,10 +191,7 @@ class RemoteEngine:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
 
     async def open(
         self, prompt_ids: Sequence[int], verdict_index: int | None, anchor_start: int = 0

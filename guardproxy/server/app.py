@@ -11,7 +11,6 @@ routes that hand back stored upstream text unjudged (``GET /v1/responses/{id}`` 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import logging
@@ -23,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from guardproxy.aio import cancel_and_wait
 from guardproxy.apis.chat import ChatWire, CompletionWire
 from guardproxy.apis.errors import ProxyError, bad_request, engine_error, upstream_error
 from guardproxy.apis.messages import MessagesWire
@@ -96,15 +96,18 @@ def create_app(
     app.cleanup_ctx.append(_services)
     app.on_shutdown.append(_begin_drain)
     app.on_response_prepare.append(add_request_id)
-    for spec in APIS:  # the moderated routes, one a registered API
-        app.router.add_post(spec.route, HANDLERS[spec.name])
-    app.router.add_get("/v1/responses", responses_websocket)  # the WebSocket mode (websocket.py)
-    app.router.add_post("/v1/messages/count_tokens", count_tokens)
-    app.router.add_post("/v1/moderations", moderations)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    app.add_routes(
+        [
+            *(web.post(spec.route, HANDLERS[spec.name]) for spec in APIS),  # one a registered API
+            web.get("/v1/responses", responses_websocket),  # the Responses API's WebSocket mode
+            web.post("/v1/messages/count_tokens", count_tokens),
+            web.post("/v1/moderations", moderations),
+            web.get("/v1/models", models),
+            web.get("/healthz", healthz),
+            web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
+        ]
+    )
     if settings.ui.enabled:
         ui.add_routes(app)
     return app
@@ -208,9 +211,7 @@ async def _watch_config(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await cancel_and_wait(task)
 
 
 async def _moderated(
