@@ -88,6 +88,11 @@ def engine_error(exc: EngineError) -> ProxyError:
     return guard_failed(str(exc))
 
 
+def prompt_blocked(message: str, param: str, headers: Mapping[str, str]) -> ProxyError:
+    """A prompt the policy blocks, answered as an error (``blocked_prompt: error``)."""
+    return ProxyError(400, message, param=param, code="content_filter", headers=headers)
+
+
 def guard_failed(reason: str) -> ProxyError:
     return ProxyError(
         503, f"the guard could not judge this request: {reason}", type="server_error", code="guard_error"

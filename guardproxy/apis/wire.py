@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from guardproxy.apis.errors import Api, ProxyError, bad_request, bad_upstream
+from guardproxy.apis.responses_store import ResponseStore
 from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
@@ -285,6 +286,10 @@ class Wire(ABC):
         """guardproxy's verdict details on a body or event, where the policy asks for them."""
         if self.policy.details:
             target["guardproxy"] = details()
+
+    def remember(self, store: ResponseStore, outputs: Outputs) -> None:
+        """Keep what a later request may continue from (the Responses API's turns); others keep nothing."""
+        return
 
     def render(self, output: int, out: Out, details: Details) -> bytes:
         """Released text, a marker, the finish or the cut of one output, as this API's events."""

@@ -48,7 +48,7 @@ from guardproxy.server.middleware import (
     forward_client_key,
     request_id_middleware,
 )
-from guardproxy.server.prompts import judge_prompt, verdict_details
+from guardproxy.server.prompts import judge_prompt
 from guardproxy.server.reload import ConfigReloader, SettingsStore
 from guardproxy.server.state import (
     CLIENT_KEY,
@@ -64,6 +64,7 @@ from guardproxy.server.state import (
 )
 from guardproxy.server.upstream import Upstream, session
 from guardproxy.server.websocket import FrameSink, serve_responses
+from guardproxy.stream.session import verdict_details
 
 log = logging.getLogger(__name__)
 

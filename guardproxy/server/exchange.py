@@ -1,10 +1,11 @@
 """One moderated exchange with the upstream, for any API: the I/O and nothing else.
 
-Flow: open a guard stream on the rendered prompt; start the upstream request at once (policy
-``parallel``) or after the prompt verdict (``before``); on a blocked prompt cancel the upstream and
-answer by policy. Otherwise the upstream's events go through the request's ``Wire`` (what each API's
-events mean) into the sans-IO core (``Outputs``: what is fed, judged, released, cut), whose commands
-this module carries out: guard streams, verdict futures, writes, closing the upstream.
+Flow: open a guard stream on the rendered prompt and judge it; the request's ``Session`` (sans-IO)
+decides when the upstream is asked, whether the prompt is blocked and how, and what the request
+tells (details, headers, outcome, audit record). The upstream's events go through the request's
+``Wire`` (what each API's events mean) into the sans-IO core (``Outputs``: what is fed, judged,
+released, cut). This module carries out the commands of both: the upstream request, guard streams,
+verdict futures, writes, metrics, closing the upstream.
 """
 
 from __future__ import annotations
@@ -21,19 +22,26 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 
-from guardproxy.apis.errors import ProxyError, bad_upstream, engine_error, guard_failed, upstream_error
+from guardproxy.apis.errors import (
+    ProxyError,
+    bad_upstream,
+    engine_error,
+    guard_failed,
+    prompt_blocked,
+    upstream_error,
+)
 from guardproxy.apis.responses_store import ResponseStore
 from guardproxy.apis.wire import Wire
 from guardproxy.guard.api import Engine, Stream
 from guardproxy.guard.errors import EngineError
 from guardproxy.guard.template import ChatTemplate, GuardPrompt
 from guardproxy.guard.verdict import Verdict
-from guardproxy.observe.audit import AuditLog, capped
+from guardproxy.observe.audit import AuditLog
 from guardproxy.observe.live import LiveFeed
 from guardproxy.observe.logs import request_id
 from guardproxy.observe.metrics import Metrics
-from guardproxy.policy import Action, Policy
-from guardproxy.server.prompts import judge_prompt, verdict_details
+from guardproxy.policy import Policy
+from guardproxy.server.prompts import judge_prompt
 from guardproxy.server.upstream import Upstream, returned_headers
 from guardproxy.stream.outputs import (
     Abort,
@@ -48,6 +56,14 @@ from guardproxy.stream.outputs import (
     Retract,
     Text,
     ToolArgs,
+)
+from guardproxy.stream.session import (
+    BlockPrompt,
+    CountPrompt,
+    Request,
+    Session,
+    SessionCommand,
+    StartUpstream,
 )
 from guardproxy.stream.sse import SSEDecoder, SSEError
 
@@ -113,15 +129,12 @@ class Exchange:
             max_outputs=wire.max_outputs,
             record=policy.audit_text and services.live is not None,
         )
+        self.session = Session(policy, self.outputs, Request(wire.route, wire.model, wire.streaming))
         self.streams: dict[int, _Stream] = {}
-        self.prompt_verdict: Verdict | None = None
-        self.window_report: dict[str, Any] | None = None
-        self.prompt_action = Action.ALLOW
         self._guard: Stream | None = None
         self._upstream: asyncio.Task[aiohttp.ClientResponse] | None = None
         self._resp: aiohttp.ClientResponse | None = None
         self.started = time.perf_counter()
-        self.status = 200  # what the client got, for the audit record (499: the client went away)
         self._upstream_started = 0.0
         self._first_upstream_text: float | None = None
         self._first_release: float | None = None
@@ -134,28 +147,23 @@ class Exchange:
                 self.prompt.ids, self.prompt.verdict_index, self.prompt.anchor_start
             )
         except EngineError as exc:
-            self.status = engine_error(exc).status
+            self.session.status = engine_error(exc).status
             raise engine_error(exc) from None
         try:
-            if self.policy.prompt_check == "parallel":
-                self._start_upstream()
+            await self._execute(self.session.start())
             try:
-                self.prompt_verdict, self.window_report = await judge_prompt(
+                verdict, windows = await judge_prompt(
                     self.s.engine, self._guard, self.prompt, self.policy, self.s.metrics
                 )
             except EngineError as exc:
-                await self._execute(self.outputs.guard_failed(None, str(exc)))  # fail open: go on, marked
-            if self.prompt_verdict is not None:
-                v = self.prompt_verdict
-                self.prompt_action = self.policy.action(v, prompt=True)
-                self.s.metrics.prompt_verdicts.labels(
-                    v.risk, v.top_category if v.risk != "Safe" else "", str(self.prompt_action)
-                ).inc()
-            if self.prompt_action == Action.CUT:
-                await self._cancel_upstream(abort=True)
-                return await self._blocked()
-            if self._upstream is None:
-                self._start_upstream()
+                commands = self.session.prompt_failed(str(exc))
+            else:
+                commands = self.session.prompt_judged(verdict, windows)
+            await self._execute(commands)
+            for c in commands:
+                if isinstance(c, BlockPrompt):
+                    await self._cancel_upstream(abort=True)
+                    return await self._blocked(c)
             assert self._upstream is not None
             self._resp = await self._upstream
             if self._resp.status != 200:
@@ -166,10 +174,10 @@ class Exchange:
                 return await self._stream()
             return await self._whole()
         except ProxyError as exc:
-            self.status = exc.status
+            self.session.status = exc.status
             raise
         except asyncio.CancelledError:
-            self.status = 499
+            self.session.status = 499
             raise
         finally:
             self._record_outcome()
@@ -181,10 +189,17 @@ class Exchange:
 
     # -- commands --------------------------------------------------------------------------------------
 
-    async def _execute(self, commands: list[Command], write: list[bytes] | None = None) -> None:
-        """Carry out the core's commands; released items are rendered into ``write`` (when given)."""
+    async def _execute(
+        self, commands: list[Command] | list[SessionCommand], write: list[bytes] | None = None
+    ) -> None:
+        """Carry out the commands of the core and of the session; released items are rendered into
+        ``write`` (when given). A blocked prompt (``BlockPrompt``) is ``run``'s to answer."""
         for c in commands:
-            if isinstance(c, Feed):
+            if isinstance(c, StartUpstream):
+                self._start_upstream()
+            elif isinstance(c, CountPrompt):
+                self.s.metrics.prompt_verdicts.labels(c.risk, c.category, str(c.action)).inc()
+            elif isinstance(c, Feed):
                 s = self.streams[c.output]
                 if c.judged:
                     s.pending.append(s.stream.feed(c.ids))
@@ -193,7 +208,7 @@ class Exchange:
                     s.stream.feed_context(c.ids)
             elif isinstance(c, Emit):
                 if write is not None:
-                    write.append(self.wire.render(c.output, c.out, self._details))
+                    write.append(self.wire.render(c.output, c.out, self.session.details))
                 if c.out.kind == "text" and c.out.arrived is not None:
                     now = time.perf_counter()
                     self.s.metrics.chunk_added_latency.observe(now - c.out.arrived)
@@ -260,35 +275,8 @@ class Exchange:
 
     # -- bookkeeping -----------------------------------------------------------------------------------
 
-    def _details(self) -> dict[str, Any]:
-        """Every decision: the prompt's verdict, and for the answer the first flag, the cut or the
-        redactions (token index, tier, category, probabilities); with several choices, each one's."""
-        details: dict[str, Any] = {
-            "prompt": verdict_details(self.prompt_verdict, self.prompt_action),
-            "response": self.outputs.details(),
-        }
-        if self.window_report is not None:  # the prompt was longer than the guard's context
-            details["prompt"]["windowed"] = self.window_report
-        if self.outputs.failure is not None:
-            details["guard_error"] = self.outputs.failure  # failed open: what follows it was not judged
-        return details
-
     def _headers(self) -> dict[str, str]:
-        upstream = returned_headers(self._resp.headers) if self._resp is not None else {}
-        if not self.policy.details:
-            return upstream
-        d = self._details()
-        h = {
-            **upstream,
-            "x-guardproxy-prompt-risk": str(d["prompt"]["risk"]),
-            "x-guardproxy-policy": self.policy.name,
-        }
-        if "guard_error" in d:
-            h["x-guardproxy-guard"] = "failed-open"
-        if not self.wire.streaming:
-            h["x-guardproxy-response-risk"] = d["response"]["risk"]
-            h["x-guardproxy-action"] = d["response"]["action"]
-        return h
+        return self.session.headers(returned_headers(self._resp.headers) if self._resp is not None else {})
 
     def _record_outcome(self) -> None:
         m = self.s.metrics
@@ -302,7 +290,12 @@ class Exchange:
             m.ttft.labels("upstream").observe(self._first_upstream_text - self._upstream_started)
         if self.s.audit is None and self.s.live is None:
             return
-        record = self._audit_record()
+        record = self.session.audit_record(
+            request_id.get(),
+            time.perf_counter() - self.started,
+            self.wire.prompt_text,
+            self.s.audit_text_chars,
+        )
         if self.s.audit is not None:
             try:
                 self.s.audit.write(record)
@@ -312,43 +305,6 @@ class Exchange:
             if self.outputs.record:  # text was recorded: the answer as it was judged, token by token
                 record = {**record, "tokens": self.outputs.tokens()}
             self.s.live.publish(record)
-
-    def _outcome(self) -> str:
-        if self.prompt_action == Action.CUT:
-            return "blocked"
-        actions = [m.decided.action for m in self.outputs.moderators.values() if m.decided is not None]
-        strongest = max([*actions, self.prompt_action], default=Action.ALLOW)
-        if self.status >= 400 and strongest == Action.ALLOW:
-            return "error"
-        return {Action.CUT: "cut", Action.REDACT: "redacted", Action.FLAG: "flagged"}.get(
-            strongest, "allowed"
-        )
-
-    def _audit_record(self) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "request_id": request_id.get(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "route": self.wire.route,
-            "model": self.wire.model,
-            "policy": self.policy.name,
-            "status": self.status,
-            "stream": self.wire.streaming,
-            "outcome": self._outcome(),
-            **self._details(),
-            "duration_ms": round((time.perf_counter() - self.started) * 1000, 1),
-        }
-        if self.policy.audit_text:
-            cap = self.s.audit_text_chars
-            try:
-                prompt = self.wire.prompt_text()
-            except Exception:  # the prompt was rendered once already; text for the record is best effort
-                prompt = ""
-            record["prompt_text"] = capped(prompt, cap)
-            record["response_text"] = {
-                str(i): {name: capped(f.text, cap) for name, f in m.fields.items()}
-                for i, m in sorted(self.outputs.moderators.items())
-            }
-        return record
 
     # -- upstream --------------------------------------------------------------------------------------
 
@@ -383,19 +339,12 @@ class Exchange:
 
     # -- a blocked prompt ------------------------------------------------------------------------------
 
-    async def _blocked(self) -> web.StreamResponse | EventSink:
-        v = self.prompt_verdict
+    async def _blocked(self, block: BlockPrompt) -> web.StreamResponse | EventSink:
+        if block.as_error:
+            raise prompt_blocked(block.message, self.wire.conversation_param, self._headers())
+        v = self.session.prompt_verdict
         assert v is not None
-        reason = v.risk + (f": {v.top_category}" if v.risk != "Safe" else "")
-        if self.policy.blocked_prompt == "error":
-            raise ProxyError(
-                400,
-                f"The prompt was blocked by the content policy ({reason}).",
-                param=self.wire.conversation_param,
-                code="content_filter",
-                headers=self._headers(),
-            )
-        answer = self.wire.blocked(v, self._details)
+        answer = self.wire.blocked(v, self.session.details)
         if isinstance(answer, dict):
             return web.json_response(answer, headers=self._headers())
         out = await self._prepare_sse()
@@ -514,15 +463,14 @@ class Exchange:
                 await asyncio.wait([s.pending[0]])
                 await self._settle()
         await self._execute(self.outputs.drain())
-        body = self.wire.whole(self.outputs, self._details)
+        body = self.wire.whole(self.outputs, self.session.details)
         self._remember()
         return web.json_response(body, headers=self._headers())
 
     def _remember(self) -> None:
         """Keep this answer's turns for a later request that continues it (Responses API)."""
-        remember = getattr(self.wire, "remember", None)
-        if remember is not None and self.s.responses is not None:
-            remember(self.s.responses, self.outputs)
+        if self.s.responses is not None:
+            self.wire.remember(self.s.responses, self.outputs)
 
 
 async def _read(reader: AsyncIterator[bytes]) -> bytes:

@@ -16,18 +16,6 @@ from guardproxy.observe.metrics import Metrics
 from guardproxy.policy import Action, Policy
 
 
-def verdict_details(v: Verdict | None, action: Action) -> dict[str, Any]:
-    if v is None:  # the guard failed and the policy failed open
-        return {"risk": "unjudged", "category": None, "action": str(action)}
-    return {
-        "risk": v.risk,
-        "category": v.category,
-        "action": str(action),
-        "p_unsafe": round(v.p_unsafe, 6),
-        "p_controversial": round(v.p_controversial, 6),
-    }
-
-
 async def judge_prompt(
     engine: Engine, main: Stream, prompt: GuardPrompt, policy: Policy, metrics: Metrics | None = None
 ) -> tuple[Verdict, dict[str, Any] | None]:

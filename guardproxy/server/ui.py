@@ -31,8 +31,9 @@ from guardproxy.guard.errors import EngineError
 from guardproxy.guard.template import ConversationError
 from guardproxy.guard.verdict import GuardLabels, HeadLabels, Verdict
 from guardproxy.policy import Policy, decide
-from guardproxy.server.prompts import judge_prompt, verdict_details
+from guardproxy.server.prompts import judge_prompt
 from guardproxy.server.state import LIVE_SETTINGS, SERVICES, json_body
+from guardproxy.stream.session import verdict_details
 from guardproxy.stream.sse import encode_event
 
 _STATIC = {"app.js": "application/javascript", "style.css": "text/css"}
