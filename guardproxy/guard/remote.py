@@ -246,15 +246,17 @@ class RemoteEngine:
                 continue
             link = Link(reader, writer)
             try:
-                hello = (await link.recv())[0]
+                hello, *rest = await link.recv()  # what else came in the first frame follows it
                 _, self._labels, self._max_prompt_tokens, self.engine_pid, self._stats = hello
                 self._link = link
                 self._connected.set()
                 delay = 0.05
                 log.info("connected to the guard engine (pid %s)", self.engine_pid)
+                messages = rest
                 while True:
-                    for message in await link.recv():
+                    for message in messages:
                         self._dispatch(message)
+                    messages = await link.recv()
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
                 if self._link is link:
                     log.error("the guard engine went away: failing this worker's live guard streams")

@@ -18,7 +18,8 @@ import logging
 import os
 import socket
 import struct
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,13 +50,23 @@ def _raw(v: Verdict) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 class EngineService:
-    def __init__(self, engine: GuardEngine, path: str, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        engine: GuardEngine,
+        path: str,
+        metrics: Metrics | None = None,
+        replay: Mapping[str, int] | None = None,
+    ) -> None:
+        """``replay``: per shared topic, how many of the latest messages a worker gets when it connects
+        (one that starts late or restarts learns what the others shared before it was there: the live
+        view's records, the Responses API's turns)."""
         self.engine = engine
         self.path = path
         self.metrics = metrics
         self.workers: dict[int, _Worker] = {}
         self._owner: dict[int, int] = {}  # engine stream id -> worker id
         self._ids = itertools.count()
+        self._replay = {topic: deque[Message](maxlen=n) for topic, n in (replay or {}).items() if n > 0}
         self._server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -93,6 +104,9 @@ class EngineService:
         self.workers[w.id] = w
         e = self.engine
         w.link.send(("hello", e.labels, e.max_prompt_tokens, os.getpid(), e.stats()))
+        for kept in self._replay.values():
+            for message in kept:
+                w.link.send(message)
         log.info("proxy worker connected (%d connected)", len(self.workers))
         try:
             while True:
@@ -142,6 +156,8 @@ class EngineService:
                 w.cancelled.add(m[1])
             self._close(w, m[1])
         elif kind == "share":
+            if (kept := self._replay.get(m[1])) is not None:
+                kept.append(m)
             for other in self.workers.values():
                 if other is not w:
                     other.link.send(m)

@@ -111,7 +111,12 @@ async def serve_engine(settings: Settings, path: str) -> None:
     g = settings.guard
     checkpoint = await loop.run_in_executor(None, resolve_checkpoint, g.model, g.revision)
     engine = await _engine(settings, checkpoint, metrics.observe_step, on_batch)
-    service = EngineService(engine, path, metrics)
+    # What the workers share is replayed to one that connects later, as much as each of them keeps.
+    replay = {
+        "live": settings.ui.live_records if settings.ui.enabled else 0,
+        "response": settings.server.response_store_entries,
+    }
+    service = EngineService(engine, path, metrics, replay)
     await engine.start()
     await service.start()
     log.info("guard engine ready: %s, serving proxy workers on %s", g.model, path)

@@ -228,3 +228,28 @@ async def test_errors_keep_their_kind_across_the_link(
         await remote.stop()
     finally:
         await s.stop_engine()
+
+
+async def test_a_worker_that_connects_later_gets_the_latest_shared_messages(shared: Shared) -> None:
+    """What workers shared before another connected (it started late, or restarted) reaches it on
+    connecting: the newest ``replay`` messages of each topic, in order; topics not kept are not."""
+    await shared.service.stop()
+    shared.service = EngineService(shared.engine, shared.path, replay={"live": 3})
+    await shared.service.start()
+    first = await shared.client()
+    for k in range(5):
+        first.share("live", {"record": k})
+        first.share("other", k)
+    await until(lambda: len(shared.service._replay["live"]) == 5 - 2)  # the newest 3 kept
+    got: list[tuple[str, object]] = []
+    late = RemoteEngine(shared.path, max_prompt_tokens=shared.limits.max_prompt_tokens)
+    late.on_share["live"] = lambda payload: got.append(("live", payload))
+    late.on_share["other"] = lambda payload: got.append(("other", payload))
+    await late.start()
+    async with asyncio.timeout(10):
+        await late.connected()
+    first.share("live", {"record": 5})  # and what is shared from now on, after them
+    await until(lambda: len(got) == 4)
+    assert got == [("live", {"record": k}) for k in (2, 3, 4, 5)]
+    await late.stop()
+    await first.stop()
