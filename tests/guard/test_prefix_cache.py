@@ -182,15 +182,16 @@ def test_shared_prefixes_of_every_length_give_the_same_verdicts(
     a_ticket = rig.s.streams[a].prompt_ticket
     rig.feed(a, data.draw(st.lists(st.integers(0, 151642), min_size=1, max_size=40), label="a's answer"))
     rig.run()
+    held = list(rig.context[a])  # a's prompt and answer: the cache holds the pages of both
     if data.draw(st.booleans(), label="close a first"):
         rig.s.close(a)
     # The second prompt shares any prefix with the first: inside a page, on a page's end, all of it.
     common = data.draw(st.integers(0, len(base)), label="common prefix")
     tail = data.draw(st.lists(st.integers(0, 151642), min_size=1, max_size=40), label="own part")
     prompt = [*base[:common], *tail]
-    # The tail may go on as base did (all zeros, say): the prefix the two really share.
+    # The tail may go on as a's prompt or answer did (all zeros, say): the prefix they really share.
     common = next(
-        (i for i, (x, y) in enumerate(zip(base, prompt, strict=False)) if x != y), min(len(base), len(prompt))
+        (i for i, (x, y) in enumerate(zip(held, prompt, strict=False)) if x != y), min(len(held), len(prompt))
     )
     verdict = data.draw(
         st.sampled_from(sorted({len(prompt) - 1, min(common, len(prompt) - 1), max(0, common - 1)})),
