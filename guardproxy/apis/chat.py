@@ -16,7 +16,7 @@ from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream
 from guardproxy.apis.wire import Conversation, Details, Wire, event_json, parse_json, stripped
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
-from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
+from guardproxy.stream.guardview import CONTENT, REASONING, tool_call_of, tool_field
 from guardproxy.stream.moderator import CONTENT_FILTER, Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs
 from guardproxy.stream.sse import DONE, SSEEvent, encode_event
@@ -180,8 +180,7 @@ class ChatWire(Wire):
             return {self._reasoning_key: text}
         if field == REFUSAL:
             return {"refusal": text}
-        k = int(field.split("[", 1)[1].split("]", 1)[0])
-        return {"tool_calls": [{"index": k, "function": {"arguments": text}}]}
+        return {"tool_calls": [{"index": tool_call_of(field), "function": {"arguments": text}}]}
 
     def _choice(self, index: int, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
         return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -221,7 +220,7 @@ class ChatWire(Wire):
 
     def _whole_choice(self, original: Mapping[str, Any], outputs: Outputs) -> dict[str, Any]:
         index = _index(original)
-        m = outputs.moderators[index]
+        m = outputs.answer(index)
         msg = dict(original.get("message") or {})
         finish = original.get("finish_reason")
         for key, name in (("content", CONTENT), ("reasoning_content", REASONING), ("reasoning", REASONING)):
@@ -236,7 +235,7 @@ class ChatWire(Wire):
                 del msg[key]  # cut: an opaque field goes whole or not at all
             elif (index, key) in self._whole_stripped:
                 msg[key] = self._whole_stripped[(index, key)]  # its text dropped by the policy
-        cut = m.cut_at is not None  # whole answers: each choice is complete, cut or not, on its own
+        cut = m.cut  # whole answers: each choice is complete, cut or not, on its own
         if cut:
             finish = CONTENT_FILTER
             if self.policy.notice:
@@ -323,10 +322,10 @@ class CompletionWire(ChatWire):
         return super()._render(output, out, details)
 
     def _whole_choice(self, original: Mapping[str, Any], outputs: Outputs) -> dict[str, Any]:
-        m = outputs.moderators[_index(original)]
+        m = outputs.answer(_index(original))
         text = m.shown(CONTENT, 0, len(original.get("text") or ""))
         finish = original.get("finish_reason")
-        if m.cut_at is not None:
+        if m.cut:
             finish = CONTENT_FILTER
             text += self.policy.notice
         return {**original, "text": text, "finish_reason": finish}

@@ -36,7 +36,7 @@ from guardproxy.apis.wire import (
 )
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
-from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
+from guardproxy.stream.guardview import CONTENT, REASONING, tool_call_of, tool_field
 from guardproxy.stream.moderator import Out
 from guardproxy.stream.outputs import Event, Finish, Marker, Outputs, Text, ToolArgs, ToolEnd
 from guardproxy.stream.sse import SSEEvent, encode_event
@@ -307,13 +307,12 @@ class MessagesWire(Wire, EventWriter):
     def whole(self, outputs: Outputs, details: Details) -> dict[str, Any]:
         assert self._original is not None
         body = dict(self._original)
-        m = outputs.moderators.get(0)
+        m = outputs.answer(0)
         blocks = [dict(b) for b in body["content"]]
         keep = len(blocks)
         for i, name, start, end in self._whole_map:
-            shown = m.shown(name, start, end) if m is not None else ""
-            full = m is not None and name in m.fields and shown == m.fields[name].text[start:end]
-            if name.startswith("tool_calls["):
+            shown, full = m.shown(name, start, end), m.whole(name, start, end)
+            if tool_call_of(name) is not None:
                 if not full:
                     keep = min(keep, i)  # cut in its input: no tool call
                 continue

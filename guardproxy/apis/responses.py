@@ -141,16 +141,15 @@ class ResponsesWire(Wire):
         not), linked to the response it continued, for a request that continues it."""
         if self.response_id is None or self._turns is None or self.body.get("store") is False:
             return
-        m = outputs.moderators.get(0)
+        m = outputs.answer(0)
         answer: dict[str, Any] = {"role": "assistant", "content": ""}
-        if m is not None:
-            answer["content"] = m.fields[CONTENT].text if CONTENT in m.fields else ""
-            if REASONING in m.fields:
-                answer["reasoning_content"] = m.fields[REASONING].text
+        if m.came:
+            answer["content"] = m.sent(CONTENT)
+            if m.has(REASONING):
+                answer["reasoning_content"] = m.sent(REASONING)
             calls = []
             for item_id, (k, name) in sorted(self._read_calls.items(), key=lambda c: c[1][0]):
-                args = m.fields[tool_field(k)].text if tool_field(k) in m.fields else ""
-                fn = {"name": name or "", "arguments": args}
+                fn = {"name": name or "", "arguments": m.sent(tool_field(k))}
                 calls.append({"id": item_id, "type": "function", "function": fn})
             if calls:
                 answer["tool_calls"] = calls
@@ -286,13 +285,12 @@ class ResponsesWire(Wire):
     def whole(self, outputs: Outputs, details: Details) -> dict[str, Any]:
         assert self._original is not None
         body = dict(self._original)
-        m = outputs.moderators.get(0)
+        m = outputs.answer(0)
         items = [dict(i) for i in body["output"]]
         keep = len(items)
         last_text: tuple[int, int] | None = None
         for i, key, j, name, start, end in self._whole_map:
-            shown = m.shown(name, start, end) if m is not None else ""
-            full = m is not None and name in m.fields and shown == m.fields[name].text[start:end]
+            shown, full = m.shown(name, start, end), m.whole(name, start, end)
             if key not in ("content", "summary"):  # a tool call's input, or an item read whole
                 if not full:
                     keep = min(keep, i)  # cut in it: no tool call, no item

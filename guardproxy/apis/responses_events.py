@@ -20,7 +20,7 @@ from typing import Any
 from guardproxy.apis.errors import ProxyError, bad_upstream
 from guardproxy.apis.wire import Details, EventWriter, event_json
 from guardproxy.policy import Policy
-from guardproxy.stream.guardview import CONTENT, REASONING
+from guardproxy.stream.guardview import CONTENT, REASONING, tool_call_of
 from guardproxy.stream.moderator import CONTENT_FILTER
 from guardproxy.stream.sse import encode_event
 
@@ -235,8 +235,7 @@ class ResponseEvents(EventWriter):
         return pre, cur[0], cur[1]
 
     def _text(self, name: str, text: str) -> bytes:
-        if name.startswith("tool_calls["):
-            k = int(name.split("[", 1)[1].split("]", 1)[0])
+        if (k := tool_call_of(name)) is not None:
             item = self._items[self.calls[k]]
             item.arguments += text
             kind = (

@@ -49,7 +49,15 @@ THINK_CLOSE = "</think>"
 
 
 def tool_field(index: int) -> str:
+    """The field of tool call ``index``'s arguments (its text is judged as the template lays it out)."""
     return f"tool_calls[{index}].arguments"
+
+
+def tool_call_of(field: str) -> int | None:
+    """The tool call whose arguments ``field`` is, or None for any other field."""
+    if not (field.startswith("tool_calls[") and field.endswith("].arguments")):
+        return None
+    return int(field[len("tool_calls[") : -len("].arguments")])
 
 
 @dataclass(frozen=True, slots=True)

@@ -459,3 +459,41 @@ class ChoiceModerator:
         out.append(f.text[pos:end])
         f.masking = bool(runs) and runs[-1][1] == end
         return "".join(out)
+
+
+class Answer:
+    """What a wire reads of one output once it was moderated (an answer sent whole, what is kept for a
+    later turn): the text the upstream sent, what the client got of it, whether it was cut. A view of
+    the moderator: reading it changes nothing."""
+
+    def __init__(self, moderator: ChoiceModerator | None) -> None:
+        self._m = moderator  # None: an output that never came
+
+    @property
+    def came(self) -> bool:
+        """The upstream sent this output."""
+        return self._m is not None
+
+    @property
+    def cut(self) -> bool:
+        return self._m is not None and self._m.cut_at is not None
+
+    def sent(self, field: str) -> str:
+        """Everything the upstream sent of ``field`` ('' for a field it never sent)."""
+        f = self._m.fields.get(field) if self._m is not None else None
+        return f.text if f is not None else ""
+
+    def has(self, field: str) -> bool:
+        return self._m is not None and field in self._m.fields
+
+    def shown(self, field: str, start: int, end: int) -> str:
+        """What the client got of ``field[start:end]``, masks applied."""
+        return self._m.shown(field, start, end) if self._m is not None else ""
+
+    def whole(self, field: str, start: int, end: int) -> bool:
+        """The client got ``field[start:end]`` exactly as sent: none of it held back, cut or masked."""
+        return self.has(field) and self.shown(field, start, end) == self.sent(field)[start:end]
+
+    def released_whole(self, field: str) -> bool:
+        """Every character of ``field`` was released (a field never sent has none to hold)."""
+        return self._m is None or self._m.released_whole(field)

@@ -22,7 +22,7 @@ from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
 from guardproxy.stream.guardview import GuardFeed
-from guardproxy.stream.moderator import ChoiceModerator, Out
+from guardproxy.stream.moderator import Answer, ChoiceModerator, Out
 
 # -- events in -----------------------------------------------------------------------------------------
 
@@ -240,6 +240,10 @@ class Outputs:
                 if not m.closed:
                     out.append(Emit(index, m.end()))
         return out
+
+    def answer(self, index: int) -> Answer:
+        """Output ``index`` as moderated, for a wire to read (whole answers, kept turns)."""
+        return Answer(self.moderators.get(index))
 
     @property
     def done(self) -> bool:

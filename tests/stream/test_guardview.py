@@ -18,6 +18,7 @@ from guardproxy.stream.guardview import (
     AssistantView,
     GuardFeed,
     Span,
+    tool_call_of,
     tool_field,
 )
 
@@ -259,3 +260,10 @@ def test_an_empty_answer_still_judges_its_closing_token(template: ChatTemplate) 
     feeds = view.header() + view.content("") + view.finish()
     judged = [f for f in feeds if f.spans is not None]
     assert [(f.ids, f.spans) for f in judged] == [([template.im_end], [None])]
+
+
+@given(st.integers(0, 10_000))
+def test_a_tool_field_names_its_call_and_only_tool_fields_do(call: int) -> None:
+    assert tool_call_of(tool_field(call)) == call
+    for other in (CONTENT, REASONING, "refusal", "tool_calls[1].name", f"x{tool_field(call)}"):
+        assert tool_call_of(other) is None

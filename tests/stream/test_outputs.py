@@ -10,7 +10,7 @@ from guardproxy.guard.template import ChatTemplate
 from guardproxy.guard.tokenizer import GuardTokenizer
 from guardproxy.guard.verdict import HeadLabels, Verdict
 from guardproxy.policy import Policy
-from guardproxy.stream.guardview import CONTENT, tool_field
+from guardproxy.stream.guardview import CONTENT, REASONING, tool_field
 from guardproxy.stream.outputs import (
     Abort,
     CloseUpstream,
@@ -282,3 +282,29 @@ def test_a_failed_open_guard_still_releases_a_tool_call_only_when_it_ends(
     ended = emitted(step(core, guard, ToolEnd(0, 0)))
     assert [o.kind for o in ended] == ["marker", "text"] and ended[0].payload == ADDED
     assert ended[1].text == '{"q": "a bomb"}'
+
+
+def test_an_answer_is_read_as_sent_as_shown_and_as_cut(
+    tokenizer: GuardTokenizer, template: ChatTemplate
+) -> None:
+    """What a wire reads of a whole answer (``Outputs.answer``): the text sent, what the client got of
+    it, whether it went whole, whether it was cut; an output that never came reads empty."""
+
+    def answer(text: str) -> Outputs:
+        core = Outputs(template, Policy(), speculate=False)
+        drive(core, Guard(tokenizer), [Text(0, CONTENT, text), Finish(0, "stop")])
+        return core
+
+    fine = answer("Fine words.").answer(0)
+    assert fine.came and not fine.cut and fine.whole(CONTENT, 0, len("Fine words."))
+    assert fine.sent(CONTENT) == fine.shown(CONTENT, 0, 99) == "Fine words." and fine.released_whole(CONTENT)
+    sent = "Sure, take a bomb and go."
+    core = answer(sent)
+    cut = core.answer(0)
+    assert cut.came and cut.cut and cut.sent(CONTENT) == sent
+    shown = cut.shown(CONTENT, 0, len(sent))
+    assert "bomb" not in shown and sent.startswith(shown) and not cut.whole(CONTENT, 0, len(sent))
+    assert not cut.released_whole(CONTENT) and not cut.has(REASONING)
+    never = core.answer(5)
+    assert not never.came and not never.cut and never.sent(CONTENT) == never.shown(CONTENT, 0, 9) == ""
+    assert never.released_whole(CONTENT) and not never.whole(CONTENT, 0, 0)
