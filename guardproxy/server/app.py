@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from guardproxy.aio import cancel_and_wait
+from guardproxy.apis import moderations as moderation
 from guardproxy.apis.chat import ChatWire, CompletionWire
 from guardproxy.apis.errors import ProxyError, bad_request, engine_error, upstream_error
 from guardproxy.apis.messages import MessagesWire
@@ -64,7 +65,6 @@ from guardproxy.server.state import (
 )
 from guardproxy.server.upstream import Upstream, session
 from guardproxy.server.websocket import FrameSink, serve_responses
-from guardproxy.stream.session import verdict_details
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def create_app(
             *(web.post(spec.route, HANDLERS[spec.name]) for spec in APIS),  # one a registered API
             web.get("/v1/responses", responses_websocket),  # the Responses API's WebSocket mode
             web.post("/v1/messages/count_tokens", count_tokens),
-            web.post("/v1/moderations", moderations),
+            web.post(moderation.ROUTE, moderations),
             web.get("/v1/models", models),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
@@ -307,15 +307,9 @@ async def moderations(request: web.Request) -> web.Response:
     """OpenAI's moderation endpoint, answered by the guard's query head (each input as a user turn)."""
     body = await json_body(request)
     services = request.app[SERVICES]
-    inputs = body.get("input")
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
-        raise bad_request("input must be a string or a non-empty list of strings", param="input")
-    if len(inputs) > 256:
-        raise bad_request("at most 256 inputs per request", param="input")
+    texts = moderation.inputs(body)
     policy = request.app[LIVE_SETTINGS].current.policy_for(
-        "/v1/moderations", body.get("model"), request.get(CLIENT_KEY)
+        moderation.ROUTE, body.get("model"), request.get(CLIENT_KEY)
     )
 
     async def judge(text: str) -> dict[str, Any]:
@@ -328,23 +322,9 @@ async def moderations(request: web.Request) -> web.Response:
                 v, _ = await judge_prompt(services.engine, stream, prompt, policy, request.app[METRICS])
         except EngineError as exc:
             raise engine_error(exc) from None
-        unsafe_mass = 1.0 - v.p("Safe")
-        scores = {c: p * unsafe_mass for c, p in zip(v.labels.category, v.category_probs, strict=True)}
-        tier = policy.tier(v)
-        flagged = tier == "Unsafe" or (tier == "Controversial" and policy.mode == "strict")
-        top = v.top_category
-        return {
-            "flagged": flagged,
-            "categories": {c: flagged and c == top for c in v.labels.category},
-            "category_scores": scores,
-            "guardproxy": {
-                **verdict_details(v, policy.action(v, prompt=True)),
-                "tier": tier,
-                "risk_probs": dict(zip(v.labels.risk, v.risk_probs, strict=True)),
-            },
-        }
+        return moderation.result(v, policy)
 
-    results = await asyncio.gather(*(judge(t) for t in inputs))
+    results = await asyncio.gather(*(judge(t) for t in texts))
     return web.json_response(
         {"id": f"modr-{uuid.uuid4().hex}", "model": request.app[GUARD_NAME], "results": list(results)}
     )
