@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream
+from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream, upstream_event_error
 from guardproxy.apis.wire import Conversation, Details, Wire, event_json, parse_json, stripped
 from guardproxy.guard.verdict import Verdict
 from guardproxy.policy import Policy
@@ -76,13 +76,7 @@ class ChatWire(Wire):
             return []
         chunk = parse_json(event.data, "an event")
         if isinstance(chunk.get("error"), dict):
-            err = chunk["error"]
-            raise ProxyError(
-                502,
-                str(err.get("message", "upstream error")),
-                type=str(err.get("type") or "upstream_error"),
-                code=err.get("code"),
-            )
+            raise upstream_event_error(chunk["error"])
         choices = chunk.get("choices")
         if not choices and chunk.get("usage") is not None:
             self._tail.append(chunk)

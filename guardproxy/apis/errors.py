@@ -105,6 +105,17 @@ def bad_upstream(message: str, code: str | None = None) -> ProxyError:
     return ProxyError(502, message, type="upstream_error", code=code)
 
 
+def upstream_event_error(err: Mapping[str, Any], default_type: str = "upstream_error") -> ProxyError:
+    """An error event the upstream sent after the stream began (each API has its own): a 502 with its
+    message, its type (else ``default_type``) and code, which the client gets as its API's error event."""
+    return ProxyError(
+        502,
+        str(err.get("message") or "upstream error"),
+        type=str(err.get("type") or default_type),
+        code=err.get("code"),
+    )
+
+
 def upstream_error(status: int, raw: bytes) -> ProxyError:
     """An upstream's error response, relayed with its status. Its body is kept when it is an error of
     either API's shape (each route renders its own); anything else is wrapped, so a client always gets

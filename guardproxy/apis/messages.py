@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream
+from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream, upstream_event_error
 from guardproxy.apis.messages_request import CALL_BLOCKS, NO_TEXT_BLOCKS, chat_messages, chat_tools
 from guardproxy.apis.wire import (
     Conversation,
@@ -80,9 +80,8 @@ class MessagesWire(Wire, EventWriter):
         ev = parse_json(event.data, "an event")
         kind = str(ev.get("type") or event.event)
         if kind == "error":
-            err = ev["error"] if isinstance(ev.get("error"), Mapping) else {}
-            raise ProxyError(
-                502, str(err.get("message") or "upstream error"), type=str(err.get("type") or "api_error")
+            raise upstream_event_error(
+                ev["error"] if isinstance(ev.get("error"), Mapping) else {}, "api_error"
             )
         if kind == "message_delta":
             self._message_delta = ev  # goes out with message_stop, the end of the message

@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream
+from guardproxy.apis.errors import ProxyError, bad_request, bad_upstream, upstream_event_error
 from guardproxy.apis.responses_events import ResponseEvents
 from guardproxy.apis.responses_input import CALL_ITEMS, chat_tools, input_messages
 from guardproxy.apis.responses_store import ResponseStore
@@ -161,7 +161,8 @@ class ResponsesWire(Wire):
         ev = parse_json(event.data, "an event")
         kind = str(ev.get("type") or event.event)
         if kind == "error":
-            raise bad_upstream(str(ev.get("message") or "upstream error"), code=ev.get("code"))
+            # Its "type" is the event's: the error is its message and code.
+            raise upstream_event_error({"message": ev.get("message"), "code": ev.get("code")})
         if kind in _TERMINAL:
             self.upstream_done = True
             self._note_response(ev.get("response"))
