@@ -146,7 +146,7 @@ class Scheduler:
     def __init__(self, limits: EngineLimits, allocator: Allocator) -> None:
         self.limits = limits
         self.streams: dict[int, StreamState] = {}
-        self.kv = KVManager(limits, allocator, self._may_compute)
+        self.kv = KVManager(limits, allocator, self._may_compute)  # memory, and its figures (reserved...)
         self._ids = itertools.count(1)
         self._arrivals = itertools.count()
         self._flying: deque[StepPlan] = deque()  # steps scheduled and not yet completed, oldest first
@@ -155,16 +155,6 @@ class Scheduler:
         self.memory_waits = 0  # times a stream had to wait for KV memory
         self.memory_timeouts = 0  # waits that ran out (the stream failed)
         self.prefill_tokens = 0  # context positions computed (everything but judged response tokens)
-
-    @property
-    def reserved(self) -> int:
-        """KV positions reserved by live streams."""
-        return self.kv.reserved
-
-    @property
-    def prefix_hit_tokens(self) -> int:
-        """Context positions new streams took from the prefix cache."""
-        return self.kv.prefix_hit_tokens
 
     def _may_compute(self, sid: int) -> bool:
         s = self.streams.get(sid)

@@ -197,13 +197,13 @@ def test_shared_prefixes_of_every_length_give_the_same_verdicts(
         st.sampled_from(sorted({len(prompt) - 1, min(common, len(prompt) - 1), max(0, common - 1)})),
         label="verdict at",
     )
-    hits = rig.s.prefix_hit_tokens
+    hits = rig.s.kv.prefix_hit_tokens
     b = rig.open(prompt, verdict)
     b_ticket = rig.s.streams[b].prompt_ticket
     rig.feed(b, data.draw(st.lists(st.integers(0, 151642), min_size=1, max_size=30), label="b's answer"))
     rig.run()
     # What was reused: whole pages of the common prefix, never past the verdict's own position.
-    assert rig.s.prefix_hit_tokens - hits == min(common, verdict) // PAGE_SIZE * PAGE_SIZE
+    assert rig.s.kv.prefix_hit_tokens - hits == min(common, verdict) // PAGE_SIZE * PAGE_SIZE
     check_verdicts(rig, b, b_ticket, verdict)
     if a in rig.s.streams:
         check_verdicts(rig, a, a_ticket, a_verdict)
@@ -296,7 +296,7 @@ def test_eviction_under_pressure_never_takes_a_page_in_use(
     check_verdicts(rig, b, b_ticket, 99)
     for sid in [*others, b]:
         rig.s.close(sid)
-    assert rig.s.reserved == 0
+    assert rig.s.kv.reserved == 0
 
 
 def test_n_choices_share_the_prompt(model64: Qwen3GuardStream, attention: str, depth: int) -> None:
@@ -341,7 +341,7 @@ def test_streams_arriving_together_compute_a_shared_prompt_once(
     assert [rig.s.streams[sid].waiting_prefix for sid in sids] == [False] + [True] * 5
     rig.run()
     # The shared 192 whole positions once; each client its own part page (8 shared ids and 3 own).
-    assert rig.s.prefill_tokens == 203 + 5 * 11 and rig.s.prefix_hit_tokens == 5 * 192
+    assert rig.s.prefill_tokens == 203 + 5 * 11 and rig.s.kv.prefix_hit_tokens == 5 * 192
     for sid, t, p in zip(sids, tickets, prompts, strict=True):
         rig.feed(sid, [1, 2])
         rig.run()
@@ -361,5 +361,5 @@ def test_a_waiting_stream_computes_for_itself_when_the_other_goes(
     rig.s.complete(plan, rig.runner.execute(plan.items))
     rig.s.close(a)  # a goes after two pages: b takes those and computes the rest itself
     rig.run()
-    assert rig.s.prefix_hit_tokens == 32 and not rig.s.streams[b].waiting_prefix
+    assert rig.s.kv.prefix_hit_tokens == 32 and not rig.s.streams[b].waiting_prefix
     check_verdicts(rig, b, b_ticket, 199)

@@ -191,7 +191,7 @@ def test_memory_never_exceeds_the_cap_and_long_responses_keep_being_judged(data:
         plan = s.schedule()
         if plan is not None:
             s.complete(plan, outputs_for(plan))
-        assert s.reserved <= lim.max_cached_tokens
+        assert s.kv.reserved <= lim.max_cached_tokens
         assert sum(kv.capacity for kv in alloc.live) <= lim.max_cached_tokens
         assert all(st_.capacity <= lim.max_positions for st_ in s.streams.values())
     run_all(s)
@@ -218,7 +218,7 @@ def test_memory_never_exceeds_the_cap_and_long_responses_keep_being_judged(data:
     if plan is not None:
         assert alloc.live, "freed while a step was using it"
         s.complete(plan, outputs_for(plan))
-    assert alloc.live == [] and s.reserved == 0
+    assert alloc.live == [] and s.kv.reserved == 0
 
 
 def test_slide_replays_head_and_recent_window() -> None:
@@ -269,7 +269,7 @@ def test_close_during_a_step_frees_after_it() -> None:
     assert t in dropped and isinstance(t.error, StreamClosed)
     assert sid in s.streams  # still in use by the step
     s.complete(plan, outputs_for(plan))
-    assert sid not in s.streams and s.reserved == 0
+    assert sid not in s.streams and s.kv.reserved == 0
     with pytest.raises(StreamClosed):
         s.feed(sid, [1])
 
@@ -399,7 +399,7 @@ def test_a_full_pool_makes_streams_wait_never_slide_and_a_long_wait_fails() -> N
     a = s.add_stream(list(range(50)), 49)  # 128 positions reserved each
     b = s.add_stream(list(range(50)), 49)
     run_all(s)
-    assert s.reserved == 256
+    assert s.kv.reserved == 256
     ta = s.feed(a, list(range(1000, 1100)))  # needs to grow; the pool is full
     plan = s.schedule(now=1.0)
     assert plan is not None and [len(i.ids) for i in plan.items] == [78]  # what its capacity still holds
@@ -424,7 +424,7 @@ def test_a_full_pool_makes_streams_wait_never_slide_and_a_long_wait_fails() -> N
     assert (
         s.expire(now=15.0) == [tc] and isinstance(tc.error, GuardFailure) and "guard memory" in str(tc.error)
     )
-    assert s.memory_timeouts == 1 and s.reserved == s.streams[d].capacity == 128
+    assert s.memory_timeouts == 1 and s.kv.reserved == s.streams[d].capacity == 128
     with pytest.raises(GuardFailure):
         s.feed(c, [1])
     s.close(c)
@@ -484,7 +484,7 @@ def test_verdicts_go_to_their_tokens_with_steps_in_flight(data: st.DataObject) -
         assert got == [float(i) for _, ids, kept in feeds[sid] for i in ids[:kept]]
         assert all(t.done and len(t.results) >= kept for t, _, kept in feeds[sid])  # delivered stay
         s.close(sid)
-    assert not s.streams and s.reserved == 0 and not alloc.live
+    assert not s.streams and s.kv.reserved == 0 and not alloc.live
 
 
 def test_a_stream_in_two_steps_in_flight_is_freed_after_the_last() -> None:
@@ -498,7 +498,7 @@ def test_a_stream_in_two_steps_in_flight_is_freed_after_the_last() -> None:
     s.complete(first, outputs_for(first))
     assert sid in s.streams and alloc.live  # the second step still writes its cache
     s.complete(second, outputs_for(second))
-    assert sid not in s.streams and not alloc.live and s.reserved == 0
+    assert sid not in s.streams and not alloc.live and s.kv.reserved == 0
     with pytest.raises(AssertionError, match="order"):
         s.complete(second, outputs_for(second))
 
@@ -549,4 +549,4 @@ def test_a_stream_failed_while_its_step_is_in_flight_gets_nothing_from_it() -> N
     assert s.expire(now=2.0) == [ta]  # the wait ran out while the step was in flight
     assert s.complete(first, outputs_for(first)) == [] and ta is not None and ta.results == []
     s.close(a)
-    assert s.reserved == s.streams[b].capacity
+    assert s.kv.reserved == s.streams[b].capacity
