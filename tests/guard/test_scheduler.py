@@ -221,19 +221,22 @@ def test_memory_never_exceeds_the_cap_and_long_responses_keep_being_judged(data:
     assert alloc.live == [] and s.kv.reserved == 0
 
 
+# One stream with a short context: a long response slides instead of overflowing.
+SLIDING = EngineLimits(
+    max_streams=1,
+    max_cached_tokens=4096,
+    response_reserve=64,
+    anchor_tokens=8,
+    window_tokens=16,
+    prefill_chunk=64,
+    max_batch_tokens=64,
+    max_positions=160,
+)
+
+
 def test_slide_replays_head_and_recent_window() -> None:
     # One stream at the guard's context limit: a long response slides instead of overflowing.
-    lim = EngineLimits(
-        max_streams=1,
-        max_cached_tokens=4096,
-        response_reserve=64,
-        anchor_tokens=8,
-        window_tokens=16,
-        prefill_chunk=64,
-        max_batch_tokens=64,
-        max_positions=160,
-    )
-    s = Scheduler(lim, FakeAllocator())
+    s = Scheduler(SLIDING, FakeAllocator())
     prompt = list(range(500, 520))
     sid = s.add_stream(prompt, verdict_index=19, anchor_start=4)
     s.feed(sid, [1, 2, 3], judge=False)  # the scaffold
@@ -504,17 +507,7 @@ def test_a_stream_in_two_steps_in_flight_is_freed_after_the_last() -> None:
 
 
 def test_a_slide_waits_for_the_steps_in_flight() -> None:
-    lim = EngineLimits(
-        max_streams=1,
-        max_cached_tokens=4096,
-        response_reserve=64,
-        anchor_tokens=8,
-        window_tokens=16,
-        prefill_chunk=64,
-        max_batch_tokens=64,
-        max_positions=160,
-    )
-    s = Scheduler(lim, FakeAllocator())
+    s = Scheduler(SLIDING, FakeAllocator())
     sid = s.add_stream(list(range(500, 520)), verdict_index=19)
     run_all(s)
     ticket = s.feed(sid, list(range(2000, 2140)))  # 20 + 140 = the whole context
