@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+# What a put shares with the other workers: (response id, its turns, its parent, when it was made).
+Shared = tuple[str, list[dict[str, Any]], str | None, float]
+
 
 @dataclass(frozen=True)
 class _Entry:
@@ -30,21 +33,23 @@ class ResponseStore:
         self.max_age_s = max_age_s
         self._clock = clock
         self._items: OrderedDict[str, _Entry] = OrderedDict()
-        # Called with what each put stores, for the other proxy workers (they ``receive`` it).
-        self.shared: Callable[[tuple[str, list[dict[str, Any]], str | None]], Any] | None = None
+        # Called with what each put stores and when, for the other proxy workers (they ``receive`` it).
+        self.shared: Callable[[Shared], Any] | None = None
 
     def put(self, response_id: str, turns: list[dict[str, Any]], parent: str | None = None) -> None:
         """What ``response_id`` added (chat-shaped messages, no system instructions), after ``parent``."""
-        self.receive((response_id, turns, parent))
+        entry = (response_id, turns, parent, self._clock())
+        self.receive(entry)
         if self.shared is not None and self.max_entries > 0:
-            self.shared((response_id, turns, parent))
+            self.shared(entry)
 
-    def receive(self, entry: tuple[str, list[dict[str, Any]], str | None]) -> None:
-        """A put made here or by another proxy worker."""
-        response_id, turns, parent = entry
+    def receive(self, entry: Shared) -> None:
+        """A put made here or by another proxy worker, aged from when it was made (the workers share
+        the machine's monotonic clock), even when it reaches a worker that connected later."""
+        response_id, turns, parent, stamp = entry
         if self.max_entries <= 0:
             return
-        self._items[response_id] = _Entry(self._clock(), parent, turns)
+        self._items[response_id] = _Entry(stamp, parent, turns)
         self._items.move_to_end(response_id)
         self._evict()
 

@@ -116,6 +116,17 @@ def test_the_response_store_is_bounded_by_count_and_age() -> None:
     now[0] = 11
     store.put("d", [])
     assert store.get("b") is None and store.get("c") is None and store.get("d") == []
+    # Another worker's put keeps its own age: one made at 5 is gone at 16, wherever it arrives.
+    shared: list[object] = []
+    store.shared = shared.append
+    now[0] = 5
+    store.put("e", [])
+    late = ResponseStore(max_entries=2, max_age_s=10, clock=lambda: now[0])
+    now[0] = 12
+    late.receive(shared[0])  # type: ignore[arg-type]
+    assert late.get("e") == []
+    now[0] = 16
+    assert late.get("e") is None
 
 
 def test_the_response_store_keeps_each_turn_once_and_rebuilds_chains() -> None:
