@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from guardproxy.apis.registry import POLICY_ROUTES
 from guardproxy.guard.checkpoint import DEFAULT_GUARD_MODEL
 from guardproxy.guard.limits import EngineLimits
 from guardproxy.policy import Action, Policy, TierRule
@@ -136,6 +137,9 @@ class PolicyRoute:
     def __post_init__(self) -> None:
         if self.api_key_sha256 is not None:
             _check_hash(self.api_key_sha256)
+        if self.route is not None and not any(fnmatch.fnmatchcase(r, self.route) for r in POLICY_ROUTES):
+            # A pattern no route matches would silently never apply its policy (a typo, a missing /v1).
+            raise ValueError(f"matches none of the routes a policy applies to: {', '.join(POLICY_ROUTES)}")
 
     def matches(self, route: str, model: str | None, key: str | None = None) -> bool:
         if self.api_key_sha256 is not None and key != self.api_key_sha256:

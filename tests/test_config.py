@@ -63,6 +63,10 @@ def test_example_semantics() -> None:
             "policy_routes: [{policy: a, modle: x}]\npolicies: {a: {}}",
             r"policy_routes\[0\]\.modle: unknown key",
         ),
+        (  # a route pattern no route matches would never apply its policy
+            "policy_routes: [{policy: a, route: /chat/completions}]\npolicies: {a: {}}",
+            r"policy_routes\[0\]: matches none of the routes a policy applies to: /v1/chat/completions, ",
+        ),
     ],
 )
 def test_mistakes_name_the_key_path(text: str, message: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from guardproxy.apis import moderations
 from guardproxy.apis.chat import ChatWire, CompletionWire
 from guardproxy.apis.errors import Api
 from guardproxy.apis.messages import MessagesWire
@@ -45,6 +46,11 @@ APIS: tuple[ApiSpec, ...] = (
     ApiSpec("responses", ResponsesWire, "authorization"),
     ApiSpec("messages", MessagesWire, "x-api-key"),
 )
+
+
+# The routes a policy applies to (``policy_routes`` entries match these): every moderated API's, and
+# the moderation endpoint's.
+POLICY_ROUTES: tuple[str, ...] = (*(spec.route for spec in APIS), moderations.ROUTE)
 
 
 def api_for(path: str) -> ApiSpec | None:
