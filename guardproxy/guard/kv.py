@@ -146,11 +146,12 @@ class KVManager:
         """The page copies to make before the stream's next ``n`` positions are written."""
         return tuple(self.allocator.prepare_write(s.kv, s.cached, s.cached + n))
 
-    def register(self, s: HoldsKV) -> None:
-        """The stream's pages that are full and computed join the prefix cache."""
+    def register(self, s: HoldsKV, computed: int) -> None:
+        """The stream's pages that are full and computed (every position before ``computed`` is, by
+        steps that have completed) join the prefix cache."""
         if not self.limits.prefix_cache:
             return
-        full = min(s.cached, len(s.ids)) // PAGE_SIZE
+        full = min(computed, s.cached, len(s.ids)) // PAGE_SIZE
         if full <= len(s.keys):
             return
         first = len(s.keys)

@@ -418,7 +418,8 @@ class Scheduler:
         for (s, flight), out in zip(landed, outputs, strict=True):
             if s.closed or s.failed is not None:  # failed meanwhile (a memory wait, the step before)
                 continue
-            self.kv.register(s)
+            # Only what completed steps computed: a step still in flight may yet fail.
+            self.kv.register(s, min((f.at for f in s.flights), default=s.cached))
             if out.query and s.prompt_ticket is not None:
                 s.prompt_ticket.results.append(out.query[-1])
                 done.append(s.prompt_ticket)

@@ -81,7 +81,7 @@ def test_a_prompt_page_being_computed_is_waited_for_then_taken_from_the_cache() 
     kv.claim(b)
     assert b.waiting_prefix and b.cached == 0  # a computes both pages: b waits
     a.cached, a.ids = 40, list(prompt)  # a's step computed them
-    kv.register(a)
+    kv.register(a, a.cached)
     assert kv.advance(b) == 32 and not b.waiting_prefix  # both pages adopted, nothing left to wait for
     assert kv.prefix_hit_tokens == 32
     c = opened(kv, 3, prompt, verdict=39)

@@ -543,3 +543,29 @@ def test_a_stream_failed_while_its_step_is_in_flight_gets_nothing_from_it() -> N
     assert s.complete(first, outputs_for(first)) == [] and ta is not None and ta.results == []
     s.close(a)
     assert s.kv.reserved == s.streams[b].capacity
+
+
+class CachingAllocator(FakeAllocator):
+    """Records which page indexes of which handle joined the prefix cache."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registered: list[int] = []
+
+    def register(self, handle: FakeKV, index: int, key: bytes) -> None:
+        self.registered.append(index)
+
+
+def test_only_pages_computed_by_completed_steps_join_the_cache() -> None:
+    """With the next step in flight when one completes, the pages that step writes are not cached yet:
+    if it fails, nothing it should have computed is ever shared."""
+    alloc = CachingAllocator()
+    s = Scheduler(EngineLimits(prefill_chunk=16), alloc)
+    s.add_stream(list(range(100, 148)), None)  # three full pages, no verdict: all may be cached
+    first, second = s.schedule(), s.schedule()
+    assert first is not None and second is not None
+    assert [i.start for p in (first, second) for i in p.items] == [0, 16]
+    s.complete(first, outputs_for(first))
+    assert alloc.registered == [0]  # page 1 is the second step's
+    s.fail(second, RuntimeError("device error"))
+    assert alloc.registered == [0]
