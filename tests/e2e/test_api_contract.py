@@ -44,59 +44,62 @@ def _failed(out: Outcome, exc: openai.APIError | anthropic.APIError) -> Outcome:
 
 def chat(proxy: str, text: str) -> Outcome:
     out = Outcome()
-    try:
-        messages: Any = [{"role": "user", "content": text}]
-        for chunk in _openai(proxy).chat.completions.create(model="m", messages=messages, stream=True):
-            for choice in chunk.choices:
-                out.text += choice.delta.content or ""
-                out.end = choice.finish_reason or out.end
-    except openai.APIError as exc:
-        return _failed(out, exc)
+    messages: Any = [{"role": "user", "content": text}]
+    with _openai(proxy) as client:
+        try:  # read as it comes: the text before an error counts
+            for chunk in client.chat.completions.create(model="m", messages=messages, stream=True):
+                for choice in chunk.choices:
+                    out.text += choice.delta.content or ""
+                    out.end = choice.finish_reason or out.end
+        except openai.APIError as exc:
+            return _failed(out, exc)
     return out
 
 
 def completions(proxy: str, text: str) -> Outcome:
     out = Outcome()
-    try:
-        for chunk in _openai(proxy).completions.create(model="m", prompt=text, stream=True):
-            for choice in chunk.choices:
-                out.text += choice.text
-                out.end = choice.finish_reason or out.end
-    except openai.APIError as exc:
-        return _failed(out, exc)
+    with _openai(proxy) as client:
+        try:
+            for chunk in client.completions.create(model="m", prompt=text, stream=True):
+                for choice in chunk.choices:
+                    out.text += choice.text
+                    out.end = choice.finish_reason or out.end
+        except openai.APIError as exc:
+            return _failed(out, exc)
     return out
 
 
 def responses(proxy: str, text: str) -> Outcome:
     out = Outcome()
-    try:
-        for event in _openai(proxy).responses.create(model="m", input=text, stream=True):
-            if event.type == "response.output_text.delta":
-                out.text += event.delta
-            elif event.type in ("response.completed", "response.incomplete"):
-                details = event.response.incomplete_details
-                out.end = event.response.status + (f":{details.reason}" if details is not None else "")
-            elif event.type == "error":  # the Responses API's error after the first byte is an event
-                out.error = f"- {event.message}"
-    except openai.APIError as exc:
-        return _failed(out, exc)
+    with _openai(proxy) as client:
+        try:
+            for event in client.responses.create(model="m", input=text, stream=True):
+                if event.type == "response.output_text.delta":
+                    out.text += event.delta
+                elif event.type in ("response.completed", "response.incomplete"):
+                    details = event.response.incomplete_details
+                    out.end = event.response.status + (f":{details.reason}" if details is not None else "")
+                elif event.type == "error":  # the Responses API's error after the first byte is an event
+                    out.error = f"- {event.message}"
+        except openai.APIError as exc:
+            return _failed(out, exc)
     return out
 
 
 def messages(proxy: str, text: str) -> Outcome:
     out = Outcome()
-    client = anthropic.Anthropic(base_url=proxy.removesuffix("/v1"), api_key="k", max_retries=0, timeout=60)
-    try:
-        stream = client.messages.create(
-            model="m", max_tokens=64, messages=[{"role": "user", "content": text}], stream=True
-        )
-        for event in stream:
-            if event.type == "content_block_delta" and event.delta.type == "text_delta":
-                out.text += event.delta.text
-            elif event.type == "message_delta":
-                out.end = event.delta.stop_reason
-    except anthropic.APIError as exc:
-        return _failed(out, exc)
+    base = proxy.removesuffix("/v1")
+    with anthropic.Anthropic(base_url=base, api_key="k", max_retries=0, timeout=60) as client:
+        try:
+            for event in client.messages.create(
+                model="m", max_tokens=64, messages=[{"role": "user", "content": text}], stream=True
+            ):
+                if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                    out.text += event.delta.text
+                elif event.type == "message_delta":
+                    out.end = event.delta.stop_reason
+        except anthropic.APIError as exc:
+            return _failed(out, exc)
     return out
 
 
