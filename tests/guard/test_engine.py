@@ -327,12 +327,24 @@ class Gate(Spy):
             self.tables.append((before, [list(item.kv.pages) for item in items]))
 
 
-async def until(check: Any, what: str) -> None:
-    """Poll ``check`` on the loop until it holds, for at most 10 seconds."""
-    deadline = asyncio.get_running_loop().time() + 10
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
-        await asyncio.sleep(0.005)
+async def entered(gate: Gate) -> None:
+    """Until the gate's first step is running on the engine thread (at most 10 seconds)."""
+    assert await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 10), "no step started"
+
+
+def second_step_scheduled(engine: GuardEngine) -> asyncio.Event:
+    """An event set when the engine has two steps in flight (it wraps the scheduler's ``schedule``)."""
+    event = asyncio.Event()
+    schedule = engine.scheduler.schedule
+
+    def watched(now: float = 0.0) -> Any:
+        plan = schedule(now)
+        if engine.scheduler.in_flight == 2:
+            event.set()
+        return plan
+
+    engine.scheduler.schedule = watched  # type: ignore[method-assign]
+    return event
 
 
 async def test_with_overlap_the_next_step_is_scheduled_while_one_runs(
@@ -343,10 +355,11 @@ async def test_with_overlap_the_next_step_is_scheduled_while_one_runs(
     gate = Gate(random_model)
     limits = EngineLimits(response_reserve=16, anchor_tokens=16, prefill_chunk=512)
     async with GuardEngine(gate, limits, overlap=True) as engine:
+        second = second_step_scheduled(engine)
         stream = await engine.open(list(range(10, 20)), 9)
-        await until(gate.entered.is_set, "the first step started")
+        await entered(gate)
         more = stream.feed(list(range(100, 160)))  # past its 32 positions: the next step grows it
-        await until(lambda: engine.scheduler.in_flight == 2, "a second step scheduled")
+        await asyncio.wait_for(second.wait(), 10)
         assert len(engine.scheduler.streams[stream.sid].kv.pages) > 2
         gate.gate.set()
         assert len(await asyncio.wait_for(more, 10)) == 60
@@ -361,11 +374,12 @@ async def test_a_failed_step_fails_its_streams_and_the_step_queued_behind_it(
 ) -> None:
     gate = Gate(random_model, fail=1)
     async with GuardEngine(gate, overlap=overlap) as engine:
+        second = second_step_scheduled(engine)
         doomed = await engine.open([1, 2, 3], 2)
-        await until(gate.entered.is_set, "the first step started")
+        await entered(gate)
         behind = await engine.open([4, 5, 6], 2)
         if overlap:
-            await until(lambda: engine.scheduler.in_flight == 2, "a second step scheduled")
+            await asyncio.wait_for(second.wait(), 10)
         gate.gate.set()
         with pytest.raises(GuardFailure, match="simulated out of memory"):
             await doomed.prompt_verdict()
@@ -380,8 +394,8 @@ async def test_a_failed_step_fails_its_streams_and_the_step_queued_behind_it(
         async with await engine.open([1, 2, 3], 2) as fresh:
             await fresh.prompt_verdict()
             assert len(await fresh.judge([4, 5])) == 2
-        await until(lambda: engine.stats().active_streams == 0, "every stream freed")
-        assert engine.stats().reserved_tokens == 0
+        # Every step has landed: a closed stream's memory is freed at once.
+        assert engine.stats().active_streams == 0 and engine.stats().reserved_tokens == 0
 
 
 async def test_forward_runs_in_the_worker_thread_not_the_loop(random_model: Qwen3GuardStream) -> None:
